@@ -1,0 +1,304 @@
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::error::{AuthFailure, Error, Result};
+
+const PREFIX: &str = "pd_";
+const SECRET_BYTES: usize = 32;
+const TOKEN_LEN: usize = PREFIX.len() + SECRET_BYTES * 2;
+pub const MAX_TOKEN_NAME_LEN: usize = 100;
+const MAX_EXPIRY_DAYS: u32 = 3650;
+
+/// A token as listed: never the secret, only its last 4 characters.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ApiToken {
+    pub id: Uuid,
+    pub token_name: Option<String>,
+    pub token_preview: Option<String>,
+    pub active: Option<bool>,
+    pub rate_limit_tier: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+const TOKEN_COLUMNS: &str =
+    "id, token_name, token_preview, active, rate_limit_tier, created_at, last_used_at, expires_at";
+
+/// A newly created token: the only time the secret exists outside the caller's hands.
+#[derive(Debug, Serialize)]
+pub struct CreatedToken {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: ApiToken,
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub token_id: Uuid,
+    pub rate_limit_tier: Option<String>,
+}
+
+/// Creates a token for `user_id`. Only the SHA-256 of the secret is stored.
+pub async fn create_token(
+    pool: &PgPool,
+    user_id: Uuid,
+    name: &str,
+    expires_in_days: Option<u32>,
+) -> Result<CreatedToken> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_TOKEN_NAME_LEN {
+        return Err(Error::Invalid(format!(
+            "a token name must be 1 to {MAX_TOKEN_NAME_LEN} characters"
+        )));
+    }
+    if let Some(days) = expires_in_days
+        && !(1..=MAX_EXPIRY_DAYS).contains(&days)
+    {
+        return Err(Error::Invalid(format!(
+            "expiry must be 1 to {MAX_EXPIRY_DAYS} days"
+        )));
+    }
+    let token = generate();
+    let mut tx = pool.begin().await?;
+    // The rate-limit tier follows the user's plan.
+    let info: ApiToken = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO mcp_user_tokens (user_id, token_name, token_hash, token_preview, active,
+                                      rate_limit_tier, expires_at)
+         SELECT u.user_id, $2, $3, $4, true, coalesce(u.tier, 'free'),
+                now() + make_interval(days => $5)
+           FROM users u WHERE u.user_id = $1
+         RETURNING {TOKEN_COLUMNS}"
+    )))
+    .bind(user_id)
+    .bind(name)
+    .bind(hash(&token))
+    .bind(&token[TOKEN_LEN - 4..])
+    .bind(expires_in_days.map(|d| d as i32))
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(Error::NotFound("user"))?;
+    refresh_key_count(&mut tx, user_id).await?;
+    tx.commit().await?;
+    tracing::info!(%user_id, token_id = %info.id, "API token created");
+    Ok(CreatedToken { token, info })
+}
+
+pub async fn list_tokens(pool: &PgPool, user_id: Uuid) -> Result<Vec<ApiToken>> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TOKEN_COLUMNS} FROM mcp_user_tokens WHERE user_id = $1 ORDER BY created_at, id"
+    )))
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Revokes a token. `owner` scopes it to one user (HTTP); `None` is the operator's CLI.
+/// Revoking an already revoked token is not an error.
+pub async fn revoke_token(pool: &PgPool, owner: Option<Uuid>, token_id: Uuid) -> Result<ApiToken> {
+    let mut tx = pool.begin().await?;
+    let token: ApiToken = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE mcp_user_tokens SET active = false, updated_at = now()
+          WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)
+         RETURNING {TOKEN_COLUMNS}"
+    )))
+    .bind(token_id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(Error::NotFound("token"))?;
+    let user_id: Uuid = sqlx::query_scalar("SELECT user_id FROM mcp_user_tokens WHERE id = $1")
+        .bind(token_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    refresh_key_count(&mut tx, user_id).await?;
+    tx.commit().await?;
+    tracing::info!(%token_id, "API token revoked");
+    Ok(token)
+}
+
+/// Resolves a presented `Authorization` header value to its caller.
+pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller> {
+    let presented = parse_bearer(header)?;
+    let presented_hash = hash(presented);
+    let row: Option<TokenRow> = sqlx::query_as(
+        "SELECT id, user_id, token_hash, active, expires_at, rate_limit_tier
+           FROM mcp_user_tokens WHERE token_hash = $1
+          ORDER BY active DESC NULLS LAST LIMIT 1",
+    )
+    .bind(&presented_hash)
+    .fetch_optional(pool)
+    .await?;
+    let Some((token_id, user_id, stored_hash, active, expires_at, rate_limit_tier)) = row else {
+        return Err(Error::Unauthorized(AuthFailure::Unknown));
+    };
+    // The index lookup already matched; compare again in constant time as defence in depth.
+    if !bool::from(stored_hash.as_bytes().ct_eq(presented_hash.as_bytes())) {
+        return Err(Error::Unauthorized(AuthFailure::Unknown));
+    }
+    if active != Some(true) {
+        return Err(Error::Unauthorized(AuthFailure::Revoked));
+    }
+    if expires_at.is_some_and(|at| at <= Utc::now()) {
+        return Err(Error::Unauthorized(AuthFailure::Expired));
+    }
+    Ok(Caller {
+        user_id,
+        token_id,
+        rate_limit_tier,
+    })
+}
+
+/// id, user_id, token_hash, active, expires_at, rate_limit_tier
+type TokenRow = (
+    Uuid,
+    Uuid,
+    String,
+    Option<bool>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+);
+
+fn parse_bearer(header: Option<&str>) -> Result<&str> {
+    let value = header.ok_or(Error::Unauthorized(AuthFailure::Missing))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or(Error::Unauthorized(AuthFailure::Malformed))?
+        .trim();
+    let well_formed = token.len() == TOKEN_LEN
+        && token.starts_with(PREFIX)
+        && token[PREFIX.len()..].bytes().all(|b| b.is_ascii_hexdigit());
+    if well_formed {
+        Ok(token)
+    } else {
+        Err(Error::Unauthorized(AuthFailure::Malformed))
+    }
+}
+
+fn generate() -> String {
+    let mut secret = [0u8; SECRET_BYTES];
+    getrandom::fill(&mut secret).expect("the operating system's random source failed");
+    format!("{PREFIX}{}", hex::encode(secret))
+}
+
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Keeps the legacy `profiles.api_keys_count` equal to the user's active tokens.
+async fn refresh_key_count(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE profiles SET api_keys_count =
+            (SELECT count(*) FROM mcp_user_tokens WHERE user_id = $1 AND active), updated_at = now()
+          WHERE id = $1",
+    )
+    .bind(user_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Keeps `last_used_at` current without a database write per request: at most one write per
+/// token per `interval` from this process.
+#[derive(Debug)]
+pub struct LastUsedTracker {
+    interval: Duration,
+    last_written: Mutex<HashMap<Uuid, Instant>>,
+}
+
+impl LastUsedTracker {
+    pub fn new(interval: Duration) -> Self {
+        LastUsedTracker {
+            interval,
+            last_written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when the caller should write `last_used_at` for this token now.
+    pub fn due(&self, token_id: Uuid, now: Instant) -> bool {
+        let mut map = self.last_written.lock().expect("tracker lock poisoned");
+        match map.get(&token_id) {
+            Some(last) if now.duration_since(*last) < self.interval => false,
+            _ => {
+                map.insert(token_id, now);
+                true
+            }
+        }
+    }
+
+    /// Records a use; writes to the database in the background when due.
+    pub fn touch(&self, pool: &PgPool, token_id: Uuid) {
+        if !self.due(token_id, Instant::now()) {
+            return;
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let result =
+                sqlx::query("UPDATE mcp_user_tokens SET last_used_at = now() WHERE id = $1")
+                    .bind(token_id)
+                    .execute(&pool)
+                    .await;
+            if let Err(error) = result {
+                tracing::warn!(%token_id, %error, "could not record token use");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_tokens_have_the_documented_shape() {
+        let token = generate();
+        assert_eq!(token.len(), 67);
+        assert!(token.starts_with("pd_"));
+        assert_eq!(
+            parse_bearer(Some(&format!("Bearer {token}"))).unwrap(),
+            token
+        );
+        assert_ne!(generate(), token);
+        assert_eq!(hash(&token).len(), 64);
+    }
+
+    #[test]
+    fn malformed_headers_are_told_apart_from_missing_ones() {
+        let failure = |h: Option<&str>| match parse_bearer(h) {
+            Err(Error::Unauthorized(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(failure(None), AuthFailure::Missing);
+        for bad in [
+            "Basic abc",
+            "Bearer ",
+            "Bearer sk_0000",
+            &format!("Bearer pd_{}", "g".repeat(64)),
+            &format!("Bearer pd_{}", "a".repeat(63)),
+        ] {
+            assert_eq!(failure(Some(bad)), AuthFailure::Malformed, "{bad}");
+        }
+    }
+
+    #[test]
+    fn last_used_is_written_at_most_once_per_interval() {
+        let tracker = LastUsedTracker::new(Duration::from_secs(60));
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let t0 = Instant::now();
+        assert!(tracker.due(a, t0));
+        assert!(!tracker.due(a, t0 + Duration::from_secs(59)));
+        assert!(tracker.due(b, t0 + Duration::from_secs(1)));
+        assert!(tracker.due(a, t0 + Duration::from_secs(60)));
+    }
+}

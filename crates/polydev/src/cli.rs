@@ -1,0 +1,274 @@
+//! The `polydev` command line: configuration (flags and environment) and one thin function per
+//! subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::accounts::{self, Plan};
+use crate::db::{Database, DbConfig, Plan as MigrationPlan};
+use crate::http::{self, AppState};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "polydev",
+    version,
+    about = "Multi-model AI perspectives server (MCP)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// PostgreSQL server to use. Without it, polydev runs its own private cluster in --data-dir.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the embedded PostgreSQL cluster lives [default: /var/lib/polydev as root, else
+    /// $XDG_DATA_HOME/polydev or ~/.local/share/polydev].
+    #[arg(long, env = "POLYDEV_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Directory holding initdb, pg_ctl and postgres [default: found on PATH, then
+    /// /usr/lib/postgresql/<newest>/bin].
+    #[arg(long, env = "POLYDEV_PG_BIN_DIR", global = true)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// Size of the database connection pool.
+    #[arg(
+        long,
+        env = "POLYDEV_DB_MAX_CONNECTIONS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations, then serve HTTP until SIGINT or SIGTERM.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "POLYDEV_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Apply pending migrations (adopting an existing production database first).
+    Migrate {
+        /// Print what would run and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user with its profile and the quota of its plan.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum, default_value = "free")]
+        tier: Plan,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (this is the only time it is shown).
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+        /// Days until it expires [default: never].
+        #[arg(long)]
+        expires_in: Option<u32>,
+    },
+    /// List a user's tokens.
+    List {
+        #[arg(long)]
+        email: String,
+    },
+    /// Revoke a token by id.
+    Revoke { id: Uuid },
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let db = Database::open(&self.db.config()).await?;
+        let result = match self.command {
+            Command::Serve { listen } => serve(&db, listen).await,
+            Command::Migrate { dry_run: true } => db
+                .plan()
+                .await
+                .map(|plan| print!("{plan}"))
+                .map_err(Into::into),
+            Command::Migrate { dry_run: false } => migrate(&db).await,
+            Command::User(command) => match ensure_schema(&db).await {
+                Ok(()) => user(&db, command).await,
+                Err(e) => Err(e),
+            },
+            Command::Token(command) => match ensure_schema(&db).await {
+                Ok(()) => token(&db, command).await,
+                Err(e) => Err(e),
+            },
+        };
+        // Stop the embedded cluster even when the command failed.
+        let closed = db.close().await;
+        result?;
+        Ok(closed?)
+    }
+}
+
+impl DbArgs {
+    pub fn config(&self) -> DbConfig {
+        DbConfig {
+            database_url: self.database_url.clone().filter(|url| !url.is_empty()),
+            data_dir: self.data_dir.clone().unwrap_or_else(default_data_dir),
+            pg_bin_dir: self.pg_bin_dir.clone(),
+            max_connections: self.db_max_connections,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/polydev");
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("polydev")
+}
+
+/// Logs go to stderr (stdout is for command output); `RUST_LOG` overrides the default level.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(db: &Database, listen: SocketAddr) -> anyhow::Result<()> {
+    migrate(db).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving HTTP");
+    println!("polydev listening on http://{addr}");
+    http::serve(listener, AppState::new(db.pool.clone()), shutdown_signal()).await?;
+    tracing::info!("in-flight requests finished; shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("cannot install a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("cannot install a SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn migrate(db: &Database) -> anyhow::Result<()> {
+    let plan = db.migrate().await?;
+    let applied = plan.pending().len();
+    match plan {
+        MigrationPlan::Adopt { .. } => {
+            tracing::info!(applied, "adopted the existing database and migrated it")
+        }
+        _ if applied == 0 => tracing::info!("database schema is up to date"),
+        _ => tracing::info!(applied, "database migrated"),
+    }
+    Ok(())
+}
+
+/// Account commands need a current schema. The embedded cluster is polydev's own, so it is
+/// migrated on the spot; an external server is only migrated when asked to (`migrate`, `serve`).
+async fn ensure_schema(db: &Database) -> anyhow::Result<()> {
+    if db.is_embedded() {
+        return migrate(db).await;
+    }
+    let mut conn = db.pool.acquire().await?;
+    anyhow::ensure!(
+        crate::db::migrate::is_current(&mut conn).await?,
+        "the database schema is not current: run `polydev migrate` (or start `polydev serve`) first"
+    );
+    Ok(())
+}
+
+async fn user(db: &Database, command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Create { email, tier } => {
+            let user = accounts::create_user(&db.pool, &email, tier).await?;
+            println!("{}", user.user_id);
+            eprintln!(
+                "created user {} ({}) on the {} plan",
+                user.user_id,
+                email.trim(),
+                tier.as_str()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn token(db: &Database, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            email,
+            name,
+            expires_in,
+        } => {
+            let user = accounts::find_user_by_email(&db.pool, &email).await?;
+            let created = accounts::create_token(&db.pool, user.user_id, &name, expires_in).await?;
+            println!("{}", created.token);
+            eprintln!(
+                "created token {} for {}: store it now, it will not be shown again",
+                created.info.id,
+                email.trim()
+            );
+        }
+        TokenCommand::List { email } => {
+            let user = accounts::find_user_by_email(&db.pool, &email).await?;
+            println!(
+                "{:<36}  {:<20}  {:<8}  {:<7}  {:<20}  LAST USED",
+                "ID", "NAME", "PREVIEW", "ACTIVE", "EXPIRES"
+            );
+            for t in accounts::list_tokens(&db.pool, user.user_id).await? {
+                let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
+                };
+                println!(
+                    "{:<36}  {:<20}  ...{:<5}  {:<7}  {:<20}  {}",
+                    t.id,
+                    t.token_name.unwrap_or_default(),
+                    t.token_preview.unwrap_or_default(),
+                    t.active.unwrap_or(false),
+                    time(t.expires_at),
+                    time(t.last_used_at)
+                );
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            accounts::revoke_token(&db.pool, None, id).await?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(())
+}

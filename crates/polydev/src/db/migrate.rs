@@ -1,0 +1,292 @@
+//! Schema migrations (`migrations/`), including adoption of the existing production database.
+//!
+//! Migration 1 is the production baseline. A database that already has the legacy tables but no
+//! migration history is *adopted*: its live columns are compared with the ones the baseline would
+//! create, and only when they match is the baseline recorded as applied (never run). Every run
+//! holds an advisory lock, so several processes starting together migrate once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use sqlx::migrate::Migrator;
+use sqlx::{Connection, PgConnection};
+
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// The migration that creates the legacy production schema.
+pub const BASELINE_VERSION: i64 = 1;
+const HISTORY_TABLE: &str = "_sqlx_migrations";
+/// Serialises adopt-then-migrate across processes (sqlx's own lock covers only its part).
+const LOCK_KEY: i64 = 0x0070_6f6c_7964_6576; // "polydev" in ASCII
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(
+        "the existing database does not match the production schema this version expects:\n{0}\nnothing was changed"
+    )]
+    SchemaMismatch(SchemaReport),
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// The state of a database with respect to the shipped migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// No legacy tables: every migration runs (the baseline creates the schema).
+    Fresh { pending: Vec<(i64, String)> },
+    /// Legacy tables without history: the baseline is checked and recorded, the rest runs.
+    Adopt {
+        report: SchemaReport,
+        pending: Vec<(i64, String)>,
+    },
+    /// Migration history exists.
+    Managed { pending: Vec<(i64, String)> },
+}
+
+impl Plan {
+    pub fn pending(&self) -> &[(i64, String)] {
+        match self {
+            Plan::Fresh { pending } | Plan::Adopt { pending, .. } | Plan::Managed { pending } => {
+                pending
+            }
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Plan::Adopt { report, .. } = self {
+            writeln!(
+                f,
+                "existing production database without migration history: adopting it"
+            )?;
+            if report.is_match() {
+                writeln!(
+                    f,
+                    "  schema check: OK; baseline {BASELINE_VERSION} would be recorded as applied, not run"
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "  schema check FAILED, migrate would stop here:\n{report}"
+                )?;
+            }
+            for extra in &report.extra {
+                writeln!(f, "  note: {extra}")?;
+            }
+        }
+        let pending = self.pending();
+        if pending.is_empty() {
+            return writeln!(f, "database is up to date");
+        }
+        writeln!(f, "{} migration(s) would run:", pending.len())?;
+        for (version, description) in pending {
+            writeln!(f, "  {version:04} {description}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Differences between the live legacy tables and the baseline's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchemaReport {
+    /// Each: table, column, expected type, found type (`missing` when absent).
+    pub mismatches: Vec<ColumnMismatch>,
+    /// Tolerated differences (columns production has that the baseline does not), for the log.
+    pub extra: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMismatch {
+    pub table: String,
+    pub column: String,
+    pub expected: String,
+    pub found: String,
+}
+
+impl SchemaReport {
+    pub fn is_match(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+impl fmt::Display for SchemaReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  {:<26} {:<28} {:<28} found",
+            "table", "column", "expected"
+        )?;
+        for m in &self.mismatches {
+            writeln!(
+                f,
+                "  {:<26} {:<28} {:<28} {}",
+                m.table, m.column, m.expected, m.found
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Works out what [`run`] would do, changing nothing.
+pub async fn plan(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
+    let applied = applied_versions(conn).await?;
+    let pending_after = |skip_baseline: bool| -> Vec<(i64, String)> {
+        MIGRATOR
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .filter(|m| !(skip_baseline && m.version == BASELINE_VERSION))
+            .map(|m| (m.version, m.description.to_string()))
+            .collect()
+    };
+    if applied.contains(&BASELINE_VERSION) {
+        return Ok(Plan::Managed {
+            pending: pending_after(false),
+        });
+    }
+    if !table_exists(conn, "users").await? {
+        return Ok(Plan::Fresh {
+            pending: pending_after(false),
+        });
+    }
+    let report = compare_with_baseline(conn).await?;
+    Ok(Plan::Adopt {
+        report,
+        pending: pending_after(true),
+    })
+}
+
+/// Brings the database up to date: adopts a legacy database if needed, then applies pending
+/// migrations. Safe to call from several processes at once.
+pub async fn run(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    let result = run_locked(conn).await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await?;
+    result
+}
+
+async fn run_locked(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
+    let plan = plan(conn).await?;
+    if let Plan::Adopt { report, .. } = &plan {
+        if !report.is_match() {
+            return Err(MigrateError::SchemaMismatch(report.clone()));
+        }
+        for extra in &report.extra {
+            tracing::info!("adopting production schema: {extra}");
+        }
+        MIGRATOR.skip(&mut *conn, Some(BASELINE_VERSION)).await?;
+        tracing::info!(
+            version = BASELINE_VERSION,
+            "existing schema matches the baseline: recorded as applied"
+        );
+    }
+    for (version, description) in plan.pending() {
+        tracing::info!(version, %description, "applying migration");
+    }
+    MIGRATOR.run(&mut *conn).await?;
+    Ok(plan)
+}
+
+/// True when every shipped migration has been applied successfully (for `/readyz`).
+pub async fn is_current(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let applied = applied_versions(conn).await?;
+    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+}
+
+async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Error> {
+    if !table_exists(conn, HISTORY_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {HISTORY_TABLE} WHERE success ORDER BY version"
+    )))
+    .fetch_all(conn)
+    .await
+}
+
+async fn table_exists(conn: &mut PgConnection, table: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(conn)
+        .await
+}
+
+/// Runs the baseline inside a scratch schema in a transaction that is rolled back, and compares
+/// the columns it creates with the live ones. The baseline file is the single source of truth.
+async fn compare_with_baseline(conn: &mut PgConnection) -> Result<SchemaReport, sqlx::Error> {
+    let baseline = MIGRATOR
+        .iter()
+        .find(|m| m.version == BASELINE_VERSION)
+        .expect("the baseline migration is shipped");
+    let mut tx = conn.begin().await?;
+    let live_schema: String = sqlx::query_scalar("SELECT current_schema()")
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::raw_sql(
+        "CREATE SCHEMA polydev_baseline_check; SET LOCAL search_path = polydev_baseline_check",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::raw_sql(baseline.sql.clone())
+        .execute(&mut *tx)
+        .await?;
+    let expected = columns(&mut tx, "polydev_baseline_check").await?;
+    let live = columns(&mut tx, &live_schema).await?;
+    tx.rollback().await?;
+
+    let mut report = SchemaReport::default();
+    for ((table, column), expected_type) in &expected {
+        let found = live.get(&(table.clone(), column.clone()));
+        if found != Some(expected_type) {
+            let table_exists = live.keys().any(|(t, _)| t == table);
+            report.mismatches.push(ColumnMismatch {
+                table: table.clone(),
+                column: column.clone(),
+                expected: expected_type.clone(),
+                found: match found {
+                    Some(found) => found.clone(),
+                    None if table_exists => "missing".into(),
+                    None => "missing (no such table)".into(),
+                },
+            });
+        }
+    }
+    let baseline_tables: Vec<&String> = expected.keys().map(|(t, _)| t).collect();
+    for ((table, column), found) in &live {
+        if baseline_tables.contains(&table)
+            && !expected.contains_key(&(table.clone(), column.clone()))
+        {
+            report.extra.push(format!(
+                "{table}.{column} ({found}) is not in the baseline; kept as is"
+            ));
+        }
+    }
+    Ok(report)
+}
+
+type Columns = BTreeMap<(String, String), String>;
+
+async fn columns(conn: &mut PgConnection, schema: &str) -> Result<Columns, sqlx::Error> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
+           FROM pg_attribute a
+           JOIN pg_class c ON c.oid = a.attrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(schema)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(table, column, ty)| ((table, column), ty))
+        .collect())
+}

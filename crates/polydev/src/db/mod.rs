@@ -1,0 +1,111 @@
+//! The database: where it lives (an external server or the embedded cluster), the pool, and the
+//! migrations.
+
+pub mod embedded;
+pub mod migrate;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+use embedded::{EmbeddedError, EmbeddedPostgres};
+pub use migrate::{MigrateError, Plan};
+
+/// Where the database is.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    /// An existing PostgreSQL server; `None` means the embedded cluster in `data_dir`.
+    pub database_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(sqlx::Error),
+    #[error("could not connect to PostgreSQL: {0}")]
+    Connect(sqlx::Error),
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+}
+
+/// An open database: the pool, and the embedded cluster when there is one.
+pub struct Database {
+    pub pool: PgPool,
+    options: PgConnectOptions,
+    embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// Connects to `database_url`, or starts (or attaches to) the embedded cluster.
+    pub async fn open(config: &DbConfig) -> Result<Self, DbError> {
+        let (options, embedded) = match &config.database_url {
+            Some(url) => (url.parse().map_err(DbError::InvalidUrl)?, None),
+            None => {
+                let cluster =
+                    EmbeddedPostgres::start(&config.data_dir, config.pg_bin_dir.as_deref()).await?;
+                tracing::debug!(url = %cluster.url(), "embedded PostgreSQL");
+                (cluster.connect_options(), Some(cluster))
+            }
+        };
+        let options = options.application_name("polydev");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await
+            .map_err(DbError::Connect)?;
+        Ok(Database {
+            pool,
+            options,
+            embedded,
+        })
+    }
+
+    /// Applies pending migrations (adopting a legacy database first if needed).
+    pub async fn migrate(&self) -> Result<Plan, DbError> {
+        let mut conn = self.migration_connection().await?;
+        let plan = migrate::run(&mut conn).await?;
+        conn.close().await.map_err(DbError::Connect)?;
+        Ok(plan)
+    }
+
+    /// What [`Database::migrate`] would do.
+    pub async fn plan(&self) -> Result<Plan, DbError> {
+        let mut conn = self.migration_connection().await?;
+        Ok(migrate::plan(&mut conn).await?)
+    }
+
+    /// A dedicated connection whose session defaults bound every migration statement: a
+    /// migration waits at most 5 s for a lock (so it never queues behind a long transaction
+    /// while blocking live traffic). Files set their own values too; `CREATE INDEX
+    /// CONCURRENTLY` files cannot, and inherit these.
+    async fn migration_connection(&self) -> Result<PgConnection, DbError> {
+        let options = self
+            .options
+            .clone()
+            .options([("lock_timeout", "5s"), ("statement_timeout", "30min")]);
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(DbError::Connect)
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
+    /// Closes the pool and stops the embedded cluster if this process started it.
+    pub async fn close(self) -> Result<(), DbError> {
+        self.pool.close().await;
+        if let Some(cluster) = self.embedded {
+            cluster.stop().await?;
+        }
+        Ok(())
+    }
+}

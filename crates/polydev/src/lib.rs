@@ -1,0 +1,11 @@
+//! Polydev: a multi-model AI "perspectives" server for IDEs over MCP.
+//!
+//! One module per domain (docs/architecture.md): each owns the SQL of its tables, and the
+//! `http` layer stays thin.
+
+pub mod accounts;
+pub mod cli;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod quota;

@@ -1,0 +1,178 @@
+//! Monthly quotas per model tier (`user_perspective_quotas`), with limits per plan from the
+//! `plan_tiers` table.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// A user's quota row. `None` limits are unlimited.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Quota {
+    pub id: Uuid,
+    pub plan_tier: Option<String>,
+    pub messages_per_month: Option<i32>,
+    pub premium_perspectives_limit: Option<i32>,
+    pub normal_perspectives_limit: Option<i32>,
+    pub eco_perspectives_limit: Option<i32>,
+    pub current_month_start: Option<NaiveDate>,
+    pub messages_used: Option<i32>,
+    pub premium_perspectives_used: Option<i32>,
+    pub normal_perspectives_used: Option<i32>,
+    pub eco_perspectives_used: Option<i32>,
+    pub last_reset_date: Option<NaiveDate>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+const QUOTA_COLUMNS: &str = "id, plan_tier, messages_per_month, premium_perspectives_limit,
+    normal_perspectives_limit, eco_perspectives_limit, current_month_start, messages_used,
+    premium_perspectives_used, normal_perspectives_used, eco_perspectives_used, last_reset_date,
+    updated_at";
+
+/// Creates the quota row of a new user with the limits of `plan` (inside the caller's
+/// transaction), starting in the current calendar month.
+pub async fn create_for_user(conn: &mut PgConnection, user_id: Uuid, plan: &str) -> Result<Quota> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO user_perspective_quotas
+             (user_id, plan_tier, messages_per_month, premium_perspectives_limit,
+              normal_perspectives_limit, eco_perspectives_limit, current_month_start,
+              messages_used, premium_perspectives_used, normal_perspectives_used,
+              eco_perspectives_used, last_reset_date)
+         SELECT $1, tier, messages_per_month, premium_perspectives_limit,
+                normal_perspectives_limit, eco_perspectives_limit,
+                date_trunc('month', current_date)::date, 0, 0, 0, 0, current_date
+           FROM plan_tiers WHERE tier = $2
+         RETURNING {QUOTA_COLUMNS}"
+    )))
+    .bind(user_id)
+    .bind(plan)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| {
+        Error::Invalid(format!(
+            "unknown plan tier `{plan}` (see the plan_tiers table)"
+        ))
+    })
+}
+
+/// The user's quota row, if they have one (legacy users may not).
+pub async fn for_user(pool: &PgPool, user_id: Uuid) -> Result<Option<Quota>> {
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {QUOTA_COLUMNS} FROM user_perspective_quotas
+          WHERE user_id = $1 ORDER BY created_at DESC LIMIT 1"
+    )))
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Use of one limit this month. `limit` and `remaining` are `None` when unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub limit: Option<i32>,
+    pub used: i32,
+    pub remaining: Option<i32>,
+}
+
+/// The quota as the user sees it in the current calendar month.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaState {
+    pub plan_tier: Option<String>,
+    pub month_start: NaiveDate,
+    pub messages: Usage,
+    pub premium: Usage,
+    pub normal: Usage,
+    pub eco: Usage,
+}
+
+/// The first day of `date`'s calendar month.
+pub fn month_start(date: NaiveDate) -> NaiveDate {
+    use chrono::Datelike;
+    date.with_day(1).expect("day 1 exists in every month")
+}
+
+impl Quota {
+    /// Counters from an earlier month count as zero: the month rolls over on the calendar, and
+    /// the stored row is reset by the first use in the new month.
+    pub fn state(&self, today: NaiveDate) -> QuotaState {
+        let month = month_start(today);
+        let current = self.current_month_start.is_some_and(|start| start >= month);
+        let usage = |limit: Option<i32>, used: Option<i32>| {
+            let used = if current { used.unwrap_or(0) } else { 0 };
+            Usage {
+                limit,
+                used,
+                remaining: limit.map(|l| (l - used).max(0)),
+            }
+        };
+        QuotaState {
+            plan_tier: self.plan_tier.clone(),
+            month_start: month,
+            messages: usage(self.messages_per_month, self.messages_used),
+            premium: usage(
+                self.premium_perspectives_limit,
+                self.premium_perspectives_used,
+            ),
+            normal: usage(
+                self.normal_perspectives_limit,
+                self.normal_perspectives_used,
+            ),
+            eco: usage(self.eco_perspectives_limit, self.eco_perspectives_used),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(month: &str) -> Quota {
+        Quota {
+            id: Uuid::nil(),
+            plan_tier: Some("free".into()),
+            messages_per_month: Some(200),
+            premium_perspectives_limit: Some(10),
+            normal_perspectives_limit: Some(40),
+            eco_perspectives_limit: None,
+            current_month_start: Some(month.parse().unwrap()),
+            messages_used: Some(5),
+            premium_perspectives_used: Some(12),
+            normal_perspectives_used: Some(1),
+            eco_perspectives_used: Some(3),
+            last_reset_date: None,
+            updated_at: None,
+        }
+    }
+
+    #[test]
+    fn state_counts_this_month_and_never_goes_negative() {
+        let state = quota("2026-11-01").state("2026-11-25".parse().unwrap());
+        assert_eq!(
+            state.messages,
+            Usage {
+                limit: Some(200),
+                used: 5,
+                remaining: Some(195)
+            }
+        );
+        assert_eq!(state.premium.remaining, Some(0));
+        assert_eq!(
+            state.eco,
+            Usage {
+                limit: None,
+                used: 3,
+                remaining: None
+            }
+        );
+    }
+
+    #[test]
+    fn an_earlier_month_reads_as_unused() {
+        let state = quota("2026-10-01").state("2026-11-01".parse().unwrap());
+        assert_eq!(state.month_start, "2026-11-01".parse().unwrap());
+        assert_eq!(state.messages.used, 0);
+        assert_eq!(state.premium.remaining, Some(10));
+    }
+}
