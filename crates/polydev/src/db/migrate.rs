@@ -161,10 +161,19 @@ pub async fn plan(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
 /// Brings the database up to date: adopts a legacy database if needed, then applies pending
 /// migrations. Safe to call from several processes at once.
 pub async fn run(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
-    sqlx::query("SELECT pg_advisory_lock($1)")
+    // Poll rather than block: a session blocked in pg_advisory_lock holds a transaction, and
+    // the holder's CREATE INDEX CONCURRENTLY waits for every open transaction: a deadlock.
+    let mut logged = false;
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK_KEY)
-        .execute(&mut *conn)
-        .await?;
+        .fetch_one(&mut *conn)
+        .await?
+    {
+        if !std::mem::replace(&mut logged, true) {
+            tracing::info!("another process is migrating this database; waiting for it");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let result = run_locked(conn).await;
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LOCK_KEY)
@@ -182,7 +191,11 @@ async fn run_locked(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
         for extra in &report.extra {
             tracing::info!("adopting production schema: {extra}");
         }
-        MIGRATOR.skip(&mut *conn, Some(BASELINE_VERSION)).await?;
+        // `run_direct(.., skip = true)` is `Migrator::skip` without the `Acquire` bound that makes
+        // the future non-`Send`-general (sqlx documents run_direct as that workaround).
+        MIGRATOR
+            .run_direct(Some(BASELINE_VERSION), &mut *conn, true)
+            .await?;
         tracing::info!(
             version = BASELINE_VERSION,
             "existing schema matches the baseline: recorded as applied"
@@ -191,7 +204,7 @@ async fn run_locked(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
     for (version, description) in plan.pending() {
         tracing::info!(version, %description, "applying migration");
     }
-    MIGRATOR.run(&mut *conn).await?;
+    MIGRATOR.run_direct(None, &mut *conn, false).await?;
     Ok(plan)
 }
 

@@ -1,0 +1,193 @@
+//! The test harness: real PostgreSQL for every test, each in a database of its own.
+//!
+//! The server is `DATABASE_URL` when set, else a private cluster that the harness starts itself
+//! (the same embedded cluster `polydev serve` uses) in the system temp directory; it is left
+//! running for the next test process. A template database is migrated once per set of
+//! migrations, and every test gets a fresh copy of it, so tests run in parallel without sharing
+//! state.
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::sync::OnceCell;
+
+use polydev::db::embedded::EmbeddedPostgres;
+use polydev::db::migrate::{self, MIGRATOR};
+
+/// A database for one test, dropped when the test ends.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub options: PgConnectOptions,
+    name: String,
+}
+
+impl TestDb {
+    /// A database with every migration applied.
+    pub async fn migrated() -> TestDb {
+        let template = template().await;
+        Self::create(&format!("TEMPLATE {template}")).await
+    }
+
+    /// An empty database (no tables), for migration tests.
+    pub async fn empty() -> TestDb {
+        Self::create("").await
+    }
+
+    async fn create(clause: &str) -> TestDb {
+        let name = format!("polydev_test_{}", random_hex(6));
+        let mut admin = admin_connection().await;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE {name} {clause}"
+            )))
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let options = server().await.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(options.clone())
+            .await
+            .expect("connect to test database");
+        TestDb {
+            pool,
+            options,
+            name,
+        }
+    }
+
+    /// A single connection of its own (outside the pool).
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect_with(&self.options)
+            .await
+            .expect("connect")
+    }
+
+    /// A URL for the `polydev` binary (`--database-url`).
+    pub fn url(&self) -> String {
+        let host = self.options.get_host();
+        let socket = self.options.get_socket();
+        let user = self.options.get_username();
+        match socket {
+            Some(dir) => format!(
+                "postgres://{user}@localhost/{}?host={}",
+                self.name,
+                dir.display()
+            ),
+            None => format!(
+                "postgres://{user}@{host}:{}/{}",
+                self.options.get_port(),
+                self.name
+            ),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any async context we could borrow; use a short-lived runtime.
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(async move {
+                    let mut admin = admin_connection().await;
+                    let _ = admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .await;
+                });
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// Connection options of the server the tests use (database: the admin one).
+pub async fn server() -> &'static PgConnectOptions {
+    static SERVER: OnceCell<PgConnectOptions> = OnceCell::const_new();
+    SERVER
+        .get_or_init(|| async {
+            if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+                return url.parse().expect("DATABASE_URL is not a valid URL");
+            }
+            let cluster = EmbeddedPostgres::start(&test_cluster_dir(), None)
+                .await
+                .expect("start the test PostgreSQL cluster");
+            // Left running on purpose: the next test process attaches to it.
+            let options = cluster.connect_options().database("postgres");
+            std::mem::forget(cluster);
+            options
+        })
+        .await
+}
+
+fn test_cluster_dir() -> PathBuf {
+    let uid = nix::unistd::geteuid();
+    std::env::temp_dir().join(format!("polydev-test-pg-{uid}"))
+}
+
+async fn admin_connection() -> PgConnection {
+    PgConnection::connect_with(server().await)
+        .await
+        .expect("connect to the test PostgreSQL server")
+}
+
+/// The template database for the current migrations, created once (under an advisory lock, as
+/// test processes run in parallel). Its name changes whenever a migration does.
+async fn template() -> String {
+    let mut hasher = Sha256::new();
+    for m in MIGRATOR.iter() {
+        hasher.update(m.version.to_le_bytes());
+        hasher.update(&m.checksum);
+    }
+    let name = format!("polydev_tpl_{}", &hex::encode(hasher.finalize())[..16]);
+    let mut admin = admin_connection().await;
+    admin
+        .execute("SELECT pg_advisory_lock(727272)")
+        .await
+        .expect("lock");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("query");
+    if !exists {
+        // Build under another name and rename, so a crash never leaves a half-built template.
+        let building = format!("{name}_building");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            admin
+                .execute(sqlx::AssertSqlSafe(sql))
+                .await
+                .expect("template");
+        }
+        let mut conn = PgConnection::connect_with(&server().await.clone().database(&building))
+            .await
+            .expect("connect");
+        migrate::run(&mut conn).await.expect("migrate the template");
+        conn.close().await.ok();
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {building} RENAME TO {name}"
+            )))
+            .await
+            .expect("rename template");
+    }
+    admin.close().await.ok();
+    name
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("random");
+    hex::encode(buf)
+}

@@ -1,0 +1,340 @@
+//! The HTTP API over real HTTP, against an in-process server on a real socket.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use polydev::accounts::{self, Plan};
+use polydev::http::{self, AppState};
+
+use crate::common::TestDb;
+
+struct TestServer {
+    base: String,
+    client: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestServer {
+    async fn start(db: &TestDb) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let state = AppState::new(db.pool.clone());
+        tokio::spawn(http::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            base,
+            client: reqwest::Client::new(),
+            _stop: stop,
+        }
+    }
+
+    fn get(&self, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        self.with_token(self.client.get(format!("{}{path}", self.base)), token)
+    }
+
+    fn with_token(
+        &self,
+        request: reqwest::RequestBuilder,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+}
+
+async fn user_with_token(db: &TestDb, email: &str, plan: Plan) -> (uuid::Uuid, String) {
+    let user = accounts::create_user(&db.pool, email, plan).await.unwrap();
+    let token = accounts::create_token(&db.pool, user.user_id, "test", None)
+        .await
+        .unwrap();
+    (user.user_id, token.token)
+}
+
+async fn json_error(response: reqwest::Response) -> (StatusCode, Option<String>, String) {
+    let status = response.status();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body: Value = response.json().await.expect("errors are JSON");
+    (
+        status,
+        challenge,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let db = TestDb::migrated().await;
+    let server = TestServer::start(&db).await;
+    let health = server.get("/healthz", None).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert!(health.headers().contains_key("x-request-id"));
+    assert_eq!(
+        server.get("/readyz", None).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // A migration the database has not seen makes it not ready.
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let response = server.get("/readyz", None).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["status"],
+        "migrations_pending"
+    );
+}
+
+#[tokio::test]
+async fn me_returns_the_callers_account_and_quota() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "me@example.com", Plan::Free).await;
+    let server = TestServer::start(&db).await;
+    let response = server.get("/v1/me", Some(&token)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let me: Value = response.json().await.unwrap();
+    assert_eq!(me["user"]["user_id"], json!(user_id));
+    assert_eq!(me["user"]["email"], "me@example.com");
+    assert_eq!(me["tier"], "free");
+    assert_eq!(me["profile"]["subscription_tier"], "free");
+    assert_eq!(
+        me["quota"]["messages"],
+        json!({ "limit": 200, "used": 0, "remaining": 200 })
+    );
+    assert_eq!(me["quota"]["premium"]["limit"], 10);
+    assert_eq!(me["quota"]["eco"]["remaining"], 150);
+
+    // last_used_at is written (in the background) after the first authenticated request.
+    let mut last_used = None;
+    for _ in 0..100 {
+        last_used = sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT last_used_at FROM mcp_user_tokens WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if last_used.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(last_used.is_some(), "last_used_at was recorded");
+}
+
+#[tokio::test]
+async fn every_refused_token_gets_401_with_a_challenge_and_a_reason() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "refused@example.com", Plan::Pro).await;
+    let server = TestServer::start(&db).await;
+
+    let (status, challenge, code) =
+        json_error(server.get("/v1/me", None).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_missing")
+    );
+    assert_eq!(challenge.as_deref(), Some(r#"Bearer realm="polydev""#));
+
+    let unknown = format!("pd_{}", "1".repeat(64));
+    let (status, challenge, code) =
+        json_error(server.get("/v1/me", Some(&unknown)).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_unknown")
+    );
+    assert!(challenge.unwrap().contains(r#"error="invalid_token""#));
+
+    let (status, _, code) =
+        json_error(server.get("/v1/me", Some("pd_short")).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_malformed")
+    );
+
+    sqlx::query("UPDATE mcp_user_tokens SET expires_at = now() - interval '1 minute'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (status, _, code) =
+        json_error(server.get("/v1/me", Some(&token)).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_expired")
+    );
+
+    sqlx::query("UPDATE mcp_user_tokens SET expires_at = NULL, active = false")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (status, _, code) =
+        json_error(server.get("/v1/tokens", Some(&token)).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_revoked")
+    );
+}
+
+#[tokio::test]
+async fn users_manage_only_their_own_tokens() {
+    let db = TestDb::migrated().await;
+    let (_, alice) = user_with_token(&db, "alice@example.com", Plan::Free).await;
+    let (_, bob) = user_with_token(&db, "bob@example.com", Plan::Free).await;
+    let server = TestServer::start(&db).await;
+
+    let created = server
+        .with_token(
+            server.client.post(format!("{}/v1/tokens", server.base)),
+            Some(&alice),
+        )
+        .json(&json!({ "name": "ci", "expires_in_days": 30 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.unwrap();
+    let new_token = created["token"].as_str().unwrap().to_string();
+    let new_id = created["id"].as_str().unwrap().to_string();
+    assert!(created["expires_at"].is_string());
+
+    let list: Vec<Value> = server
+        .get("/v1/tokens", Some(&alice))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(
+        list.iter()
+            .all(|t| t.get("token").is_none() && t.get("token_hash").is_none()),
+        "{list:?}"
+    );
+    let bobs: Vec<Value> = server
+        .get("/v1/tokens", Some(&bob))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bobs.len(), 1);
+
+    // Bob cannot revoke Alice's token, and cannot tell it from a token that does not exist.
+    let delete = |token: &str, id: &str| {
+        server
+            .with_token(
+                server
+                    .client
+                    .delete(format!("{}/v1/tokens/{id}", server.base)),
+                Some(token),
+            )
+            .send()
+    };
+    let theirs = delete(&bob, &new_id).await.unwrap();
+    let (status, _, code) = json_error(theirs).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let nobodys = delete(&bob, &uuid::Uuid::new_v4().to_string())
+        .await
+        .unwrap();
+    assert_eq!(json_error(nobodys).await.2, "not_found");
+    assert_eq!(
+        server
+            .get("/v1/me", Some(&new_token))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    let mine = delete(&alice, &new_id).await.unwrap();
+    assert_eq!(mine.status(), StatusCode::OK);
+    assert_eq!(mine.json::<Value>().await.unwrap()["active"], false);
+    let (status, _, code) =
+        json_error(server.get("/v1/me", Some(&new_token)).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_revoked")
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_json_errors_and_change_nothing() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "bad@example.com", Plan::Free).await;
+    let server = TestServer::start(&db).await;
+    let post = |body: String| {
+        server
+            .with_token(
+                server.client.post(format!("{}/v1/tokens", server.base)),
+                Some(&token),
+            )
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for body in [
+        "{",
+        r#"{"name": 5}"#,
+        r#"{"name": "x", "extra": 1}"#,
+        r#"{"name": ""}"#,
+        r#"{"name": "x", "expires_in_days": 0}"#,
+    ] {
+        let (status, _, code) = json_error(post(body.to_string()).await.unwrap()).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{body}"
+        );
+    }
+    let huge = format!(r#"{{"name": "{}"}}"#, "x".repeat(http::MAX_BODY_BYTES));
+    let (status, _, code) = json_error(post(huge).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+    );
+
+    let bad_id = server
+        .with_token(
+            server
+                .client
+                .delete(format!("{}/v1/tokens/not-a-uuid", server.base)),
+            Some(&token),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_error(bad_id).await.0, StatusCode::BAD_REQUEST);
+    let (status, _, code) = json_error(server.get("/v2/nothing", None).send().await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+
+    assert_eq!(
+        accounts::list_tokens(&db.pool, user_id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

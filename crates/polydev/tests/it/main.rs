@@ -1,0 +1,7 @@
+//! Integration tests against real PostgreSQL (one binary, so the suite links once).
+
+mod accounts;
+mod common;
+mod http_api;
+mod migrations;
+mod serve;

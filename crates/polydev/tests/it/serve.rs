@@ -1,0 +1,287 @@
+//! The real `polydev` binary: `serve` on the embedded default, the CLI, graceful shutdown.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::common::TestDb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_polydev");
+/// Upper bound for start-up (first start runs initdb); a guard against hangs, not a timing test.
+const START_BOUND: Duration = Duration::from_secs(120);
+
+fn polydev(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a CLI command to completion and returns its stdout (it must succeed).
+async fn cli(mut cmd: Command, args: &[&str]) -> String {
+    let out = cmd.args(args).output().await.expect("run polydev");
+    assert!(
+        out.status.success(),
+        "polydev {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Starts `polydev serve` on a free port and returns it with its base URL.
+async fn serve(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn polydev serve");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(START_BOUND, lines.next_line())
+        .await
+        .expect("polydev serve did not start")
+        .unwrap()
+        .expect("polydev serve exited before listening");
+    let base = line
+        .strip_prefix("polydev listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    (child, base)
+}
+
+async fn terminate(mut child: Child) -> std::process::ExitStatus {
+    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    tokio::time::timeout(START_BOUND, child.wait())
+        .await
+        .expect("polydev did not exit after SIGTERM")
+        .unwrap()
+}
+
+fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    // Root runs the cluster as `postgres`, which must be able to traverse into it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn serve_on_the_embedded_default_end_to_end() {
+    let dir = data_dir();
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+
+    let (server, base) = serve(polydev(&data)).await;
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    let user_id = cli(
+        polydev(&data),
+        &[
+            "user",
+            "create",
+            "--email",
+            "e2e@example.com",
+            "--tier",
+            "plus",
+        ],
+    )
+    .await;
+    let token = cli(
+        polydev(&data),
+        &[
+            "token",
+            "create",
+            "--email",
+            "e2e@example.com",
+            "--name",
+            "e2e",
+        ],
+    )
+    .await;
+    assert!(token.starts_with("pd_"), "{token}");
+
+    let me: Value = client
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["user"]["user_id"], user_id.as_str());
+    assert_eq!(me["tier"], "plus");
+    assert_eq!(me["quota"]["premium"]["limit"], 400);
+
+    let list = cli(
+        polydev(&data),
+        &["token", "list", "--email", "e2e@example.com"],
+    )
+    .await;
+    let token_id = list
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("a listed token")
+        .to_string();
+    assert!(list.contains(&token[token.len() - 4..]), "{list}");
+    cli(polydev(&data), &["token", "revoke", &token_id]).await;
+    let revoked = client
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        revoked.json::<Value>().await.unwrap()["error"]["code"],
+        "token_revoked"
+    );
+
+    let status = terminate(server).await;
+    assert!(status.success(), "serve exits 0 on SIGTERM: {status}");
+    assert!(
+        !data.join("postgres/postmaster.pid").exists(),
+        "the cluster was stopped"
+    );
+
+    // Start again: the data is still there.
+    let (server, base) = serve(polydev(&data)).await;
+    let second = cli(
+        polydev(&data),
+        &[
+            "token",
+            "create",
+            "--email",
+            "e2e@example.com",
+            "--name",
+            "again",
+        ],
+    )
+    .await;
+    let me: Value = client
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&second)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["user"]["user_id"], user_id.as_str());
+    assert!(terminate(server).await.success());
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_before_the_process_exits() {
+    let db = TestDb::migrated().await;
+    let user = polydev::accounts::create_user(
+        &db.pool,
+        "drain@example.com",
+        polydev::accounts::Plan::Free,
+    )
+    .await
+    .unwrap();
+    let token = polydev::accounts::create_token(&db.pool, user.user_id, "t", None)
+        .await
+        .unwrap()
+        .token;
+    let dir = data_dir();
+    let mut cmd = polydev(dir.path());
+    cmd.env("DATABASE_URL", db.url());
+    let (server, base) = serve(cmd).await;
+
+    // Hold a lock that /v1/me needs, so the request is provably in flight when SIGTERM arrives.
+    let mut locker = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE profiles IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let request = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("{base}/v1/me"))
+            .bearer_auth(&token)
+            .send(),
+    );
+    let mut waiting = false;
+    for _ in 0..500 {
+        waiting = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM profiles%')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(waiting, "the request reached the database");
+
+    let pid = Pid::from_raw(server.id().unwrap() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    // The server keeps running while the request is in flight; then the request completes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let response = request
+        .await
+        .unwrap()
+        .expect("the in-flight request got its response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut server = server;
+    let status = tokio::time::timeout(START_BOUND, server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn migrate_dry_run_prints_the_plan_and_changes_nothing() {
+    let db = TestDb::empty().await;
+    let dir = data_dir();
+    let mut cmd = polydev(dir.path());
+    cmd.env("DATABASE_URL", db.url());
+    let plan = cli(cmd, &["migrate", "--dry-run"]).await;
+    assert!(plan.contains("0001 baseline production schema"), "{plan}");
+    assert!(plan.contains("would run"), "{plan}");
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0);
+}
+
+#[tokio::test]
+async fn missing_postgres_binaries_explain_what_to_do() {
+    let dir = data_dir();
+    let out = polydev(dir.path())
+        .args(["--pg-bin-dir", "/nonexistent", "serve"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("apt-get install postgresql") && stderr.contains("DATABASE_URL"),
+        "{stderr}"
+    );
+}
