@@ -11,6 +11,7 @@ use uuid::Uuid;
 use crate::accounts::{self, Plan};
 use crate::db::{Database, DbConfig, Plan as MigrationPlan};
 use crate::http::{self, AppState};
+use crate::perspectives::{Catalogue, Gateway};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,12 +56,38 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, env = "POLYDEV_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Model catalogue (TOML) replacing the shipped one (config/models.toml).
+        #[arg(long, env = "POLYDEV_MODELS")]
+        models: Option<PathBuf>,
+        /// Host names the MCP endpoint accepts in `Host` (DNS-rebinding protection); add your
+        /// public host name when serving beyond this machine.
+        #[arg(
+            long,
+            env = "POLYDEV_ALLOWED_HOSTS",
+            value_delimiter = ',',
+            default_value = "localhost,127.0.0.1,::1"
+        )]
+        allowed_hosts: Vec<String>,
     },
     /// Apply pending migrations (adopting an existing production database first).
     Migrate {
         /// Print what would run and change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// MCP over stdio for IDEs: answers initialize and tools/list locally, forwards tool calls
+    /// to a polydev server with POLYDEV_USER_TOKEN.
+    Mcp {
+        /// The polydev server to forward tool calls to.
+        #[arg(
+            long,
+            env = "POLYDEV_SERVER_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server_url: String,
+        /// The user's `pd_` token.
+        #[arg(long, env = "POLYDEV_USER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Manage users.
     #[command(subcommand)]
@@ -104,15 +131,27 @@ pub enum TokenCommand {
 
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
+        // The stdio bridge needs no database: it must answer the IDE at once.
+        if let Command::Mcp { server_url, token } = self.command {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            return crate::mcp::bridge::Bridge::new(server_url, token.filter(|t| !t.is_empty()))
+                .run()
+                .await;
+        }
         let db = Database::open(&self.db.config()).await?;
         let result = match self.command {
-            Command::Serve { listen } => serve(&db, listen).await,
+            Command::Serve {
+                listen,
+                models,
+                allowed_hosts,
+            } => serve(&db, listen, models.as_deref(), allowed_hosts).await,
             Command::Migrate { dry_run: true } => db
                 .plan()
                 .await
                 .map(|plan| print!("{plan}"))
                 .map_err(Into::into),
             Command::Migrate { dry_run: false } => migrate(&db).await,
+            Command::Mcp { .. } => unreachable!("handled above"),
             Command::User(command) => match ensure_schema(&db).await {
                 Ok(()) => user(&db, command).await,
                 Err(e) => Err(e),
@@ -162,7 +201,13 @@ pub fn init_tracing() {
         .init();
 }
 
-async fn serve(db: &Database, listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    db: &Database,
+    listen: SocketAddr,
+    models: Option<&std::path::Path>,
+    allowed_hosts: Vec<String>,
+) -> anyhow::Result<()> {
+    let catalogue = Catalogue::load(models)?;
     migrate(db).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -170,7 +215,9 @@ async fn serve(db: &Database, listen: SocketAddr) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving HTTP");
     println!("polydev listening on http://{addr}");
-    http::serve(listener, AppState::new(db.pool.clone()), shutdown_signal()).await?;
+    let state =
+        AppState::new(db.pool.clone(), Gateway::new(catalogue)).with_allowed_hosts(allowed_hosts);
+    http::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("in-flight requests finished; shutting down");
     Ok(())
 }

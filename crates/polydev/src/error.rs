@@ -47,6 +47,15 @@ pub enum Error {
     Conflict(String),
     #[error("{}", .0.message())]
     Unauthorized(AuthFailure),
+    #[error("rate limit exceeded: {limit} requests per minute; retry in {} s", retry_after.as_secs())]
+    RateLimited {
+        limit: i32,
+        retry_after: std::time::Duration,
+    },
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
+    Upstream(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }

@@ -8,4 +8,6 @@ pub mod cli;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod mcp;
+pub mod perspectives;
 pub mod quota;

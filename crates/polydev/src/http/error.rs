@@ -25,6 +25,9 @@ impl IntoResponse for ApiError {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::Unauthorized(failure) => (StatusCode::UNAUTHORIZED, failure.code()),
+            Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Error::QuotaExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "quota_exceeded"),
+            Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             Error::Database(error) => {
                 tracing::error!(%error, "database error");
                 (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
@@ -40,6 +43,12 @@ impl IntoResponse for ApiError {
             Json(json!({ "error": { "code": code, "message": message } })),
         )
             .into_response();
+        if let Error::RateLimited { retry_after, .. } = &self.0 {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs()),
+            );
+        }
         if let Error::Unauthorized(failure) = &self.0 {
             // RFC 6750 §3: no error attribute when the request carried no credentials.
             let challenge = match failure {

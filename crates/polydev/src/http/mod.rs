@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod health;
 mod me;
+pub mod perspectives;
 mod tokens;
 
 use std::future::Future;
@@ -12,14 +13,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::accounts::LastUsedTracker;
+use crate::mcp::server::PolydevMcp;
+use crate::perspectives::Gateway;
 pub use auth::Authenticated;
 pub use error::ApiError;
 
@@ -30,16 +39,57 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    pub gateway: Arc<Gateway>,
     pub last_used: Arc<LastUsedTracker>,
+    /// `Host` values the MCP endpoint accepts.
+    pub allowed_hosts: Vec<String>,
+    /// Cancelled at shutdown: ends MCP sessions so open SSE streams do not hold the drain.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: PgPool, gateway: Gateway) -> Self {
         AppState {
             pool,
+            gateway: Arc::new(gateway),
             last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            shutdown: CancellationToken::new(),
         }
     }
+
+    pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.allowed_hosts = hosts;
+        self
+    }
+}
+
+/// `/mcp`: streamable HTTP (stateful sessions for 2025-06-18 and 2025-11-25; rmcp serves
+/// 2026-07-28 requests statelessly), behind the same token check as the REST API.
+fn mcp_routes(state: &AppState) -> Router<AppState> {
+    let server = PolydevMcp::new(state.clone());
+    let config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(state.allowed_hosts.clone())
+        .with_cancellation_token(state.shutdown.child_token());
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    Router::new()
+        .nest_service("/mcp", service)
+        .layer(middleware::from_fn_with_state(state.clone(), mcp_auth))
+}
+
+async fn mcp_auth(
+    State(state): State<AppState>,
+    request: Request<Body>,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let Authenticated(caller) = Authenticated::from_request_parts(&mut parts, &state).await?;
+    parts.extensions.insert(caller);
+    Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -58,9 +108,11 @@ pub fn router(state: AppState) -> Router {
         )
     });
     Router::new()
+        .merge(mcp_routes(&state))
         .merge(health::routes())
         .merge(me::routes())
         .merge(tokens::routes())
+        .merge(perspectives::routes())
         .fallback(error::not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -76,7 +128,11 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let cancel = state.shutdown.clone();
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            cancel.cancel();
+        })
         .await
 }

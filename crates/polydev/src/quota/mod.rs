@@ -176,3 +176,171 @@ mod tests {
         assert_eq!(state.premium.remaining, Some(10));
     }
 }
+
+/// One of the monthly counters a call draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Messages,
+    Premium,
+    Normal,
+    Eco,
+}
+
+impl Counter {
+    /// (used column, limit column). Static names: safe to splice into SQL.
+    fn columns(self) -> (&'static str, &'static str) {
+        match self {
+            Counter::Messages => ("messages_used", "messages_per_month"),
+            Counter::Premium => ("premium_perspectives_used", "premium_perspectives_limit"),
+            Counter::Normal => ("normal_perspectives_used", "normal_perspectives_limit"),
+            Counter::Eco => ("eco_perspectives_used", "eco_perspectives_limit"),
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Counter::Messages => "messages",
+            Counter::Premium => "premium perspectives",
+            Counter::Normal => "normal perspectives",
+            Counter::Eco => "eco perspectives",
+        }
+    }
+}
+
+/// A unit taken from a counter. Give it back with [`refund`] if the work it paid for did not
+/// happen; keep it with [`Reservation::settle`] when it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub quota_id: Uuid,
+    pub counter: Counter,
+    pub month: NaiveDate,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exhausted {
+    pub counter: Counter,
+    pub limit: i32,
+}
+
+impl std::fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "monthly {} limit reached ({} per month)",
+            self.counter.describe(),
+            self.limit
+        )
+    }
+}
+
+const STALE: &str = "(current_month_start IS NULL OR current_month_start < $2)";
+
+/// Takes one unit of `counter` for `user_id` this month, atomically: a single UPDATE checks the
+/// limit and increments under the row lock, so concurrent callers can never exceed it. The
+/// first use in a new calendar month resets every counter in the same statement.
+pub async fn reserve(
+    pool: &PgPool,
+    user_id: Uuid,
+    counter: Counter,
+    today: NaiveDate,
+) -> Result<std::result::Result<Reservation, Exhausted>> {
+    let month = month_start(today);
+    let (used, limit) = counter.columns();
+    let reset = |col: &str| {
+        if col == used {
+            format!("{col} = (CASE WHEN {STALE} THEN 0 ELSE coalesce({col}, 0) END) + 1")
+        } else {
+            format!("{col} = CASE WHEN {STALE} THEN 0 ELSE {col} END")
+        }
+    };
+    let sets = [
+        Counter::Messages,
+        Counter::Premium,
+        Counter::Normal,
+        Counter::Eco,
+    ]
+    .map(|c| reset(c.columns().0))
+    .join(", ");
+    let sql = format!(
+        "UPDATE user_perspective_quotas SET {sets},
+                last_reset_date = CASE WHEN {STALE} THEN current_date ELSE last_reset_date END,
+                current_month_start = $2, updated_at = now()
+          WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
+                       ORDER BY created_at DESC LIMIT 1)
+            AND ({limit} IS NULL OR (CASE WHEN {STALE} THEN 0 ELSE coalesce({used}, 0) END) < {limit})
+         RETURNING id"
+    );
+    for _ in 0..2 {
+        let reserved: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(user_id)
+            .bind(month)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(quota_id) = reserved {
+            return Ok(Ok(Reservation {
+                quota_id,
+                counter,
+                month,
+            }));
+        }
+        match for_user(pool, user_id).await? {
+            Some(quota) => {
+                let limit = match counter {
+                    Counter::Messages => quota.messages_per_month,
+                    Counter::Premium => quota.premium_perspectives_limit,
+                    Counter::Normal => quota.normal_perspectives_limit,
+                    Counter::Eco => quota.eco_perspectives_limit,
+                };
+                return Ok(Err(Exhausted {
+                    counter,
+                    limit: limit.unwrap_or(0),
+                }));
+            }
+            // A legacy user without a quota row gets one from their plan, then we retry.
+            None => ensure_row(pool, user_id).await?,
+        }
+    }
+    Err(Error::NotFound("quota"))
+}
+
+/// Gives a reserved unit back (a failed, timed-out or cancelled model call). A reservation from
+/// a month that has since rolled over has nothing to give back.
+pub async fn refund(pool: &PgPool, reservation: Reservation) -> Result<()> {
+    let (used, _) = reservation.counter.columns();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE user_perspective_quotas SET {used} = greatest(coalesce({used}, 0) - 1, 0), updated_at = now()
+          WHERE id = $1 AND current_month_start = $2"
+    )))
+    .bind(reservation.quota_id)
+    .bind(reservation.month)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn ensure_row(pool: &PgPool, user_id: Uuid) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 1))")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM user_perspective_quotas WHERE user_id = $1)",
+    )
+    .bind(user_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if !exists {
+        let plan: Option<String> = sqlx::query_scalar(
+            "SELECT coalesce(u.tier, 'free') FROM users u WHERE u.user_id = $1
+               AND EXISTS (SELECT 1 FROM plan_tiers p WHERE p.tier = coalesce(u.tier, 'free'))",
+        )
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        create_for_user(&mut tx, user_id, plan.as_deref().unwrap_or("free")).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

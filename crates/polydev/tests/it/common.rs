@@ -191,3 +191,66 @@ pub fn random_hex(bytes: usize) -> String {
     getrandom::fill(&mut buf).expect("random");
     hex::encode(buf)
 }
+
+/// A catalogue whose providers all point at a mock upstream. Model behaviour comes from the
+/// mock's directives in `upstream` (see polydev-mock).
+pub fn mock_catalogue(base: &str) -> String {
+    let model = |id: &str, provider: &str, tier: &str, upstream: &str| {
+        format!(
+            "[[models]]\nid = \"{id}\"\nprovider = \"{provider}\"\ntier = \"{tier}\"\ninput_price = \"2.50\"\noutput_price = \"10\"\ncontext_window = 128000\nupstream = \"{upstream}\"\n\n"
+        )
+    };
+    let mut toml = format!(
+        "[providers.openai]\nkind = \"openai\"\nbase_url = \"{base}/v1\"\napi_key_env = \"POLYDEV_TEST_MOCK_KEY\"\n\n\
+         [providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"{base}\"\napi_key_env = \"POLYDEV_TEST_MOCK_KEY\"\n\n\
+         [providers.google]\nkind = \"gemini\"\nbase_url = \"{base}\"\napi_key_env = \"POLYDEV_TEST_MOCK_KEY\"\n\n\
+         [providers.compat]\nkind = \"openai-compatible\"\nbase_url = \"{base}/v1\"\nstreaming = false\napi_key_env = \"POLYDEV_TEST_MOCK_KEY\"\n\n"
+    );
+    for (id, provider, tier, upstream) in [
+        ("gpt-premium", "openai", "premium", "gpt-premium"),
+        ("claude-normal", "anthropic", "normal", "claude-normal"),
+        ("gemini-eco", "google", "eco", "gemini-eco"),
+        ("compat-eco", "compat", "eco", "compat-eco"),
+        ("slow-premium", "openai", "premium", "slow~delay5000"),
+        ("fast-premium", "anthropic", "premium", "fast~delay50"),
+        ("broken-premium", "openai", "premium", "broken~status500"),
+        ("bad-request-normal", "google", "normal", "bad~status400"),
+    ] {
+        toml.push_str(&model(id, provider, tier, upstream));
+    }
+    toml
+}
+
+/// A gateway over the mock upstream (keys given directly, as the environment would).
+pub fn mock_gateway(base: &str) -> polydev::perspectives::Gateway {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use polydev::perspectives::provider::{HttpProvider, Provider, RetryPolicy};
+    let catalogue =
+        polydev::perspectives::Catalogue::parse(&mock_catalogue(base)).expect("mock catalogue");
+    let client = polydev::perspectives::http_client();
+    let fast_retry = RetryPolicy {
+        max_attempts: 3,
+        base_delay: std::time::Duration::from_millis(10),
+        max_wait: std::time::Duration::from_secs(1),
+    };
+    let providers: HashMap<String, Arc<dyn Provider>> = catalogue
+        .providers
+        .iter()
+        .map(|(name, spec)| {
+            let base_url = spec.base_url.clone();
+            let provider = HttpProvider::new(
+                name,
+                spec.kind,
+                &base_url,
+                Some("test-key".into()),
+                spec.streaming,
+                client.clone(),
+            )
+            .with_retry(fast_retry);
+            (name.clone(), Arc::new(provider) as Arc<dyn Provider>)
+        })
+        .collect();
+    polydev::perspectives::Gateway::with_providers(catalogue, providers)
+}

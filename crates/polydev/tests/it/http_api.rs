@@ -9,24 +9,29 @@ use polydev::http::{self, AppState};
 
 use crate::common::TestDb;
 
-struct TestServer {
-    base: String,
-    client: reqwest::Client,
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
     _stop: oneshot::Sender<()>,
 }
 
 impl TestServer {
     async fn start(db: &TestDb) -> TestServer {
+        let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+        Self::start_with(db, polydev::perspectives::Gateway::new(catalogue)).await
+    }
+
+    pub async fn start_with(db: &TestDb, gateway: polydev::perspectives::Gateway) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let state = AppState::new(db.pool.clone());
+        let state = AppState::new(db.pool.clone(), gateway);
         tokio::spawn(http::serve(listener, state, async {
             let _ = stopped.await;
         }));
         TestServer {
             base,
-            client: reqwest::Client::new(),
+            client: polydev::perspectives::http_client(),
             _stop: stop,
         }
     }
@@ -35,7 +40,7 @@ impl TestServer {
         self.with_token(self.client.get(format!("{}{path}", self.base)), token)
     }
 
-    fn with_token(
+    pub fn with_token(
         &self,
         request: reqwest::RequestBuilder,
         token: Option<&str>,
@@ -47,7 +52,7 @@ impl TestServer {
     }
 }
 
-async fn user_with_token(db: &TestDb, email: &str, plan: Plan) -> (uuid::Uuid, String) {
+pub async fn user_with_token(db: &TestDb, email: &str, plan: Plan) -> (uuid::Uuid, String) {
     let user = accounts::create_user(&db.pool, email, plan).await.unwrap();
     let token = accounts::create_token(&db.pool, user.user_id, "test", None)
         .await

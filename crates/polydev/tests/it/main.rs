@@ -4,4 +4,6 @@ mod accounts;
 mod common;
 mod http_api;
 mod migrations;
+mod perspectives;
+mod providers;
 mod serve;

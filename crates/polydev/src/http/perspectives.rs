@@ -1,0 +1,171 @@
+//! `GET /v1/models`, `POST /v1/perspectives` (JSON, or SSE with `Accept: text/event-stream`),
+//! `GET /v1/usage`, `GET`/`PUT /v1/settings`.
+
+use std::convert::Infallible;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{Stream, StreamExt, stream};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{ApiError, AppState, Authenticated};
+use crate::perspectives::{self, PerspectiveSettings, PerspectivesRequest, Progress};
+use crate::quota;
+
+/// A prompt may be 100,000 characters of up to 4 bytes each, plus the other arguments.
+const MAX_PERSPECTIVES_BODY: usize = 512 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route(
+            "/v1/perspectives",
+            post(create).layer(DefaultBodyLimit::max(MAX_PERSPECTIVES_BODY)),
+        )
+        .route("/v1/usage", get(usage))
+        .route("/v1/settings", get(settings).put(put_settings))
+}
+
+async fn models(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "models": state.gateway.models() }))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    headers: HeaderMap,
+    body: Result<Json<PerspectivesRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = body?;
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !wants_sse {
+        let result = perspectives::get_perspectives(
+            &state.pool,
+            &state.gateway,
+            caller.user_id,
+            &request,
+            None,
+            false,
+        )
+        .await?;
+        return Ok(Json(result).into_response());
+    }
+    // Fail fast on bad input with a plain JSON error rather than an event stream.
+    request.validate(&state.gateway)?;
+    Ok(Sse::new(event_stream(state, caller.user_id, request))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The call runs inside the stream: when the client goes away the stream is dropped, which
+/// cancels the upstream calls still running and gives their quota back.
+fn event_stream(
+    state: AppState,
+    user_id: uuid::Uuid,
+    request: PerspectivesRequest,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let (events, rx) = mpsc::unbounded_channel::<Event>();
+    let call = async move {
+        let (progress, mut updates) = mpsc::unbounded_channel();
+        let call = perspectives::get_perspectives(
+            &state.pool,
+            &state.gateway,
+            user_id,
+            &request,
+            Some(progress),
+            true,
+        );
+        tokio::pin!(call);
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(update) = updates.recv() => { let _ = events.send(progress_event(update)); }
+                result = &mut call => break result,
+            }
+        };
+        while let Ok(update) = updates.try_recv() {
+            let _ = events.send(progress_event(update));
+        }
+        let last = match result {
+            Ok(result) => Event::default()
+                .event("result")
+                .data(serde_json::to_string(&result).unwrap_or_default()),
+            Err(error) => Event::default()
+                .event("error")
+                .data(error_body(error).to_string()),
+        };
+        let _ = events.send(last);
+    };
+    let received = stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+    );
+    // `select` polls the call alongside the events it sends, and owns it.
+    stream::select(received, stream::once(call).filter_map(|()| async { None }))
+}
+
+fn error_body(error: crate::error::Error) -> Value {
+    let code = match &error {
+        crate::error::Error::QuotaExceeded(_) => "quota_exceeded",
+        crate::error::Error::Invalid(_) | crate::error::Error::TooLarge(_) => "invalid_request",
+        crate::error::Error::Conflict(_) => "conflict",
+        _ => "internal",
+    };
+    json!({ "error": { "code": code, "message": error.to_string() } })
+}
+
+fn progress_event(progress: Progress) -> Event {
+    let (name, data) = match progress {
+        Progress::Started { models } => ("started", json!({ "models": models })),
+        Progress::Delta { model, text } => ("delta", json!({ "model": model, "text": text })),
+        Progress::Finished(result) => ("model", serde_json::to_value(result).unwrap_or_default()),
+    };
+    Event::default().event(name).data(data.to_string())
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(usage_report(&state, caller.user_id).await?))
+}
+
+/// The caller's quota and usage this month (`GET /v1/usage`, MCP `get_usage`).
+pub async fn usage_report(state: &AppState, user_id: uuid::Uuid) -> crate::error::Result<Value> {
+    let today = chrono::Utc::now().date_naive();
+    let quota = quota::for_user(&state.pool, user_id)
+        .await?
+        .map(|q| q.state(today));
+    let month = quota::month_start(today);
+    let usage = perspectives::month_usage(&state.pool, user_id, month).await?;
+    Ok(json!({ "month_start": month, "quota": quota, "usage": usage }))
+}
+
+async fn settings(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<PerspectiveSettings>, ApiError> {
+    Ok(Json(
+        perspectives::get_settings(&state.pool, caller.user_id).await?,
+    ))
+}
+
+async fn put_settings(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    body: Result<Json<PerspectiveSettings>, JsonRejection>,
+) -> Result<Json<PerspectiveSettings>, ApiError> {
+    let Json(settings) = body?;
+    Ok(Json(
+        perspectives::put_settings(&state.pool, &state.gateway, caller.user_id, &settings).await?,
+    ))
+}

@@ -1,0 +1,190 @@
+//! `polydev mcp`: a stdio MCP server for IDEs that launch servers as processes. It answers
+//! `initialize` and `tools/list` itself, at once and without any network call, and forwards
+//! tool calls to a polydev server over streamable HTTP with the token from
+//! `POLYDEV_USER_TOKEN`, relaying progress notifications and cancellation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CancelledNotificationParam, ClientRequest,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken, Request,
+    ServerConfig, ServerResult, Tool,
+};
+use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientHandler, ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt};
+use tokio::sync::{OnceCell, mpsc};
+
+/// Routes progress notifications of forwarded calls back to the IDE. Notifications that arrive
+/// before their call is registered are kept until it is.
+#[derive(Clone, Default)]
+struct ProgressRelay {
+    routes: Arc<Mutex<Relay>>,
+}
+
+#[derive(Default)]
+struct Relay {
+    listeners: HashMap<ProgressToken, mpsc::UnboundedSender<ProgressNotificationParam>>,
+    early: HashMap<ProgressToken, Vec<ProgressNotificationParam>>,
+}
+
+impl ProgressRelay {
+    fn listen(&self, token: ProgressToken) -> mpsc::UnboundedReceiver<ProgressNotificationParam> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut relay = self.routes.lock().expect("relay lock");
+        for early in relay.early.remove(&token).unwrap_or_default() {
+            let _ = tx.send(early);
+        }
+        relay.listeners.insert(token, tx);
+        rx
+    }
+
+    fn forget(&self, token: &ProgressToken) {
+        let mut relay = self.routes.lock().expect("relay lock");
+        relay.listeners.remove(token);
+        relay.early.remove(token);
+    }
+}
+
+impl ClientHandler for ProgressRelay {
+    async fn on_progress(
+        &self,
+        param: ProgressNotificationParam,
+        _ctx: NotificationContext<RoleClient>,
+    ) {
+        let mut relay = self.routes.lock().expect("relay lock");
+        match relay.listeners.get(&param.progress_token) {
+            Some(tx) => {
+                let _ = tx.send(param);
+            }
+            None => relay
+                .early
+                .entry(param.progress_token.clone())
+                .or_default()
+                .push(param),
+        }
+    }
+}
+
+pub struct Bridge {
+    server_url: String,
+    token: Option<String>,
+    relay: ProgressRelay,
+    upstream: OnceCell<RunningService<RoleClient, ProgressRelay>>,
+}
+
+impl Bridge {
+    pub fn new(server_url: String, token: Option<String>) -> Bridge {
+        Bridge {
+            server_url,
+            token,
+            relay: ProgressRelay::default(),
+            upstream: OnceCell::new(),
+        }
+    }
+
+    /// Serves MCP on stdin/stdout until the IDE closes it.
+    pub async fn run(self) -> anyhow::Result<()> {
+        if self.token.is_none() {
+            eprintln!(
+                "polydev mcp: POLYDEV_USER_TOKEN is not set. Create a token with `polydev token create` \
+                 (or in your account) and set it in your IDE's MCP server configuration. \
+                 Tools will answer with an error until then."
+            );
+        }
+        let running = self.serve(rmcp::transport::stdio()).await?;
+        running.waiting().await?;
+        Ok(())
+    }
+
+    async fn upstream(&self) -> Result<&RunningService<RoleClient, ProgressRelay>, ErrorData> {
+        let Some(token) = &self.token else {
+            return Err(ErrorData::invalid_request(
+                "POLYDEV_USER_TOKEN is not set: create a token with `polydev token create` and set it in the MCP server's environment",
+                None,
+            ));
+        };
+        self.upstream
+            .get_or_try_init(|| async {
+                let url = format!("{}/mcp", self.server_url.trim_end_matches('/'));
+                let transport = StreamableHttpClientTransport::from_config(
+                    StreamableHttpClientTransportConfig::with_uri(url.clone())
+                        .auth_header(token.clone()),
+                );
+                self.relay.clone().serve(transport).await.map_err(|e| {
+                    ErrorData::internal_error(
+                        format!("cannot reach the polydev server at {url}: {e}"),
+                        None,
+                    )
+                })
+            })
+            .await
+    }
+}
+
+impl ServerHandler for Bridge {
+    fn get_info(&self) -> ServerConfig {
+        super::server_info()
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult::with_all_items(super::tools()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        super::tools().into_iter().find(|t| t.name == name)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let upstream = self.upstream().await?;
+        let handle = upstream
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(Request::new(request)),
+                PeerRequestOptions::no_options(),
+            )
+            .await
+            .map_err(|e| {
+                ErrorData::internal_error(format!("forwarding the call failed: {e}"), None)
+            })?;
+        let remote_token = handle.progress_token.clone();
+        let mut updates = self.relay.listen(remote_token.clone());
+        let local_token = ctx.meta.get_progress_token();
+        let (request_id, peer) = (handle.id.clone(), upstream.peer().clone());
+        let response = handle.await_response();
+        tokio::pin!(response);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                () = ctx.ct.cancelled() => {
+                    let _ = peer
+                        .notify_cancelled(CancelledNotificationParam::new(Some(request_id), Some("cancelled by the client".into())))
+                        .await;
+                    break Err(ErrorData::internal_error("cancelled by the client", None));
+                }
+                Some(mut update) = updates.recv() => {
+                    if let Some(token) = &local_token {
+                        update.progress_token = token.clone();
+                        let _ = ctx.peer.notify_progress(update).await;
+                    }
+                }
+                response = &mut response => break match response {
+                    Ok(ServerResult::CallToolResult(result)) => Ok(result.into()),
+                    Ok(other) => Err(ErrorData::internal_error(format!("unexpected reply: {other:?}"), None)),
+                    Err(e) => Err(ErrorData::internal_error(format!("the polydev server failed: {e}"), None)),
+                },
+            }
+        };
+        self.relay.forget(&remote_token);
+        outcome
+    }
+}

@@ -1,0 +1,183 @@
+//! The MCP server over streamable HTTP (`/mcp`), authenticated with the `pd_` token by the
+//! HTTP layer, which puts the [`Caller`] into the request's extensions.
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use tokio::sync::mpsc;
+
+use crate::accounts::Caller;
+use crate::error::Error;
+use crate::http::AppState;
+use crate::perspectives::{self, PerspectivesRequest, Progress, Status};
+
+#[derive(Clone)]
+pub struct PolydevMcp {
+    state: AppState,
+}
+
+impl PolydevMcp {
+    pub fn new(state: AppState) -> Self {
+        PolydevMcp { state }
+    }
+
+    async fn get_perspectives(
+        &self,
+        caller: &Caller,
+        request: PerspectivesRequest,
+        ctx: &RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let progress_token = ctx.meta.get_progress_token();
+        let call = perspectives::get_perspectives(
+            &self.state.pool,
+            &self.state.gateway,
+            caller.user_id,
+            &request,
+            progress_token.is_some().then_some(tx),
+            false,
+        );
+        tokio::pin!(call);
+        let (mut finished, mut total) = (0u32, None);
+        let result = loop {
+            tokio::select! {
+                biased;
+                // notifications/cancelled: dropping `call` aborts the upstream calls still
+                // running and gives their quota back.
+                () = ctx.ct.cancelled() => {
+                    return CallToolResult::error(vec![ContentBlock::text("cancelled by the client")]);
+                }
+                Some(update) = rx.recv() => {
+                    let Some(token) = &progress_token else { continue };
+                    let message = match update {
+                        Progress::Started { models } => {
+                            total = Some(models.len() as f64);
+                            format!("asking {}", models.join(", "))
+                        }
+                        Progress::Finished(model) => {
+                            finished += 1;
+                            match (model.status, &model.text, &model.error) {
+                                (Status::Ok, Some(text), _) => format!(
+                                    "{} ({} ms, {} in / {} out tokens, ${}):\n{}",
+                                    model.model, model.latency_ms,
+                                    model.input_tokens.unwrap_or(0), model.output_tokens.unwrap_or(0),
+                                    model.cost_usd.as_deref().unwrap_or("0"), text
+                                ),
+                                (_, _, Some(error)) => format!("{}: {:?}: {}", model.model, model.status, error.message),
+                                _ => format!("{}: {:?}", model.model, model.status),
+                            }
+                        }
+                        Progress::Delta { .. } => continue,
+                    };
+                    let mut param = ProgressNotificationParam::new(token.clone(), f64::from(finished)).with_message(message);
+                    if let Some(total) = total {
+                        param = param.with_total(total);
+                    }
+                    if let Err(error) = ctx.peer.notify_progress(param).await {
+                        tracing::debug!(%error, "progress notification not delivered");
+                    }
+                }
+                result = &mut call => break result,
+            }
+        };
+        match result {
+            Ok(result) => {
+                let text = result.to_text();
+                let mut out =
+                    CallToolResult::structured(serde_json::to_value(&result).unwrap_or_default());
+                out.content = vec![ContentBlock::text(text)];
+                out
+            }
+            // Errors the model calling the tool should read (bad arguments, quota) are tool
+            // errors, not protocol errors.
+            Err(error) => tool_error(error),
+        }
+    }
+}
+
+fn tool_error(error: Error) -> CallToolResult {
+    if let Error::Database(e) = &error {
+        tracing::error!(error = %e, "database error in an MCP tool");
+        return CallToolResult::error(vec![ContentBlock::text(
+            "the service is temporarily unavailable; try again",
+        )]);
+    }
+    CallToolResult::error(vec![ContentBlock::text(error.to_string())])
+}
+
+fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
+    ctx.extensions
+        .get::<axum::http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<Caller>())
+        .cloned()
+        .ok_or_else(|| ErrorData::invalid_request("not authenticated", None))
+}
+
+impl ServerHandler for PolydevMcp {
+    fn get_info(&self) -> ServerConfig {
+        super::server_info()
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult::with_all_items(super::tools()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        super::tools().into_iter().find(|t| t.name == name)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let caller = caller(&ctx)?;
+        let arguments = request.arguments.unwrap_or_default();
+        let result = match request.name.as_ref() {
+            super::GET_PERSPECTIVES => {
+                let args: PerspectivesRequest =
+                    rmcp::handler::server::tool::parse_json_object(arguments)?;
+                self.get_perspectives(&caller, args, &ctx).await
+            }
+            super::LIST_MODELS => {
+                let models = serde_json::json!({ "models": self.state.gateway.models() });
+                let mut text =
+                    String::from("model · provider · tier · $/M in · $/M out · available\n");
+                for m in self.state.gateway.models() {
+                    text.push_str(&format!(
+                        "{} · {} · {} · {} · {} · {}\n",
+                        m.model.id,
+                        m.model.provider,
+                        m.model.tier.as_str(),
+                        m.model.input_price,
+                        m.model.output_price,
+                        m.available
+                    ));
+                }
+                let mut out = CallToolResult::structured(models);
+                out.content = vec![ContentBlock::text(text)];
+                out
+            }
+            super::GET_USAGE => {
+                match crate::http::perspectives::usage_report(&self.state, caller.user_id).await {
+                    Ok(report) => CallToolResult::structured(report),
+                    Err(error) => tool_error(error),
+                }
+            }
+            other => {
+                return Err(ErrorData::invalid_params(
+                    format!("unknown tool `{other}`"),
+                    None,
+                ));
+            }
+        };
+        Ok(result.into())
+    }
+}

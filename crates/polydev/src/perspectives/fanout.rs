@@ -1,0 +1,543 @@
+//! `get_perspectives`: ask the chosen models in parallel, each paid for by a quota reservation
+//! taken before its upstream call and given back if the call fails, times out or is cancelled.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::catalogue::{Cost, ModelSpec};
+use super::idempotency::{self, Claim};
+use super::provider::{CompletionRequest, ErrorClass};
+use super::usage::{self, UsageRecord};
+use super::{Gateway, PerspectivesRequest, get_settings};
+use crate::error::{Error, Result};
+use crate::quota::{self, Counter, Reservation};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The model answered.
+    Ok,
+    /// The model call failed (see `error`).
+    Error,
+    /// The deadline passed first.
+    Timeout,
+    /// Not called: no quota left for its tier.
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelError {
+    /// bad_request, auth, rate_limited, upstream, timeout, connection, malformed_response,
+    /// not_configured, quota_exceeded, internal.
+    pub class: String,
+    pub message: String,
+}
+
+/// One model's answer, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelResult {
+    pub model: String,
+    pub provider: String,
+    pub tier: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u32>,
+    /// USD, as an exact decimal string.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ModelError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Totals {
+    pub models: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// USD, as an exact decimal string.
+    pub cost_usd: String,
+    /// Wall time of the whole call.
+    pub elapsed_ms: u64,
+}
+
+/// The result of `get_perspectives` (`structuredContent` of the MCP tool, body of the REST call).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PerspectivesResult {
+    /// Also the `session_id` of the call's usage rows.
+    pub request_id: Uuid,
+    pub perspectives: Vec<ModelResult>,
+    pub totals: Totals,
+    /// True when this is the stored result of an earlier call with the same idempotency key.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// Events while a call runs, for progress notifications and SSE.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The models chosen, before any is called.
+    Started { models: Vec<String> },
+    /// Text of one model's answer as it streams in.
+    Delta { model: String, text: String },
+    /// One model is done (answered, failed or timed out).
+    Finished(ModelResult),
+}
+
+impl PerspectivesResult {
+    /// The readable form: a section per model, then the totals.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for p in &self.perspectives {
+            let _ = writeln!(out, "## {} ({}, {})", p.model, p.provider, p.tier);
+            match (&p.text, &p.error) {
+                (Some(text), _) => {
+                    let _ = writeln!(
+                        out,
+                        "_{} ms · {} in / {} out tokens · ${}_\n\n{}\n",
+                        p.latency_ms,
+                        p.input_tokens.unwrap_or(0),
+                        p.output_tokens.unwrap_or(0),
+                        p.cost_usd.as_deref().unwrap_or("0"),
+                        text.trim_end()
+                    );
+                }
+                (None, Some(error)) => {
+                    let _ = writeln!(
+                        out,
+                        "_{:?} after {} ms_: {} ({})\n",
+                        p.status, p.latency_ms, error.message, error.class
+                    );
+                }
+                (None, None) => {
+                    let _ = writeln!(out, "_{:?}_\n", p.status);
+                }
+            }
+        }
+        let t = &self.totals;
+        let _ = write!(
+            out,
+            "---\n{} of {} models answered · {} in / {} out tokens · ${} · {} ms{}",
+            t.succeeded,
+            t.models,
+            t.input_tokens,
+            t.output_tokens,
+            t.cost_usd,
+            t.elapsed_ms,
+            if self.replayed {
+                " · replayed (idempotency key)"
+            } else {
+                ""
+            }
+        );
+        out
+    }
+}
+
+/// Runs `get_perspectives` for `user_id`. Progress events go to `progress` when given
+/// (`deltas` adds streamed text). Dropping the returned future cancels the upstream calls still
+/// running and gives their reservations back.
+pub async fn get_perspectives(
+    pool: &PgPool,
+    gateway: &Gateway,
+    user_id: Uuid,
+    request: &PerspectivesRequest,
+    progress: Option<UnboundedSender<Progress>>,
+    deltas: bool,
+) -> Result<PerspectivesResult> {
+    request.validate(gateway)?;
+    let deadline = Duration::from_millis(request.deadline_ms());
+    let key = request.idempotency_key.as_deref();
+    if let Some(key) = key {
+        let hash = idempotency::request_hash(request);
+        // A first call that has not finished well after its deadline has crashed: take over.
+        let running_for = deadline + Duration::from_secs(30);
+        if let Claim::Replay(result) =
+            idempotency::claim(pool, user_id, key, &hash, running_for).await?
+        {
+            return Ok(*result);
+        }
+    }
+    let result = run(pool, gateway, user_id, request, progress, deltas, deadline).await;
+    if let Some(key) = key {
+        match &result {
+            Ok(result) => idempotency::complete(pool, user_id, key, result).await?,
+            Err(_) => idempotency::release(pool, user_id, key).await?,
+        }
+    }
+    result
+}
+
+async fn run(
+    pool: &PgPool,
+    gateway: &Gateway,
+    user_id: Uuid,
+    request: &PerspectivesRequest,
+    progress: Option<UnboundedSender<Progress>>,
+    deltas: bool,
+    deadline: Duration,
+) -> Result<PerspectivesResult> {
+    let started = Instant::now();
+    let today = chrono::Utc::now().date_naive();
+    let settings = get_settings(pool, user_id).await?;
+    let quota_state = quota::for_user(pool, user_id)
+        .await?
+        .map(|q| q.state(today));
+    let models = request.choose(gateway, &settings, quota_state.as_ref());
+    if models.is_empty() {
+        return Err(Error::QuotaExceeded(
+            "no model can run: every eligible tier's monthly quota is used up, or no provider is configured (see list_available_models)".into(),
+        ));
+    }
+    let message = match quota::reserve(pool, user_id, Counter::Messages, today).await? {
+        Ok(reservation) => ReservationGuard::new(pool, reservation),
+        Err(exhausted) => return Err(Error::QuotaExceeded(exhausted.to_string())),
+    };
+
+    if let Some(tx) = &progress {
+        let _ = tx.send(Progress::Started {
+            models: models.iter().map(|m| m.id.clone()).collect(),
+        });
+    }
+    let request_id = Uuid::new_v4();
+    let session_id = request_id.to_string();
+    let cancel = CancellationToken::new();
+    let call = ModelCall {
+        pool,
+        gateway,
+        user_id,
+        request,
+        session_id: &session_id,
+        cancel: &cancel,
+        progress: progress.as_ref(),
+        deltas,
+        today,
+    };
+    let mut pending: FuturesUnordered<_> = models
+        .iter()
+        .enumerate()
+        .map(|(index, model)| {
+            let call = &call;
+            async move { (index, call.run(model).await) }
+        })
+        .collect();
+    let mut results: Vec<Option<ModelResult>> = vec![None; models.len()];
+    let timer = tokio::time::sleep(deadline);
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            next = pending.next() => match next {
+                Some((index, result)) => {
+                    if let Some(tx) = &progress {
+                        let _ = tx.send(Progress::Finished(result.clone()));
+                    }
+                    results[index] = Some(result);
+                }
+                None => break,
+            },
+            // At the deadline the calls still running are cut; they give their quota back and
+            // report `timeout`, and the loop drains them.
+            () = &mut timer, if !cancel.is_cancelled() => cancel.cancel(),
+        }
+    }
+    drop(pending);
+
+    let perspectives: Vec<ModelResult> = results.into_iter().flatten().collect();
+    let succeeded = perspectives
+        .iter()
+        .filter(|p| p.status == Status::Ok)
+        .count();
+    if succeeded > 0 {
+        message.settle();
+    } else {
+        // No answer, no charge: the message goes back too.
+        message.refund().await;
+        if perspectives.iter().all(|p| p.status == Status::Skipped) {
+            let reasons: Vec<String> = perspectives
+                .iter()
+                .filter_map(|p| {
+                    p.error
+                        .as_ref()
+                        .map(|e| format!("{}: {}", p.model, e.message))
+                })
+                .collect();
+            return Err(Error::QuotaExceeded(format!(
+                "no model could run: {}",
+                reasons.join("; ")
+            )));
+        }
+    }
+    let cost = perspectives
+        .iter()
+        .filter(|p| p.status == Status::Ok)
+        .filter_map(|p| gateway.catalogue().model(&p.model).map(|m| (m, p)))
+        .fold(Cost::default(), |sum, (m, p)| {
+            sum + m.cost(
+                p.input_tokens.unwrap_or(0).into(),
+                p.output_tokens.unwrap_or(0).into(),
+            )
+        });
+    let totals = Totals {
+        models: perspectives.len(),
+        succeeded,
+        failed: perspectives.len() - succeeded,
+        input_tokens: perspectives
+            .iter()
+            .filter_map(|p| p.input_tokens)
+            .map(u64::from)
+            .sum(),
+        output_tokens: perspectives
+            .iter()
+            .filter_map(|p| p.output_tokens)
+            .map(u64::from)
+            .sum(),
+        cost_usd: cost.to_string(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    };
+    Ok(PerspectivesResult {
+        request_id,
+        perspectives,
+        totals,
+        replayed: false,
+    })
+}
+
+/// What every model call of one `get_perspectives` shares.
+struct ModelCall<'a> {
+    pool: &'a PgPool,
+    gateway: &'a Gateway,
+    user_id: Uuid,
+    request: &'a PerspectivesRequest,
+    session_id: &'a str,
+    cancel: &'a CancellationToken,
+    progress: Option<&'a UnboundedSender<Progress>>,
+    deltas: bool,
+    today: chrono::NaiveDate,
+}
+
+impl ModelCall<'_> {
+    async fn run(&self, model: &ModelSpec) -> ModelResult {
+        let started = Instant::now();
+        let mut result = ModelResult {
+            model: model.id.clone(),
+            provider: model.provider.clone(),
+            tier: model.tier.as_str().to_string(),
+            status: Status::Error,
+            text: None,
+            latency_ms: 0,
+            input_tokens: None,
+            output_tokens: None,
+            cost_usd: None,
+            error: None,
+        };
+        let fail = |mut result: ModelResult, status: Status, class: &str, message: String| {
+            result.status = status;
+            result.latency_ms = started.elapsed().as_millis() as u64;
+            result.error = Some(ModelError {
+                class: class.to_string(),
+                message,
+            });
+            result
+        };
+        let Some(provider) = self.gateway.provider(&model.provider) else {
+            return fail(
+                result,
+                Status::Error,
+                "not_configured",
+                format!("provider `{}` is not available", model.provider),
+            );
+        };
+        if !self.gateway.is_configured(&model.provider) {
+            return fail(
+                result,
+                Status::Error,
+                "not_configured",
+                format!("provider `{}` has no API key configured", model.provider),
+            );
+        }
+        let counter = match model.tier {
+            super::Tier::Premium => Counter::Premium,
+            super::Tier::Normal => Counter::Normal,
+            super::Tier::Eco => Counter::Eco,
+        };
+        // Reserve BEFORE the upstream call: concurrent calls can never overspend.
+        let reservation = match quota::reserve(self.pool, self.user_id, counter, self.today).await {
+            Ok(Ok(reservation)) => ReservationGuard::new(self.pool, reservation),
+            Ok(Err(exhausted)) => {
+                return fail(
+                    result,
+                    Status::Skipped,
+                    "quota_exceeded",
+                    exhausted.to_string(),
+                );
+            }
+            Err(error) => {
+                tracing::error!(%error, "quota reservation failed");
+                return fail(
+                    result,
+                    Status::Error,
+                    "internal",
+                    "the quota could not be checked".into(),
+                );
+            }
+        };
+        let completion_request = CompletionRequest {
+            model: model.upstream_name().to_string(),
+            prompt: self.request.prompt.clone(),
+            temperature: self.request.temperature,
+            max_tokens: self.request.max_tokens(),
+        };
+        let sink = |text: &str| {
+            if let Some(tx) = self.progress {
+                let _ = tx.send(Progress::Delta {
+                    model: model.id.clone(),
+                    text: text.to_string(),
+                });
+            }
+        };
+        let deltas: Option<&(dyn Fn(&str) + Send + Sync)> =
+            if self.deltas && self.progress.is_some() {
+                Some(&sink)
+            } else {
+                None
+            };
+        let outcome = tokio::select! {
+            outcome = provider.complete(&completion_request, deltas) => Some(outcome),
+            () = self.cancel.cancelled() => None,
+        };
+        let latency_ms = started.elapsed().as_millis() as u64;
+        let metadata = |status: &str, class: Option<&str>| {
+            json!({
+                "request_id": self.session_id,
+                "status": status,
+                "error_class": class,
+                "latency_ms": latency_ms,
+                "max_tokens": completion_request.max_tokens,
+                "temperature": completion_request.temperature,
+            })
+        };
+        match outcome {
+            Some(Ok(completion)) => {
+                let cost = model.cost(
+                    completion.input_tokens.into(),
+                    completion.output_tokens.into(),
+                );
+                let record = UsageRecord {
+                    user_id: self.user_id,
+                    session_id: self.session_id,
+                    model,
+                    input_tokens: completion.input_tokens,
+                    output_tokens: completion.output_tokens,
+                    cost,
+                    request_metadata: metadata("ok", None),
+                    response_metadata: json!({
+                        "status": "ok",
+                        "latency_ms": latency_ms,
+                        "finish_reason": completion.finish_reason,
+                    }),
+                };
+                if let Err(error) = usage::record(self.pool, &record).await {
+                    // Without its usage row the call is not billable: give the unit back.
+                    tracing::error!(%error, model = %model.id, "usage record failed");
+                    reservation.refund().await;
+                    return fail(
+                        result,
+                        Status::Error,
+                        "internal",
+                        "the usage could not be recorded".into(),
+                    );
+                }
+                reservation.settle();
+                result.status = Status::Ok;
+                result.text = Some(completion.text);
+                result.latency_ms = latency_ms;
+                result.input_tokens = Some(completion.input_tokens);
+                result.output_tokens = Some(completion.output_tokens);
+                result.cost_usd = Some(cost.to_string());
+                result
+            }
+            Some(Err(error)) => {
+                reservation.refund().await;
+                tracing::info!(model = %model.id, class = error.class.as_str(), "model call failed");
+                let status = if error.class == ErrorClass::Timeout {
+                    Status::Timeout
+                } else {
+                    Status::Error
+                };
+                fail(result, status, error.class.as_str(), error.message)
+            }
+            None => {
+                reservation.refund().await;
+                fail(
+                    result,
+                    Status::Timeout,
+                    "timeout",
+                    format!(
+                        "no answer within the deadline of {} ms",
+                        self.request.deadline_ms()
+                    ),
+                )
+            }
+        }
+    }
+}
+
+/// A reservation that is given back unless settled, even when the future holding it is
+/// dropped (client cancellation): then the refund runs in a background task.
+struct ReservationGuard {
+    pool: PgPool,
+    reservation: Option<Reservation>,
+}
+
+impl ReservationGuard {
+    fn new(pool: &PgPool, reservation: Reservation) -> Self {
+        ReservationGuard {
+            pool: pool.clone(),
+            reservation: Some(reservation),
+        }
+    }
+
+    /// The work was done: the unit stays used.
+    fn settle(mut self) {
+        self.reservation = None;
+    }
+
+    async fn refund(mut self) {
+        if let Some(reservation) = self.reservation.take()
+            && let Err(error) = quota::refund(&self.pool, reservation).await
+        {
+            tracing::error!(%error, "quota refund failed");
+        }
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            let pool = self.pool.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(error) = quota::refund(&pool, reservation).await {
+                        tracing::error!(%error, "quota refund after cancellation failed");
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Perspectives: the model catalogue, provider adapters, and `get_perspectives` itself (choice of
+//! models, parallel fan-out with quotas, deadline and cancellation, usage records).
+
+pub mod catalogue;
+mod fanout;
+mod idempotency;
+pub mod provider;
+mod request;
+mod settings;
+mod usage;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
+pub use fanout::{
+    ModelError, ModelResult, PerspectivesResult, Progress, Status, Totals, get_perspectives,
+};
+pub use request::{PerspectivesRequest, limits};
+pub use settings::{PerspectiveSettings, get_settings, put_settings};
+pub use usage::{MonthUsage, month_usage};
+
+use provider::{HttpProvider, Provider};
+
+/// The catalogue with a live provider for each of its provider entries.
+pub struct Gateway {
+    catalogue: Catalogue,
+    providers: HashMap<String, Arc<dyn Provider>>,
+    configured: HashMap<String, bool>,
+}
+
+/// The HTTP client every provider shares (connection pools per upstream host).
+pub fn http_client() -> reqwest::Client {
+    // reqwest is built without a default TLS crypto backend; ring is the one we ship.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(600))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("polydev/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the HTTP client configuration is valid")
+}
+
+impl Gateway {
+    pub fn new(catalogue: Catalogue) -> Gateway {
+        let client = http_client();
+        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        let mut configured = HashMap::new();
+        for (name, spec) in &catalogue.providers {
+            let provider = HttpProvider::from_spec(name, spec, client.clone());
+            configured.insert(name.clone(), provider.is_configured());
+            if !provider.is_configured() {
+                tracing::info!(provider = %name, "provider not configured (no API key): its models are not chosen by default");
+            }
+            providers.insert(name.clone(), Arc::new(provider));
+        }
+        Gateway {
+            catalogue,
+            providers,
+            configured,
+        }
+    }
+
+    /// A gateway over given providers (tests use fakes and mocks).
+    pub fn with_providers(
+        catalogue: Catalogue,
+        providers: HashMap<String, Arc<dyn Provider>>,
+    ) -> Gateway {
+        let configured = providers.keys().map(|name| (name.clone(), true)).collect();
+        Gateway {
+            catalogue,
+            providers,
+            configured,
+        }
+    }
+
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.catalogue
+    }
+
+    pub fn is_configured(&self, provider: &str) -> bool {
+        self.configured.get(provider).copied().unwrap_or(false)
+    }
+
+    fn provider(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(name)
+    }
+
+    /// The catalogue as `GET /v1/models` and `list_available_models` show it.
+    pub fn models(&self) -> Vec<ModelInfo<'_>> {
+        self.catalogue
+            .models
+            .iter()
+            .map(|model| ModelInfo {
+                model,
+                available: self.is_configured(&model.provider),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ModelInfo<'a> {
+    #[serde(flatten)]
+    pub model: &'a ModelSpec,
+    /// False when the provider has no API key configured.
+    pub available: bool,
+}

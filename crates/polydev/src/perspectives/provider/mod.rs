@@ -1,0 +1,458 @@
+//! Provider adapters. One trait, [`Provider`]; one HTTP driver, [`HttpProvider`], that speaks a
+//! provider's [`WireFormat`] (OpenAI Chat Completions, Anthropic Messages, Gemini), with or
+//! without SSE streaming, classifies errors and retries only what is worth retrying.
+
+mod anthropic;
+mod gemini;
+mod openai;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::Serialize;
+use serde_json::Value;
+use sse_stream::SseStream;
+
+use super::catalogue::{ProviderKind, ProviderSpec};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What one model is asked.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    /// The model name the provider knows.
+    pub model: String,
+    pub prompt: String,
+    pub temperature: Option<f32>,
+    pub max_tokens: u32,
+}
+
+/// A model's answer with the usage the provider reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub finish_reason: Option<String>,
+}
+
+/// The classes of failure, which decide retrying and what users are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    BadRequest,
+    Auth,
+    RateLimited,
+    Upstream,
+    Timeout,
+    Connection,
+    Malformed,
+    NotConfigured,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::BadRequest => "bad_request",
+            ErrorClass::Auth => "auth",
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Upstream => "upstream",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Connection => "connection",
+            ErrorClass::Malformed => "malformed_response",
+            ErrorClass::NotConfigured => "not_configured",
+        }
+    }
+
+    fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorClass::RateLimited | ErrorClass::Upstream | ErrorClass::Connection
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", class.as_str())]
+pub struct ProviderError {
+    pub class: ErrorClass,
+    pub message: String,
+    /// From a `Retry-After` header.
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        ProviderError {
+            class,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Receives the text of a streamed answer as it arrives.
+pub type DeltaSink<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// A model provider.
+pub trait Provider: Send + Sync {
+    /// Asks the model, retrying retryable failures. With `deltas`, and when the provider
+    /// streams, each piece of text is passed on as it arrives.
+    fn complete<'a>(
+        &'a self,
+        request: &'a CompletionRequest,
+        deltas: Option<DeltaSink<'a>>,
+    ) -> BoxFuture<'a, Result<Completion, ProviderError>>;
+}
+
+/// How a provider's API looks on the wire: request shape, response and stream parsing.
+trait WireFormat: Send + Sync {
+    /// The URL (relative to the base URL) and JSON body of a call.
+    fn request(&self, request: &CompletionRequest, stream: bool) -> (String, Value);
+    /// Headers that carry the API key (and any fixed headers).
+    fn auth_headers(&self, key: &str) -> Vec<(HeaderName, String)>;
+    fn parse_response(&self, body: &Value) -> Result<Completion, String>;
+    /// Folds one SSE event into `state`; returns text to pass on.
+    fn parse_event(
+        &self,
+        event: Option<&str>,
+        data: &str,
+        state: &mut StreamState,
+    ) -> Result<Option<String>, ProviderError>;
+    /// The human message inside a provider's error body.
+    fn error_message(&self, body: &Value) -> Option<String>;
+}
+
+/// What a stream has said so far.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    text: String,
+    input_tokens: Option<u32>,
+    output_tokens: Option<u32>,
+    finish_reason: Option<String>,
+    done: bool,
+}
+
+impl StreamState {
+    fn finish(self) -> Result<Completion, ProviderError> {
+        match (self.input_tokens, self.output_tokens) {
+            (Some(input_tokens), Some(output_tokens)) => Ok(Completion {
+                text: self.text,
+                input_tokens,
+                output_tokens,
+                finish_reason: self.finish_reason,
+            }),
+            _ => Err(ProviderError::new(
+                ErrorClass::Malformed,
+                "the stream ended without token usage (set `streaming = false` for this provider)",
+            )),
+        }
+    }
+}
+
+fn usage_field(value: &Value) -> Option<u32> {
+    value.as_u64().and_then(|v| u32::try_from(v).ok())
+}
+
+/// Retry policy: at most `max_attempts`, exponential backoff with jitter, honouring
+/// `Retry-After` up to `max_wait`.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(200),
+            max_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// How long to wait before attempt `attempt + 1`, or `None` to give up.
+    fn backoff(&self, attempt: u32, error: &ProviderError) -> Option<Duration> {
+        if !error.class.retryable() || attempt >= self.max_attempts {
+            return None;
+        }
+        if let Some(wait) = error.retry_after {
+            return (wait <= self.max_wait).then_some(wait);
+        }
+        let exp = self.base_delay * 2u32.saturating_pow(attempt - 1);
+        // Full jitter in [exp/2, exp]: replicas retrying together do not stampede.
+        let jitter = getrandom::u32().unwrap_or(0) % 1000;
+        Some((exp / 2 + exp / 2 * jitter / 1000).min(self.max_wait))
+    }
+}
+
+/// A provider reached over HTTP.
+pub struct HttpProvider {
+    name: String,
+    base_url: String,
+    api_key: Option<String>,
+    /// False when the catalogue names a key variable that is not set.
+    configured: bool,
+    streaming: bool,
+    format: Box<dyn WireFormat>,
+    client: reqwest::Client,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for HttpProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the API key.
+        f.debug_struct("HttpProvider")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("has_api_key", &self.api_key.is_some())
+            .finish()
+    }
+}
+
+impl HttpProvider {
+    /// Builds a provider from its catalogue entry. The API key and a base-URL override come from
+    /// the environment (`api_key_env`, `POLYDEV_PROVIDER_<NAME>_BASE_URL`).
+    pub fn from_spec(name: &str, spec: &ProviderSpec, client: reqwest::Client) -> HttpProvider {
+        let env_name = format!(
+            "POLYDEV_PROVIDER_{}_BASE_URL",
+            name.to_ascii_uppercase().replace('-', "_")
+        );
+        let base_url = std::env::var(env_name).unwrap_or_else(|_| spec.base_url.clone());
+        let api_key = spec
+            .api_key_env
+            .as_deref()
+            .and_then(|var| std::env::var(var).ok())
+            .filter(|key| !key.is_empty());
+        let mut provider = Self::new(name, spec.kind, &base_url, api_key, spec.streaming, client);
+        // No `api_key_env` means a keyless server (a local Ollama or vLLM).
+        provider.configured = spec.api_key_env.is_none() || provider.api_key.is_some();
+        provider
+    }
+
+    pub fn new(
+        name: &str,
+        kind: ProviderKind,
+        base_url: &str,
+        api_key: Option<String>,
+        streaming: bool,
+        client: reqwest::Client,
+    ) -> HttpProvider {
+        let format: Box<dyn WireFormat> = match kind {
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => Box::new(openai::OpenAi),
+            ProviderKind::Anthropic => Box::new(anthropic::Anthropic),
+            ProviderKind::Gemini => Box::new(gemini::Gemini),
+        };
+        HttpProvider {
+            name: name.to_string(),
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key,
+            configured: true,
+            streaming,
+            format,
+            client,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
+    async fn attempt(
+        &self,
+        request: &CompletionRequest,
+        deltas: Option<DeltaSink<'_>>,
+        streamed: &mut bool,
+    ) -> Result<Completion, ProviderError> {
+        let stream = self.streaming;
+        let (path, body) = self.format.request(request, stream);
+        let mut headers = HeaderMap::new();
+        for (name, value) in self
+            .format
+            .auth_headers(self.api_key.as_deref().unwrap_or(""))
+        {
+            let value = HeaderValue::from_str(&value).map_err(|_| {
+                ProviderError::new(
+                    ErrorClass::NotConfigured,
+                    "the API key is not a valid header value",
+                )
+            })?;
+            headers.insert(name, value);
+        }
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .headers(headers)
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = response.text().await.unwrap_or_default();
+            let detail = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|body| self.format.error_message(&body))
+                .unwrap_or_else(|| text.chars().take(300).collect());
+            let class = match status.as_u16() {
+                401 | 403 => ErrorClass::Auth,
+                408 => ErrorClass::Timeout,
+                429 => ErrorClass::RateLimited,
+                500..=599 => ErrorClass::Upstream,
+                _ => ErrorClass::BadRequest,
+            };
+            return Err(ProviderError {
+                class,
+                message: format!("{} returned {status}: {detail}", self.name),
+                retry_after,
+            });
+        }
+        if !stream {
+            let bytes = response.bytes().await.map_err(transport_error)?;
+            let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                ProviderError::new(
+                    ErrorClass::Malformed,
+                    format!("{} sent invalid JSON: {e}", self.name),
+                )
+            })?;
+            return self.format.parse_response(&body).map_err(|e| {
+                ProviderError::new(ErrorClass::Malformed, format!("{}: {e}", self.name))
+            });
+        }
+        let mut events = SseStream::from_bytes_stream(response.bytes_stream());
+        let mut state = StreamState::default();
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| {
+                ProviderError::new(
+                    ErrorClass::Connection,
+                    format!("{} stream broke: {e}", self.name),
+                )
+            })?;
+            let Some(data) = event.data.as_deref() else {
+                continue;
+            };
+            if let Some(text) = self
+                .format
+                .parse_event(event.event.as_deref(), data, &mut state)?
+            {
+                state.text.push_str(&text);
+                if let Some(sink) = deltas {
+                    *streamed = true;
+                    sink(&text);
+                }
+            }
+            if state.done {
+                break;
+            }
+        }
+        state.finish().map_err(|mut e| {
+            e.message = format!("{}: {}", self.name, e.message);
+            e
+        })
+    }
+}
+
+fn transport_error(error: reqwest::Error) -> ProviderError {
+    let class = if error.is_timeout() {
+        ErrorClass::Timeout
+    } else if error.is_decode() {
+        ErrorClass::Malformed
+    } else {
+        ErrorClass::Connection
+    };
+    // reqwest's message names the URL but never headers, so no key can leak here.
+    ProviderError::new(class, error.to_string())
+}
+
+impl Provider for HttpProvider {
+    fn complete<'a>(
+        &'a self,
+        request: &'a CompletionRequest,
+        deltas: Option<DeltaSink<'a>>,
+    ) -> BoxFuture<'a, Result<Completion, ProviderError>> {
+        Box::pin(async move {
+            if !self.is_configured() {
+                return Err(ProviderError::new(
+                    ErrorClass::NotConfigured,
+                    format!("provider `{}` has no API key configured", self.name),
+                ));
+            }
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut streamed = false;
+                match self.attempt(request, deltas, &mut streamed).await {
+                    Ok(completion) => return Ok(completion),
+                    // Text already passed on cannot be taken back: no retry after it.
+                    Err(error) if streamed => return Err(error),
+                    Err(error) => match self.retry.backoff(attempt, &error) {
+                        Some(wait) => {
+                            tracing::debug!(provider = %self.name, attempt, ?wait, %error, "retrying");
+                            tokio::time::sleep(wait).await;
+                        }
+                        None => return Err(error),
+                    },
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_failures_are_retried_and_within_bounds() {
+        let policy = RetryPolicy::default();
+        let err = |class| ProviderError::new(class, "x");
+        for class in [
+            ErrorClass::BadRequest,
+            ErrorClass::Auth,
+            ErrorClass::Malformed,
+            ErrorClass::Timeout,
+        ] {
+            assert_eq!(policy.backoff(1, &err(class)), None, "{class:?}");
+        }
+        for class in [
+            ErrorClass::RateLimited,
+            ErrorClass::Upstream,
+            ErrorClass::Connection,
+        ] {
+            let wait = policy.backoff(1, &err(class)).expect("retried");
+            assert!(wait <= policy.base_delay, "{wait:?}");
+            assert_eq!(policy.backoff(policy.max_attempts, &err(class)), None);
+        }
+        let mut limited = err(ErrorClass::RateLimited);
+        limited.retry_after = Some(Duration::from_secs(2));
+        assert_eq!(policy.backoff(1, &limited), Some(Duration::from_secs(2)));
+        limited.retry_after = Some(Duration::from_secs(60));
+        assert_eq!(
+            policy.backoff(1, &limited),
+            None,
+            "too long a wait is a failure"
+        );
+    }
+}

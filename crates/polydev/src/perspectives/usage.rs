@@ -1,0 +1,71 @@
+//! Usage records (`perspective_usage`): one row per model call that returned an answer, with
+//! the provider-reported tokens and the exact cost. Never the prompt or the answer.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::catalogue::{Cost, ModelSpec};
+use crate::error::Result;
+
+pub struct UsageRecord<'a> {
+    pub user_id: Uuid,
+    pub session_id: &'a str,
+    pub model: &'a ModelSpec,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub cost: Cost,
+    pub request_metadata: Value,
+    pub response_metadata: Value,
+}
+
+pub async fn record(pool: &PgPool, usage: &UsageRecord<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO perspective_usage
+             (user_id, session_id, model_name, model_tier, provider, input_tokens, output_tokens,
+              total_tokens, estimated_cost, perspectives_deducted, request_metadata, response_metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, 1, $10, $11)",
+    )
+    .bind(usage.user_id)
+    .bind(usage.session_id)
+    .bind(&usage.model.id)
+    .bind(usage.model.tier.as_str())
+    .bind(&usage.model.provider)
+    .bind(usage.input_tokens as i32)
+    .bind(usage.output_tokens as i32)
+    .bind((usage.input_tokens + usage.output_tokens) as i32)
+    .bind(usage.cost.to_string())
+    .bind(&usage.request_metadata)
+    .bind(&usage.response_metadata)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// What a user's successful model calls added up to since `since` (for `get_usage`).
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
+pub struct MonthUsage {
+    pub calls: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// USD, exact decimal.
+    pub cost_usd: String,
+}
+
+pub async fn month_usage(
+    pool: &PgPool,
+    user_id: Uuid,
+    since: chrono::NaiveDate,
+) -> Result<MonthUsage> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) AS calls,
+                coalesce(sum(input_tokens), 0)::int8 AS input_tokens,
+                coalesce(sum(output_tokens), 0)::int8 AS output_tokens,
+                coalesce(sum(estimated_cost), 0)::text AS cost_usd
+           FROM perspective_usage WHERE user_id = $1 AND created_at >= $2::date",
+    )
+    .bind(user_id)
+    .bind(since)
+    .fetch_one(pool)
+    .await?)
+}

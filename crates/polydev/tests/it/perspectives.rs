@@ -1,0 +1,492 @@
+//! get_perspectives against real PostgreSQL and a mock upstream: fan-out, quotas, usage rows,
+//! deadline, cancellation, month rollover, idempotency.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use polydev::accounts::{self, Plan};
+use polydev::error::Error;
+use polydev::perspectives::{Gateway, PerspectivesRequest, Progress, Status, get_perspectives};
+use polydev_mock::{MockUpstream, answer_for};
+use uuid::Uuid;
+
+use crate::common::{TestDb, mock_gateway};
+
+fn ask(models: &[&str]) -> PerspectivesRequest {
+    PerspectivesRequest {
+        prompt: "Is it worth rewriting our queue in Rust?".into(),
+        models: Some(models.iter().map(|m| m.to_string()).collect()),
+        max_perspectives: None,
+        temperature: None,
+        max_tokens: None,
+        exclude_providers: vec![],
+        request_providers: vec![],
+        deadline_ms: None,
+        idempotency_key: None,
+    }
+}
+
+struct Fixture {
+    db: TestDb,
+    mock: MockUpstream,
+    gateway: Arc<Gateway>,
+    user: Uuid,
+}
+
+async fn fixture(plan: Plan) -> Fixture {
+    let db = TestDb::migrated().await;
+    let mock = MockUpstream::start().await;
+    let gateway = Arc::new(mock_gateway(&mock.base_url()));
+    let user = accounts::create_user(&db.pool, "p@example.com", plan)
+        .await
+        .unwrap()
+        .user_id;
+    Fixture {
+        db,
+        mock,
+        gateway,
+        user,
+    }
+}
+
+/// (messages, premium, normal, eco) used this month.
+async fn used(db: &TestDb, user: Uuid) -> (i32, i32, i32, i32) {
+    sqlx::query_as(
+        "SELECT messages_used, premium_perspectives_used, normal_perspectives_used, eco_perspectives_used
+           FROM user_perspective_quotas WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn usage_rows(db: &TestDb, user: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM perspective_usage WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// model, tier, provider, input, output, total, cost, deducted, request_metadata, session_id
+type UsageRow = (
+    String,
+    String,
+    String,
+    i32,
+    i32,
+    i32,
+    String,
+    i32,
+    serde_json::Value,
+    String,
+);
+
+/// Waits (bounded) for background refunds of dropped calls to land.
+async fn eventually_used(db: &TestDb, user: Uuid, expected: (i32, i32, i32, i32)) {
+    let mut last = used(db, user).await;
+    for _ in 0..250 {
+        if last == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        last = used(db, user).await;
+    }
+    assert_eq!(last, expected);
+}
+
+#[tokio::test]
+async fn three_providers_answer_in_parallel_and_each_answer_is_billed_exactly() {
+    let f = fixture(Plan::Pro).await;
+    let request = ask(&["gpt-premium", "claude-normal", "gemini-eco"]);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, Some(tx), false)
+        .await
+        .unwrap();
+    assert_eq!(result.totals.succeeded, 3);
+    for p in &result.perspectives {
+        let (text, input, output) = answer_for(&p.model, &request.prompt);
+        assert_eq!(p.status, Status::Ok);
+        assert_eq!(p.text.as_deref(), Some(text.as_str()));
+        assert_eq!(
+            (p.input_tokens, p.output_tokens),
+            (Some(input), Some(output))
+        );
+    }
+    let mut finished = 0;
+    while let Ok(event) = rx.try_recv() {
+        if matches!(event, Progress::Finished(_)) {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 3, "a progress event per model");
+
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 1, 1));
+    let rows: Vec<UsageRow> = sqlx::query_as(
+        "SELECT model_name, model_tier, provider, input_tokens, output_tokens, total_tokens,
+                estimated_cost::text, perspectives_deducted, request_metadata, session_id
+           FROM perspective_usage WHERE user_id = $1 ORDER BY model_name",
+    )
+    .bind(f.user)
+    .fetch_all(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    let mut total_cost = 0f64;
+    for (model, tier, _provider, input, output, total, cost, deducted, meta, session) in &rows {
+        let (_, i, o) = answer_for(model, &request.prompt);
+        assert_eq!(
+            (*input, *output, *total),
+            (i as i32, o as i32, (i + o) as i32),
+            "{model}"
+        );
+        assert_eq!(*deducted, 1);
+        // $2.50 per M input, $10 per M output, exactly.
+        let expected = format!(
+            "{}",
+            (i as u128 * 2_500_000 + o as u128 * 10_000_000) as f64 / 1e12
+        );
+        assert_eq!(
+            cost.parse::<f64>().unwrap().to_string(),
+            expected,
+            "{model}"
+        );
+        total_cost += cost.parse::<f64>().unwrap();
+        assert_eq!(meta["status"], "ok");
+        assert!(meta["latency_ms"].is_u64());
+        assert_eq!(session, &result.request_id.to_string());
+        assert!(["premium", "normal", "eco"].contains(&tier.as_str()));
+    }
+    assert_eq!(result.totals.cost_usd.parse::<f64>().unwrap(), total_cost);
+    let leaked: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM perspective_usage p WHERE p::text LIKE '%rewriting our queue%' OR p::text LIKE '%thinks about%')",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert!(!leaked, "neither prompt nor answer is stored");
+    assert!(
+        result
+            .to_text()
+            .contains("## gpt-premium (openai, premium)")
+    );
+}
+
+#[tokio::test]
+async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
+    let f = fixture(Plan::Pro).await;
+    let result = get_perspectives(
+        &f.db.pool,
+        &f.gateway,
+        f.user,
+        &ask(&["broken-premium", "bad-request-normal", "gemini-eco"]),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    let by_model = |m: &str| {
+        result
+            .perspectives
+            .iter()
+            .find(|p| p.model == m)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_model("gemini-eco").status, Status::Ok);
+    assert_eq!(by_model("broken-premium").error.unwrap().class, "upstream");
+    assert_eq!(
+        by_model("bad-request-normal").error.unwrap().class,
+        "bad_request"
+    );
+    assert_eq!(
+        used(&f.db, f.user).await,
+        (1, 0, 0, 1),
+        "failed calls gave their reservation back"
+    );
+    assert_eq!(usage_rows(&f.db, f.user).await, 1);
+
+    // Nothing answered: the message is given back too.
+    let result = get_perspectives(
+        &f.db.pool,
+        &f.gateway,
+        f.user,
+        &ask(&["broken-premium"]),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.totals.succeeded, 0);
+    assert_eq!(used(&f.db, f.user).await, (1, 0, 0, 1));
+}
+
+#[tokio::test]
+async fn concurrent_calls_against_a_small_limit_grant_exactly_the_limit() {
+    let f = fixture(Plan::Free).await;
+    sqlx::query("UPDATE user_perspective_quotas SET premium_perspectives_limit = 5, messages_per_month = NULL WHERE user_id = $1")
+        .bind(f.user)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..30)
+        .map(|_| {
+            let (pool, gateway, user) = (f.db.pool.clone(), f.gateway.clone(), f.user);
+            tokio::spawn(async move {
+                get_perspectives(&pool, &gateway, user, &ask(&["gpt-premium"]), None, false).await
+            })
+        })
+        .collect();
+    let (mut granted, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(result) if result.totals.succeeded == 1 => granted += 1,
+            Err(Error::QuotaExceeded(message)) => {
+                assert!(message.contains("premium perspectives limit"), "{message}");
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((granted, refused), (5, 25));
+    assert_eq!(
+        used(&f.db, f.user).await,
+        (5, 5, 0, 0),
+        "never over the limit; refused calls charge no message"
+    );
+    assert_eq!(
+        usage_rows(&f.db, f.user).await,
+        5,
+        "one usage row per successful call, none lost"
+    );
+}
+
+#[tokio::test]
+async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged() {
+    let f = fixture(Plan::Pro).await;
+    let mut request = ask(&["fast-premium", "slow-premium"]);
+    request.deadline_ms = Some(1000);
+    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+        .await
+        .unwrap();
+    let slow = result
+        .perspectives
+        .iter()
+        .find(|p| p.model == "slow-premium")
+        .unwrap();
+    assert_eq!(slow.status, Status::Timeout);
+    assert_eq!(slow.error.as_ref().unwrap().class, "timeout");
+    let fast = result
+        .perspectives
+        .iter()
+        .find(|p| p.model == "fast-premium")
+        .unwrap();
+    assert_eq!(fast.status, Status::Ok);
+    // Refunds for timed-out models happen before the call returns.
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 0, 0));
+    assert_eq!(usage_rows(&f.db, f.user).await, 1);
+    for _ in 0..100 {
+        if f.mock.stats().abandoned() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        f.mock.stats().abandoned(),
+        1,
+        "the slow upstream call was aborted"
+    );
+}
+
+#[tokio::test]
+async fn cancelling_a_call_aborts_upstream_calls_and_refunds_them() {
+    let f = fixture(Plan::Pro).await;
+    let request = ask(&["slow-premium", "gemini-eco"]);
+    let call = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false);
+    // Cancel (drop) once the slow model is in flight.
+    let cancelled = tokio::time::timeout(Duration::from_millis(700), call).await;
+    assert!(cancelled.is_err(), "the call was still running");
+    eventually_used(&f.db, f.user, (0, 0, 0, 1)).await;
+    for _ in 0..100 {
+        if f.mock.stats().abandoned() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(f.mock.stats().abandoned(), 1);
+}
+
+#[tokio::test]
+async fn the_first_call_in_a_new_month_resets_the_counters() {
+    let f = fixture(Plan::Free).await;
+    // Last month the user used everything.
+    sqlx::query(
+        "UPDATE user_perspective_quotas
+            SET current_month_start = (date_trunc('month', current_date) - interval '1 month')::date,
+                messages_used = 200, premium_perspectives_used = 10, normal_perspectives_used = 40,
+                eco_perspectives_used = 150, last_reset_date = current_date - 40
+          WHERE user_id = $1",
+    )
+    .bind(f.user)
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    let result = get_perspectives(
+        &f.db.pool,
+        &f.gateway,
+        f.user,
+        &ask(&["gpt-premium"]),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.totals.succeeded, 1);
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 0, 0));
+    let (start, reset): (chrono::NaiveDate, chrono::NaiveDate) = sqlx::query_as(
+        "SELECT current_month_start, last_reset_date FROM user_perspective_quotas WHERE user_id = $1",
+    )
+    .bind(f.user)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    let today = chrono::Utc::now().date_naive();
+    assert_eq!(start, polydev::quota::month_start(today));
+    assert_eq!(reset, today);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
+    let f = fixture(Plan::Pro).await;
+    let mut request = ask(&["gpt-premium", "claude-normal"]);
+    request.idempotency_key = Some("retry-1".into());
+    let first = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+        .await
+        .unwrap();
+    let second = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+        .await
+        .unwrap();
+    assert!(!first.replayed && second.replayed);
+    assert_eq!(first.request_id, second.request_id);
+    assert_eq!(first.perspectives, second.perspectives);
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 1, 0));
+    assert_eq!(usage_rows(&f.db, f.user).await, 2);
+    assert_eq!(f.mock.stats().started(), 2, "no upstream call on replay");
+
+    // Concurrent retries with a fresh key also run once.
+    request.idempotency_key = Some("retry-2".into());
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let (pool, gateway, user, request) = (
+                f.db.pool.clone(),
+                f.gateway.clone(),
+                f.user,
+                request.clone(),
+            );
+            tokio::spawn(async move {
+                get_perspectives(&pool, &gateway, user, &request, None, false)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut replays = 0;
+    for call in calls {
+        replays += usize::from(call.await.unwrap().replayed);
+    }
+    assert_eq!(replays, 4);
+    assert_eq!(used(&f.db, f.user).await, (2, 2, 2, 0));
+
+    request.models = Some(vec!["gemini-eco".into()]);
+    let reused = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false).await;
+    assert!(matches!(reused, Err(Error::Conflict(_))), "{reused:?}");
+}
+
+#[tokio::test]
+async fn invalid_arguments_are_refused_with_a_clear_error_and_charge_nothing() {
+    let f = fixture(Plan::Pro).await;
+    let mut cases = Vec::new();
+    let mut r = ask(&["no-such-model"]);
+    cases.push((r.clone(), "unknown model"));
+    r = ask(&["gpt-premium"]);
+    r.prompt = "   ".into();
+    cases.push((r.clone(), "prompt"));
+    r = ask(&["gpt-premium"]);
+    r.prompt = "x".repeat(100_001);
+    cases.push((r.clone(), "limit"));
+    r = ask(&["gpt-premium"]);
+    r.temperature = Some(3.0);
+    cases.push((r.clone(), "temperature"));
+    r = ask(&["gpt-premium"]);
+    r.deadline_ms = Some(10);
+    cases.push((r.clone(), "deadline_ms"));
+    r = ask(&["gpt-premium"]);
+    r.exclude_providers = vec!["nope".into()];
+    cases.push((r.clone(), "unknown provider"));
+    r = ask(&["gpt-premium"]);
+    r.idempotency_key = Some("has spaces".into());
+    cases.push((r.clone(), "idempotency_key"));
+    for (request, needle) in cases {
+        let err = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Invalid(_) | Error::TooLarge(_)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    assert_eq!(used(&f.db, f.user).await, (0, 0, 0, 0));
+    assert_eq!(f.mock.stats().started(), 0);
+}
+
+#[tokio::test]
+async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
+    let f = fixture(Plan::Pro).await;
+    let mut request = ask(&[]);
+    request.models = None;
+    request.max_perspectives = Some(3);
+    request.exclude_providers = vec!["openai".into()];
+    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+        .await
+        .unwrap();
+    let models: Vec<&str> = result
+        .perspectives
+        .iter()
+        .map(|p| p.model.as_str())
+        .collect();
+    // premium first (fast-premium: anthropic; slow/broken/gpt are openai, excluded), then
+    // normal (bad-request-normal: google), then eco from a new provider (compat).
+    assert_eq!(models, ["fast-premium", "bad-request-normal", "compat-eco"]);
+
+    // The user's preferences come before the catalogue order.
+    polydev::perspectives::put_settings(
+        &f.db.pool,
+        &f.gateway,
+        f.user,
+        &polydev::perspectives::PerspectiveSettings {
+            preferred_models: vec!["gemini-eco".into()],
+            max_perspectives: Some(1),
+        },
+    )
+    .await
+    .unwrap();
+    request.max_perspectives = None;
+    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+        .await
+        .unwrap();
+    assert_eq!(result.perspectives.len(), 1);
+    assert_eq!(result.perspectives[0].model, "gemini-eco");
+
+    // A tier with no quota left is skipped when polydev chooses.
+    sqlx::query("UPDATE user_perspective_quotas SET eco_perspectives_used = eco_perspectives_limit WHERE user_id = $1")
+        .bind(f.user)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
+        .await
+        .unwrap();
+    assert_ne!(result.perspectives[0].tier, "eco");
+}
