@@ -3,7 +3,7 @@
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ServerConfig, Tool,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -41,7 +41,11 @@ impl PolydevMcp {
             false,
         );
         tokio::pin!(call);
-        let (mut finished, mut total) = (0u32, None);
+        let mut notifier = ProgressNotifier {
+            token: progress_token,
+            finished: 0,
+            total: None,
+        };
         let result = loop {
             tokio::select! {
                 biased;
@@ -50,39 +54,14 @@ impl PolydevMcp {
                 () = ctx.ct.cancelled() => {
                     return CallToolResult::error(vec![ContentBlock::text("cancelled by the client")]);
                 }
-                Some(update) = rx.recv() => {
-                    let Some(token) = &progress_token else { continue };
-                    let message = match update {
-                        Progress::Started { models } => {
-                            total = Some(models.len() as f64);
-                            format!("asking {}", models.join(", "))
-                        }
-                        Progress::Finished(model) => {
-                            finished += 1;
-                            match (model.status, &model.text, &model.error) {
-                                (Status::Ok, Some(text), _) => format!(
-                                    "{} ({} ms, {} in / {} out tokens, ${}):\n{}",
-                                    model.model, model.latency_ms,
-                                    model.input_tokens.unwrap_or(0), model.output_tokens.unwrap_or(0),
-                                    model.cost_usd.as_deref().unwrap_or("0"), text
-                                ),
-                                (_, _, Some(error)) => format!("{}: {:?}: {}", model.model, model.status, error.message),
-                                _ => format!("{}: {:?}", model.model, model.status),
-                            }
-                        }
-                        Progress::Delta { .. } => continue,
-                    };
-                    let mut param = ProgressNotificationParam::new(token.clone(), f64::from(finished)).with_message(message);
-                    if let Some(total) = total {
-                        param = param.with_total(total);
-                    }
-                    if let Err(error) = ctx.peer.notify_progress(param).await {
-                        tracing::debug!(%error, "progress notification not delivered");
-                    }
-                }
+                Some(update) = rx.recv() => notifier.send(update, ctx).await,
                 result = &mut call => break result,
             }
         };
+        // The last model's event may arrive together with the result.
+        while let Ok(update) = rx.try_recv() {
+            notifier.send(update, ctx).await;
+        }
         match result {
             Ok(result) => {
                 let text = result.to_text();
@@ -94,6 +73,53 @@ impl PolydevMcp {
             // Errors the model calling the tool should read (bad arguments, quota) are tool
             // errors, not protocol errors.
             Err(error) => tool_error(error),
+        }
+    }
+}
+
+/// Turns fan-out events into `notifications/progress`: one when the models are chosen, then one
+/// per model as it finishes, carrying its answer.
+struct ProgressNotifier {
+    token: Option<ProgressToken>,
+    finished: u32,
+    total: Option<f64>,
+}
+
+impl ProgressNotifier {
+    async fn send(&mut self, update: Progress, ctx: &RequestContext<RoleServer>) {
+        let Some(token) = &self.token else { return };
+        let message = match update {
+            Progress::Started { models } => {
+                self.total = Some(models.len() as f64);
+                format!("asking {}", models.join(", "))
+            }
+            Progress::Finished(model) => {
+                self.finished += 1;
+                match (model.status, &model.text, &model.error) {
+                    (Status::Ok, Some(text), _) => format!(
+                        "{} ({} ms, {} in / {} out tokens, ${}):\n{}",
+                        model.model,
+                        model.latency_ms,
+                        model.input_tokens.unwrap_or(0),
+                        model.output_tokens.unwrap_or(0),
+                        model.cost_usd.as_deref().unwrap_or("0"),
+                        text
+                    ),
+                    (_, _, Some(error)) => {
+                        format!("{}: {:?}: {}", model.model, model.status, error.message)
+                    }
+                    _ => format!("{}: {:?}", model.model, model.status),
+                }
+            }
+            Progress::Delta { .. } => return,
+        };
+        let mut param = ProgressNotificationParam::new(token.clone(), f64::from(self.finished))
+            .with_message(message);
+        if let Some(total) = self.total {
+            param = param.with_total(total);
+        }
+        if let Err(error) = ctx.peer.notify_progress(param).await {
+            tracing::debug!(%error, "progress notification not delivered");
         }
     }
 }

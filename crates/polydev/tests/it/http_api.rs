@@ -343,3 +343,136 @@ async fn bad_requests_get_clear_json_errors_and_change_nothing() {
         1
     );
 }
+
+#[tokio::test]
+async fn perspectives_over_rest_as_json_and_as_server_sent_events() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    let (_, token) = user_with_token(&db, "rest@example.com", Plan::Pro).await;
+    let server = TestServer::start_with(&db, crate::common::mock_gateway(&mock.base_url())).await;
+    let body = json!({ "prompt": "Monorepo?", "models": ["gpt-premium", "gemini-eco"] });
+    let post = || {
+        server.with_token(
+            server
+                .client
+                .post(format!("{}/v1/perspectives", server.base)),
+            Some(&token),
+        )
+    };
+
+    let result: Value = post()
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result["totals"]["succeeded"], 2, "{result}");
+
+    let stream = post()
+        .header("accept", "text/event-stream")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = stream.text().await.unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"started"), "{text}");
+    assert_eq!(events.last(), Some(&"result"), "{text}");
+    assert_eq!(
+        events.iter().filter(|e| **e == "model").count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        events.contains(&"delta"),
+        "answers stream as deltas: {text}"
+    );
+
+    // Bad input is a JSON 400 even when an event stream was asked for.
+    let bad = post()
+        .header("accept", "text/event-stream")
+        .json(&json!({ "prompt": "" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_error(bad).await.0, StatusCode::BAD_REQUEST);
+
+    let models: Value = server
+        .get("/v1/models", None)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["models"].as_array().unwrap().len(), 8);
+    let usage: Value = server
+        .get("/v1/usage", Some(&token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["usage"]["calls"], 4, "{usage}");
+    assert_eq!(usage["quota"]["premium"]["used"], 2, "{usage}");
+}
+
+#[tokio::test]
+async fn rate_limits_hold_across_servers_sharing_the_database() {
+    let db = TestDb::migrated().await;
+    sqlx::query("UPDATE rate_limit_tiers SET requests_per_minute = 5 WHERE tier = 'free'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (a, b) = (TestServer::start(&db).await, TestServer::start(&db).await);
+    let minute = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT date_trunc('minute', now())")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    // A one-minute window can roll over mid-run; then run again with a fresh token.
+    for attempt in 0..2 {
+        let (_, token) =
+            user_with_token(&db, &format!("rl{attempt}@example.com"), Plan::Free).await;
+        let before = minute().await;
+        let mut statuses = Vec::new();
+        let mut retry_after = None;
+        for i in 0..8 {
+            let server = if i % 2 == 0 { &a } else { &b };
+            let response = server.get("/v1/me", Some(&token)).send().await.unwrap();
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            }
+            statuses.push(response.status().as_u16());
+        }
+        if minute().await != before {
+            continue;
+        }
+        assert_eq!(
+            statuses,
+            [200, 200, 200, 200, 200, 429, 429, 429],
+            "5 per minute across both servers"
+        );
+        let retry_after = retry_after.expect("Retry-After on 429");
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        return;
+    }
+    panic!("two runs crossed a minute boundary");
+}

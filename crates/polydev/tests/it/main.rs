@@ -3,6 +3,7 @@
 mod accounts;
 mod common;
 mod http_api;
+mod mcp;
 mod migrations;
 mod perspectives;
 mod providers;

@@ -1,0 +1,194 @@
+//! MCP with the official TypeScript SDK client against the real `polydev serve` binary: over
+//! streamable HTTP and through the `polydev mcp` stdio bridge.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use polydev::accounts::{self, Plan};
+use polydev_mock::MockUpstream;
+
+use crate::common::{TestDb, mock_catalogue};
+
+const BIN: &str = env!("CARGO_BIN_EXE_polydev");
+
+fn client_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/mcp-client");
+    assert!(
+        dir.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "the MCP SDK is not installed: run `npm ci` in tests/mcp-client"
+    );
+    dir
+}
+
+async fn sdk_client(args: &[&str]) -> Value {
+    let out = Command::new("node")
+        .arg("client.mjs")
+        .args(args)
+        .current_dir(client_dir())
+        .output()
+        .await
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "node client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+struct Server {
+    _child: Child,
+    base: String,
+    _mock: MockUpstream,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve(db: &TestDb) -> Server {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models.toml");
+    std::fs::write(&models, mock_catalogue(&mock.base_url())).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+        .arg(&models)
+        .env("DATABASE_URL", db.url())
+        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("serve printed its address");
+    let base = line
+        .strip_prefix("polydev listening on ")
+        .unwrap()
+        .to_string();
+    Server {
+        _child: child,
+        base,
+        _mock: mock,
+        _dir: dir,
+    }
+}
+
+fn args() -> String {
+    json!({ "prompt": "Tabs or spaces?", "models": ["gpt-premium", "claude-normal"] }).to_string()
+}
+
+fn check_answer(out: &Value) {
+    assert_eq!(
+        out["tools"],
+        json!(["get_perspectives", "list_available_models", "get_usage"]),
+        "{out}"
+    );
+    assert_eq!(out["isError"], false, "{out}");
+    let structured = &out["structured"];
+    assert_eq!(structured["totals"]["succeeded"], 2, "{out}");
+    assert!(
+        out["text"].as_str().unwrap().contains("## gpt-premium"),
+        "{out}"
+    );
+    // A progress notification for the start and one per model as it finished, with its answer.
+    let messages: Vec<&str> = out["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["message"].as_str())
+        .collect();
+    assert_eq!(messages.len(), 3, "{out}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("gpt-premium") && m.contains("thinks about")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.starts_with("claude-normal")),
+        "{messages:?}"
+    );
+    assert_eq!(
+        out["progress"].as_array().unwrap().last().unwrap()["total"],
+        2
+    );
+}
+
+#[tokio::test]
+async fn the_sdk_client_calls_get_perspectives_over_streamable_http() {
+    let db = TestDb::migrated().await;
+    let user = accounts::create_user(&db.pool, "mcp@example.com", Plan::Pro)
+        .await
+        .unwrap();
+    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
+        .await
+        .unwrap()
+        .token;
+    let server = serve(&db).await;
+    let out = sdk_client(&["http", &server.base, &token, &args()]).await;
+    check_answer(&out);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM perspective_usage WHERE user_id = $1")
+        .bind(user.user_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+}
+
+#[tokio::test]
+async fn the_sdk_client_calls_get_perspectives_through_the_stdio_bridge() {
+    let db = TestDb::migrated().await;
+    let user = accounts::create_user(&db.pool, "stdio@example.com", Plan::Pro)
+        .await
+        .unwrap();
+    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
+        .await
+        .unwrap()
+        .token;
+    let server = serve(&db).await;
+    let out = sdk_client(&["stdio", BIN, &server.base, &token, &args()]).await;
+    check_answer(&out);
+}
+
+#[tokio::test]
+async fn the_bridge_answers_the_handshake_alone_and_explains_a_missing_token() {
+    // Nothing listens on this port: initialize and tools/list must not need the server.
+    let out = sdk_client(&["stdio", BIN, "http://127.0.0.1:9", "-", &args()]).await;
+    assert_eq!(out["server"]["name"], "polydev");
+    assert_eq!(
+        out["tools"],
+        json!(["get_perspectives", "list_available_models", "get_usage"])
+    );
+    let message = out["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("POLYDEV_USER_TOKEN"), "{out}");
+    assert!(
+        out["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("POLYDEV_USER_TOKEN is not set"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn mcp_without_a_token_is_refused_with_a_challenge() {
+    let db = TestDb::migrated().await;
+    let server = serve(&db).await;
+    let response = polydev::perspectives::http_client()
+        .post(format!("{}/mcp", server.base))
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {} }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(response.headers().contains_key("www-authenticate"));
+}

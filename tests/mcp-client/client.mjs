@@ -1,0 +1,49 @@
+// Drives polydev with the official MCP TypeScript SDK client and prints what happened as JSON.
+//   node client.mjs http  <server-url> <token> <args-json>
+//   node client.mjs stdio <polydev-binary> <server-url> <token|-> <args-json>
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
+
+const [mode, ...rest] = process.argv.slice(2);
+let transport;
+let args;
+if (mode === "http") {
+  const [url, token, json] = rest;
+  args = JSON.parse(json);
+  transport = new StreamableHTTPClientTransport(new URL(`${url}/mcp`), {
+    requestInit: { headers: { Authorization: `Bearer ${token}` } },
+  });
+} else if (mode === "stdio") {
+  const [binary, url, token, json] = rest;
+  args = JSON.parse(json);
+  const env = { ...process.env, POLYDEV_SERVER_URL: url };
+  delete env.POLYDEV_USER_TOKEN;
+  if (token !== "-") env.POLYDEV_USER_TOKEN = token;
+  transport = new StdioClientTransport({ command: binary, args: ["mcp"], env, stderr: "pipe" });
+} else {
+  throw new Error(`unknown mode ${mode}`);
+}
+
+const out = { progress: [] };
+let stderr = "";
+if (transport.stderr) transport.stderr.on("data", (d) => (stderr += d));
+const client = new Client({ name: "polydev-sdk-test", version: "1.0.0" });
+await client.connect(transport);
+out.server = client.getServerVersion();
+out.protocol = transport.protocolVersion ?? null;
+out.tools = (await client.listTools()).tools.map((t) => t.name);
+try {
+  const result = await client.callTool({ name: "get_perspectives", arguments: args }, undefined, {
+    onprogress: (p) => out.progress.push(p),
+    timeout: 60000,
+  });
+  out.isError = result.isError ?? false;
+  out.text = result.content?.map((c) => c.text).join("\n");
+  out.structured = result.structuredContent ?? null;
+} catch (error) {
+  out.error = { code: error.code ?? null, message: String(error.message ?? error) };
+}
+await client.close();
+out.stderr = stderr;
+console.log(JSON.stringify(out));
