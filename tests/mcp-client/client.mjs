@@ -1,6 +1,7 @@
 // Drives polydev with the official MCP TypeScript SDK client and prints what happened as JSON.
 //   node client.mjs http  <server-url> <token> <args-json>
 //   node client.mjs stdio <polydev-binary> <server-url> <token|-> <args-json>
+// With CANCEL_AFTER_MS=N the call is cancelled after N ms.
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
@@ -33,10 +34,16 @@ await client.connect(transport);
 out.server = client.getServerVersion();
 out.protocol = transport.protocolVersion ?? null;
 out.tools = (await client.listTools()).tools.map((t) => t.name);
+// CANCEL_AFTER_MS: abort the call (the SDK sends notifications/cancelled), then wait a moment
+// so the server sees it before the connection closes.
+const abort = new AbortController();
+const cancelAfter = Number(process.env.CANCEL_AFTER_MS || 0);
+if (cancelAfter) setTimeout(() => abort.abort("test cancels"), cancelAfter);
 try {
   const result = await client.callTool({ name: "get_perspectives", arguments: args }, undefined, {
     onprogress: (p) => out.progress.push(p),
     timeout: 60000,
+    signal: abort.signal,
   });
   out.isError = result.isError ?? false;
   out.text = result.content?.map((c) => c.text).join("\n");
@@ -44,6 +51,7 @@ try {
 } catch (error) {
   out.error = { code: error.code ?? null, message: String(error.message ?? error) };
 }
+if (cancelAfter) await new Promise((r) => setTimeout(r, 300));
 await client.close();
 out.stderr = stderr;
 console.log(JSON.stringify(out));

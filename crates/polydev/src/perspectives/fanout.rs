@@ -195,11 +195,16 @@ async fn run(
 ) -> Result<PerspectivesResult> {
     let started = Instant::now();
     let today = chrono::Utc::now().date_naive();
-    let settings = get_settings(pool, user_id).await?;
-    let quota_state = quota::for_user(pool, user_id)
-        .await?
-        .map(|q| q.state(today));
-    let models = request.choose(gateway, &settings, quota_state.as_ref());
+    // Settings and the quota snapshot only matter when polydev chooses the models.
+    let models = if request.models.is_some() {
+        request.choose(gateway, &Default::default(), None)
+    } else {
+        let settings = get_settings(pool, user_id).await?;
+        let quota_state = quota::for_user(pool, user_id)
+            .await?
+            .map(|q| q.state(today));
+        request.choose(gateway, &settings, quota_state.as_ref())
+    };
     if models.is_empty() {
         return Err(Error::QuotaExceeded(
             "no model can run: every eligible tier's monthly quota is used up, or no provider is configured (see list_available_models)".into(),

@@ -476,3 +476,64 @@ async fn rate_limits_hold_across_servers_sharing_the_database() {
     }
     panic!("two runs crossed a minute boundary");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_call_and_is_not_charged() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    let (user_id, token) = user_with_token(&db, "gone@example.com", Plan::Pro).await;
+    let server = TestServer::start_with(&db, crate::common::mock_gateway(&mock.base_url())).await;
+    for sse in [true, false] {
+        let mut request = server
+            .with_token(
+                server
+                    .client
+                    .post(format!("{}/v1/perspectives", server.base)),
+                Some(&token),
+            )
+            .json(&json!({ "prompt": "slow", "models": ["slow-premium"] }));
+        if sse {
+            request = request.header("accept", "text/event-stream");
+        }
+        // Give up on the request once the upstream call is in flight.
+        let before = mock.stats().started();
+        let call = tokio::spawn(async move {
+            let mut response = request.send().await.unwrap();
+            while let Ok(Some(_)) = response.chunk().await {}
+        });
+        for _ in 0..250 {
+            if mock.stats().started() > before {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        call.abort();
+        let _ = call.await;
+        let mut counters = (1, 1);
+        for _ in 0..250 {
+            counters = sqlx::query_as(
+                "SELECT messages_used, premium_perspectives_used FROM user_perspective_quotas WHERE user_id = $1",
+            )
+            .bind(user_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if counters == (0, 0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(counters, (0, 0), "sse={sse}: nothing charged");
+    }
+    for _ in 0..250 {
+        if mock.stats().abandoned() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        mock.stats().abandoned(),
+        2,
+        "both upstream calls were aborted"
+    );
+}

@@ -25,7 +25,12 @@ fn client_dir() -> PathBuf {
 }
 
 async fn sdk_client(args: &[&str]) -> Value {
+    sdk_client_env(args, &[]).await
+}
+
+async fn sdk_client_env(args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = Command::new("node")
+        .envs(env.iter().copied())
         .arg("client.mjs")
         .args(args)
         .current_dir(client_dir())
@@ -191,4 +196,111 @@ async fn mcp_without_a_token_is_refused_with_a_challenge() {
         .unwrap();
     assert_eq!(response.status(), 401);
     assert!(response.headers().contains_key("www-authenticate"));
+}
+
+async fn counters(db: &TestDb, user: uuid::Uuid) -> (i32, i32) {
+    sqlx::query_as("SELECT messages_used, premium_perspectives_used FROM user_perspective_quotas WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// notifications/cancelled from the SDK (over HTTP and through the bridge) aborts the upstream
+/// call and gives the reservation back.
+#[tokio::test]
+async fn cancelling_from_the_sdk_aborts_and_refunds() {
+    let db = TestDb::migrated().await;
+    let user = accounts::create_user(&db.pool, "cancel@example.com", Plan::Pro)
+        .await
+        .unwrap();
+    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
+        .await
+        .unwrap()
+        .token;
+    let server = serve(&db).await;
+    let slow = json!({ "prompt": "Take your time.", "models": ["slow-premium"] }).to_string();
+    for mode in ["http", "stdio"] {
+        let out = match mode {
+            "http" => {
+                sdk_client_env(
+                    &["http", &server.base, &token, &slow],
+                    &[("CANCEL_AFTER_MS", "800")],
+                )
+                .await
+            }
+            _ => {
+                sdk_client_env(
+                    &["stdio", BIN, &server.base, &token, &slow],
+                    &[("CANCEL_AFTER_MS", "800")],
+                )
+                .await
+            }
+        };
+        assert!(
+            out["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("test cancels"),
+            "{mode}: {out}"
+        );
+        let mut last = counters(&db, user.user_id).await;
+        for _ in 0..250 {
+            if last == (0, 0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            last = counters(&db, user.user_id).await;
+        }
+        assert_eq!(last, (0, 0), "{mode}: the cancelled call charged nothing");
+    }
+    assert_eq!(
+        server._mock.stats().completed(),
+        0,
+        "no upstream call ran to the end"
+    );
+    for _ in 0..250 {
+        if server._mock.stats().abandoned() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        server._mock.stats().abandoned(),
+        2,
+        "both upstream calls were aborted"
+    );
+}
+
+/// The older stateful revision is still served.
+#[tokio::test]
+async fn protocol_revision_2025_06_18_is_negotiated() {
+    let db = TestDb::migrated().await;
+    let user = accounts::create_user(&db.pool, "rev@example.com", Plan::Pro)
+        .await
+        .unwrap();
+    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
+        .await
+        .unwrap()
+        .token;
+    let server = serve(&db).await;
+    let response = polydev::perspectives::http_client()
+        .post(format!("{}/mcp", server.base))
+        .bearer_auth(&token)
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": { "name": "raw", "version": "1" } } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("mcp-session-id"));
+    let body = response.text().await.unwrap();
+    let data = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .find(|d| !d.is_empty())
+        .unwrap_or(&body);
+    let message: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(message["result"]["protocolVersion"], "2025-06-18", "{body}");
 }

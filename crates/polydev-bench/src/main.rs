@@ -1,0 +1,517 @@
+//! Polydev benchmarks (run with `bench/run.sh`; docs/benchmarks.md). Every figure is reported
+//! against a baseline measured in the same run, because these machines are shared and noisy:
+//!
+//! 1. gateway overhead: a one-model `POST /v1/perspectives` through `polydev serve` (auth, rate
+//!    limit, quota reservation, usage row) vs the same request straight to the mock upstream, at
+//!    concurrency 1 and 32;
+//! 2. fan-out: three models with upstream delays of 100, 300 and 900 ms vs the slowest alone;
+//! 3. quota contention: 1,000 concurrent reservations for one user vs 1,000 plain increments;
+//! 4. the LiteLLM proxy in front of the same mock, measured like (1), when `--litellm-url` is given.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use polydev::accounts::{self, Plan};
+use polydev::db::embedded::EmbeddedPostgres;
+use polydev::quota::{self, Counter};
+
+struct Args {
+    mock_url: String,
+    litellm: Option<(String, String)>,
+    quick: bool,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut mock_url = None;
+    let mut litellm_url = None;
+    let mut litellm_key = None;
+    let mut quick = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--mock-url" => mock_url = it.next(),
+            "--litellm-url" => litellm_url = it.next(),
+            "--litellm-key" => litellm_key = it.next(),
+            "--quick" => quick = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(Args {
+        mock_url: mock_url.context("--mock-url is required (bench/run.sh starts the mock)")?,
+        litellm: litellm_url.zip(litellm_key),
+        quick,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    errors: usize,
+}
+
+impl Run {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        if sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[index]
+    }
+    fn throughput(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn signed_ms(a: Duration, b: Duration) -> String {
+    format!("{:+.2} ms", (a.as_secs_f64() - b.as_secs_f64()) * 1000.0)
+}
+
+/// Sends `total` requests with `concurrency` in flight; each must answer 200.
+async fn load(
+    concurrency: usize,
+    total: usize,
+    request: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync>,
+) -> Run {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, request) = (next.clone(), request.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0;
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    let t = Instant::now();
+                    match request().send().await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.bytes().await;
+                            latencies.push(t.elapsed());
+                        }
+                        Ok(response) => {
+                            errors += 1;
+                            if errors == 1 {
+                                eprintln!(
+                                    "request failed: {} {}",
+                                    response.status(),
+                                    response.text().await.unwrap_or_default()
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            if errors == 1 {
+                                eprintln!("request failed: {e}");
+                            }
+                        }
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut run = Run {
+        latencies: Vec::with_capacity(total),
+        elapsed: Duration::ZERO,
+        errors: 0,
+    };
+    for worker in workers {
+        let (latencies, errors) = worker.await.expect("worker");
+        run.latencies.extend(latencies);
+        run.errors += errors;
+    }
+    run.elapsed = started.elapsed();
+    run
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client")
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": "Summarise the trade-offs of optimistic locking in one paragraph." }],
+        "max_tokens": 64,
+    })
+}
+
+struct Polydev {
+    _child: Child,
+    url: String,
+    token: String,
+    pool: PgPool,
+}
+
+/// Starts `polydev serve` (release build, next to this binary) on a fresh database.
+async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result<Polydev> {
+    let server = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+        Some(url) => url.parse()?,
+        None => {
+            let cluster = EmbeddedPostgres::start(&work.join("pg"), None).await?;
+            let options = cluster.connect_options().database("postgres");
+            std::mem::forget(cluster); // stopped by bench/run.sh
+            options
+        }
+    };
+    let name = format!("polydev_bench_{}", chrono::Utc::now().timestamp_millis());
+    let mut admin = PgConnection::connect_with(&server).await?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
+    admin.close().await?;
+    let options = server.clone().database(&name);
+    let pool = PgPoolOptions::new()
+        .max_connections(40)
+        .connect_with(options.clone())
+        .await?;
+    let mut conn = pool.acquire().await?;
+    polydev::db::migrate::run(&mut conn).await?;
+    drop(conn);
+
+    let models = work.join("models.toml");
+    let catalogue = format!(
+        "[providers.openai]\nkind = \"openai\"\nbase_url = \"{mock_url}/v1\"\napi_key_env = \"BENCH_MOCK_KEY\"\n\n{}",
+        [("bench", "bench"), ("delay-100", "bench~delay100"), ("delay-300", "bench~delay300"), ("delay-900", "bench~delay900")]
+            .map(|(id, upstream)| format!(
+                "[[models]]\nid = \"{id}\"\nprovider = \"openai\"\ntier = \"premium\"\ninput_price = \"2.50\"\noutput_price = \"10\"\ncontext_window = 128000\nupstream = \"{upstream}\"\n"
+            ))
+            .join("\n")
+    );
+    std::fs::write(&models, catalogue)?;
+    let url = match (server.get_socket(), server.get_host()) {
+        (Some(socket), _) => format!(
+            "postgres://{}@localhost/{name}?host={}",
+            server.get_username(),
+            socket.display()
+        ),
+        (None, host) => format!(
+            "postgres://{}@{host}:{}/{name}",
+            server.get_username(),
+            server.get_port()
+        ),
+    };
+    let bin = std::env::current_exe()?.with_file_name("polydev");
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db-max-connections",
+            "32",
+            "--models",
+        ])
+        .arg(&models)
+        .env("DATABASE_URL", url)
+        .env("BENCH_MOCK_KEY", "mock-key")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start polydev serve")?;
+    let line = BufReader::new(child.stdout.take().expect("stdout"))
+        .lines()
+        .next_line()
+        .await?
+        .context("polydev serve exited")?;
+    let url = line
+        .strip_prefix("polydev listening on ")
+        .context("unexpected output")?
+        .to_string();
+
+    let user = accounts::create_user(&pool, "bench@example.com", Plan::Enterprise).await?;
+    let token = accounts::create_token(&pool, user.user_id, "bench", None)
+        .await?
+        .token;
+    // Measure the gateway, not the product limits: no rate limit or quota stops the run.
+    pool.execute("UPDATE rate_limit_tiers SET requests_per_minute = 100000000")
+        .await?;
+    sqlx::query(
+        "UPDATE user_perspective_quotas SET premium_perspectives_limit = NULL, messages_per_month = NULL WHERE user_id = $1",
+    )
+    .bind(user.user_id)
+    .execute(&pool)
+    .await?;
+    Ok(Polydev {
+        _child: child,
+        url,
+        token,
+        pool,
+    })
+}
+
+struct Overhead {
+    direct: Run,
+    gateway: Run,
+}
+
+async fn overhead(
+    name: &str,
+    concurrency: usize,
+    total: usize,
+    direct: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync>,
+    gateway: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync>,
+) -> Overhead {
+    // Warm up both paths (connections, caches), then measure them alternately.
+    load(concurrency, total / 10, direct.clone()).await;
+    load(concurrency, total / 10, gateway.clone()).await;
+    let direct = load(concurrency, total, direct).await;
+    let gateway = load(concurrency, total, gateway).await;
+    println!(
+        "{name:<10} c={concurrency:<3} direct p50 {} p99 {} {:>8.0} req/s | {name} p50 {} p99 {} {:>7.0} req/s | added p50 {} p99 {} | throughput ratio {:.2} | errors {}",
+        ms(direct.percentile(0.5)),
+        ms(direct.percentile(0.99)),
+        direct.throughput(),
+        ms(gateway.percentile(0.5)),
+        ms(gateway.percentile(0.99)),
+        gateway.throughput(),
+        signed_ms(gateway.percentile(0.5), direct.percentile(0.5)),
+        signed_ms(gateway.percentile(0.99), direct.percentile(0.99)),
+        gateway.throughput() / direct.throughput(),
+        direct.errors + gateway.errors,
+    );
+    Overhead { direct, gateway }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let work = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let polydev = start_polydev(&args.mock_url, &work).await?;
+    let client = client();
+    let (c1_total, c32_total) = if args.quick {
+        (300, 2000)
+    } else {
+        (2000, 20000)
+    };
+    let mut report = serde_json::Map::new();
+
+    println!(
+        "== 1. gateway overhead (one model, non-streaming; polydev includes auth, rate limit, quota reservation, usage row)"
+    );
+    let direct: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
+        let (client, url) = (
+            client.clone(),
+            format!("{}/v1/chat/completions", args.mock_url),
+        );
+        Arc::new(move || {
+            client
+                .post(&url)
+                .bearer_auth("mock-key")
+                .json(&chat_body("bench"))
+        })
+    };
+    let gateway: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
+        let (client, url, token) = (
+            client.clone(),
+            format!("{}/v1/perspectives", polydev.url),
+            polydev.token.clone(),
+        );
+        let body = json!({ "prompt": "Summarise the trade-offs of optimistic locking in one paragraph.", "models": ["bench"], "max_tokens": 64 });
+        Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
+    };
+    let mut polydev_runs = Vec::new();
+    for (concurrency, total) in [(1, c1_total), (32, c32_total)] {
+        let o = overhead(
+            "polydev",
+            concurrency,
+            total,
+            direct.clone(),
+            gateway.clone(),
+        )
+        .await;
+        report.insert(format!("overhead_c{concurrency}"), summary(&o));
+        polydev_runs.push((concurrency, total, o));
+    }
+
+    if let Some((url, key)) = &args.litellm {
+        println!("== 4. LiteLLM proxy, same mock, same measurement");
+        let litellm: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
+            let (client, url, key) = (
+                client.clone(),
+                format!("{url}/chat/completions"),
+                key.clone(),
+            );
+            Arc::new(move || {
+                client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&chat_body("bench"))
+            })
+        };
+        for (concurrency, total, ours) in &polydev_runs {
+            // LiteLLM is far slower: fewer requests keep the run short.
+            let o = overhead(
+                "litellm",
+                *concurrency,
+                (*total / 4).max(200),
+                direct.clone(),
+                litellm.clone(),
+            )
+            .await;
+            let ours_added = ours.gateway.percentile(0.99).as_secs_f64()
+                - ours.direct.percentile(0.99).as_secs_f64();
+            let theirs_added =
+                o.gateway.percentile(0.99).as_secs_f64() - o.direct.percentile(0.99).as_secs_f64();
+            println!(
+                "polydev vs litellm c={concurrency}: throughput {:.1}x, added p99 {} vs {}",
+                ours.gateway.throughput() / o.gateway.throughput(),
+                ms(Duration::from_secs_f64(ours_added.max(0.0))),
+                ms(Duration::from_secs_f64(theirs_added.max(0.0))),
+            );
+            report.insert(format!("litellm_c{concurrency}"), summary(&o));
+        }
+    }
+
+    println!("== 2. fan-out (models with upstream delays 100, 300, 900 ms)");
+    let rounds = if args.quick { 5 } else { 20 };
+    let slowest = load(1, rounds, {
+        let (client, url) = (
+            client.clone(),
+            format!("{}/v1/chat/completions", args.mock_url),
+        );
+        Arc::new(move || {
+            client
+                .post(&url)
+                .bearer_auth("mock-key")
+                .json(&chat_body("bench~delay900"))
+        })
+    })
+    .await;
+    let fanout = load(1, rounds, {
+        let (client, url, token) = (client.clone(), format!("{}/v1/perspectives", polydev.url), polydev.token.clone());
+        let body = json!({ "prompt": "Compare three queueing designs.", "models": ["delay-100", "delay-300", "delay-900"], "max_tokens": 64 });
+        Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
+    })
+    .await;
+    println!(
+        "fan-out of 3: p50 {} p99 {} | slowest model alone p50 {} p99 {} | overhead p50 {} p99 {}",
+        ms(fanout.percentile(0.5)),
+        ms(fanout.percentile(0.99)),
+        ms(slowest.percentile(0.5)),
+        ms(slowest.percentile(0.99)),
+        signed_ms(fanout.percentile(0.5), slowest.percentile(0.5)),
+        signed_ms(fanout.percentile(0.99), slowest.percentile(0.99)),
+    );
+    report.insert(
+        "fanout".into(),
+        json!({ "total_p50_ms": fanout.percentile(0.5).as_secs_f64() * 1e3, "slowest_p50_ms": slowest.percentile(0.5).as_secs_f64() * 1e3 }),
+    );
+
+    println!("== 3. quota contention (1,000 concurrent reservations for one user, limit 250)");
+    let contention = quota_contention(&polydev.pool).await?;
+    report.insert("quota".into(), contention);
+
+    let out = work.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
+fn summary(o: &Overhead) -> Value {
+    json!({
+        "direct_p50_ms": o.direct.percentile(0.5).as_secs_f64() * 1e3,
+        "direct_p99_ms": o.direct.percentile(0.99).as_secs_f64() * 1e3,
+        "direct_rps": o.direct.throughput(),
+        "gateway_p50_ms": o.gateway.percentile(0.5).as_secs_f64() * 1e3,
+        "gateway_p99_ms": o.gateway.percentile(0.99).as_secs_f64() * 1e3,
+        "gateway_rps": o.gateway.throughput(),
+        "errors": o.direct.errors + o.gateway.errors,
+    })
+}
+
+async fn quota_contention(pool: &PgPool) -> anyhow::Result<Value> {
+    const CALLS: usize = 1000;
+    const LIMIT: i32 = 250;
+    let user = accounts::create_user(pool, "contention@example.com", Plan::Free).await?;
+    sqlx::query(
+        "UPDATE user_perspective_quotas SET premium_perspectives_limit = $2 WHERE user_id = $1",
+    )
+    .bind(user.user_id)
+    .bind(LIMIT)
+    .execute(pool)
+    .await?;
+    let today = chrono::Utc::now().date_naive();
+
+    // Baseline: the same number of unconditional increments of the same row.
+    let quota_id: sqlx::types::Uuid =
+        sqlx::query_scalar("SELECT id FROM user_perspective_quotas WHERE user_id = $1")
+            .bind(user.user_id)
+            .fetch_one(pool)
+            .await?;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                sqlx::query("UPDATE user_perspective_quotas SET eco_perspectives_used = eco_perspectives_used + 1 WHERE id = $1")
+                    .bind(quota_id)
+                    .execute(&pool)
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let baseline = CALLS as f64 / started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let pool = pool.clone();
+            let user_id = user.user_id;
+            tokio::spawn(
+                async move { quota::reserve(&pool, user_id, Counter::Premium, today).await },
+            )
+        })
+        .collect();
+    let mut granted = 0;
+    for task in tasks {
+        if task.await??.is_ok() {
+            granted += 1;
+        }
+    }
+    let rate = CALLS as f64 / started.elapsed().as_secs_f64();
+    let used: i32 = sqlx::query_scalar(
+        "SELECT premium_perspectives_used FROM user_perspective_quotas WHERE user_id = $1",
+    )
+    .bind(user.user_id)
+    .fetch_one(pool)
+    .await?;
+    println!(
+        "granted {granted} of {CALLS} (limit {LIMIT}, counter {used}: {}) | {rate:.0} reservations/s vs {baseline:.0} plain increments/s (ratio {:.2})",
+        if granted == LIMIT && used == LIMIT {
+            "zero overspend"
+        } else {
+            "OVERSPEND"
+        },
+        rate / baseline
+    );
+    if granted != LIMIT || used != LIMIT {
+        bail!("quota overspend: granted {granted}, counter {used}, limit {LIMIT}");
+    }
+    Ok(
+        json!({ "granted": granted, "limit": LIMIT, "reservations_per_s": rate, "baseline_increments_per_s": baseline }),
+    )
+}
