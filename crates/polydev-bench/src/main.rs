@@ -141,6 +141,7 @@ async fn load(
 }
 
 fn client() -> reqwest::Client {
+    polydev::perspectives::install_tls_provider();
     reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -158,7 +159,9 @@ fn chat_body(model: &str) -> Value {
 struct Polydev {
     _child: Child,
     url: String,
-    token: String,
+    /// One user per concurrent client, as real IDEs are: same-row quota contention is measured
+    /// on its own (section 3).
+    tokens: Vec<String>,
     pool: PgPool,
 }
 
@@ -238,23 +241,27 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         .context("unexpected output")?
         .to_string();
 
-    let user = accounts::create_user(&pool, "bench@example.com", Plan::Enterprise).await?;
-    let token = accounts::create_token(&pool, user.user_id, "bench", None)
-        .await?
-        .token;
+    let mut tokens = Vec::new();
+    for i in 0..32 {
+        let email = format!("bench{i}@example.com");
+        let user = accounts::create_user(&pool, &email, Plan::Enterprise).await?;
+        tokens.push(
+            accounts::create_token(&pool, user.user_id, "bench", None)
+                .await?
+                .token,
+        );
+    }
     // Measure the gateway, not the product limits: no rate limit or quota stops the run.
     pool.execute("UPDATE rate_limit_tiers SET requests_per_minute = 100000000")
         .await?;
-    sqlx::query(
-        "UPDATE user_perspective_quotas SET premium_perspectives_limit = NULL, messages_per_month = NULL WHERE user_id = $1",
+    pool.execute(
+        "UPDATE user_perspective_quotas SET premium_perspectives_limit = NULL, messages_per_month = NULL",
     )
-    .bind(user.user_id)
-    .execute(&pool)
     .await?;
     Ok(Polydev {
         _child: child,
         url,
-        token,
+        tokens,
         pool,
     })
 }
@@ -322,13 +329,17 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let gateway: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
-        let (client, url, token) = (
+        let (client, url, tokens) = (
             client.clone(),
             format!("{}/v1/perspectives", polydev.url),
-            polydev.token.clone(),
+            polydev.tokens.clone(),
         );
         let body = json!({ "prompt": "Summarise the trade-offs of optimistic locking in one paragraph.", "models": ["bench"], "max_tokens": 64 });
-        Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
+        let next = AtomicUsize::new(0);
+        Arc::new(move || {
+            let token = &tokens[next.fetch_add(1, Ordering::Relaxed) % tokens.len()];
+            client.post(&url).bearer_auth(token).json(&body)
+        })
     };
     let mut polydev_runs = Vec::new();
     for (concurrency, total) in [(1, c1_total), (32, c32_total)] {
@@ -399,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     let fanout = load(1, rounds, {
-        let (client, url, token) = (client.clone(), format!("{}/v1/perspectives", polydev.url), polydev.token.clone());
+        let (client, url, token) = (client.clone(), format!("{}/v1/perspectives", polydev.url), polydev.tokens[0].clone());
         let body = json!({ "prompt": "Compare three queueing designs.", "models": ["delay-100", "delay-300", "delay-900"], "max_tokens": 64 });
         Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
     })

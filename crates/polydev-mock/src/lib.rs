@@ -29,6 +29,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::serve::ListenerExt;
 use bytes::Bytes;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::{Value, json};
@@ -67,6 +68,10 @@ impl MockUpstream {
             .route("/v1/messages", post(anthropic))
             .route("/v1beta/models/{call}", post(gemini))
             .with_state(stats.clone());
+        // TCP_NODELAY, or small responses wait for delayed ACKs (~40 ms each).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("mock upstream");
         });

@@ -133,7 +133,7 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         // The stdio bridge needs no database: it must answer the IDE at once.
         if let Command::Mcp { server_url, token } = self.command {
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            crate::perspectives::install_tls_provider();
             return crate::mcp::bridge::Bridge::new(server_url, token.filter(|t| !t.is_empty()))
                 .run()
                 .await;
@@ -215,8 +215,9 @@ async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving HTTP");
     println!("polydev listening on http://{addr}");
-    let state =
-        AppState::new(db.pool.clone(), Gateway::new(catalogue)).with_allowed_hosts(allowed_hosts);
+    let state = AppState::new(db.pool.clone(), Gateway::new(catalogue))
+        .with_relaxed_pool(db.relaxed_pool.clone())
+        .with_allowed_hosts(allowed_hosts);
     http::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("in-flight requests finished; shutting down");
     Ok(())

@@ -38,6 +38,9 @@ pub enum DbError {
 /// An open database: the pool, and the embedded cluster when there is one.
 pub struct Database {
     pub pool: PgPool,
+    /// For writes that may be lost in a crash (rate-limit windows, `last_used_at`): commits do
+    /// not wait for the WAL flush, which keeps them off the request's critical path.
+    pub relaxed_pool: PgPool,
     options: PgConnectOptions,
     embedded: Option<EmbeddedPostgres>,
 }
@@ -61,8 +64,13 @@ impl Database {
             .connect_with(options.clone())
             .await
             .map_err(DbError::Connect)?;
+        let relaxed_pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.div_ceil(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options.clone().options([("synchronous_commit", "off")]));
         Ok(Database {
             pool,
+            relaxed_pool,
             options,
             embedded,
         })
@@ -103,6 +111,7 @@ impl Database {
     /// Closes the pool and stops the embedded cluster if this process started it.
     pub async fn close(self) -> Result<(), DbError> {
         self.pool.close().await;
+        self.relaxed_pool.close().await;
         if let Some(cluster) = self.embedded {
             cluster.stop().await?;
         }

@@ -19,12 +19,12 @@ impl FromRequestParts<AppState> for Authenticated {
             .and_then(|v| v.to_str().ok());
         let caller = accounts::authenticate(&state.pool, header).await?;
         accounts::check_rate_limit(
-            &state.pool,
+            &state.relaxed_pool,
             caller.token_id,
             caller.rate_limit_tier.as_deref(),
         )
         .await?;
-        state.last_used.touch(&state.pool, caller.token_id);
+        state.last_used.touch(&state.relaxed_pool, caller.token_id);
         tracing::Span::current().record("user", tracing::field::display(caller.user_id));
         Ok(Authenticated(caller))
     }

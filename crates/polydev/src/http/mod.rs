@@ -18,6 +18,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use axum::serve::ListenerExt;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use sqlx::PgPool;
@@ -39,6 +40,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Writes that may be lost in a crash: rate-limit windows, `last_used_at`.
+    pub relaxed_pool: PgPool,
     pub gateway: Arc<Gateway>,
     pub last_used: Arc<LastUsedTracker>,
     /// `Host` values the MCP endpoint accepts.
@@ -50,12 +53,18 @@ pub struct AppState {
 impl AppState {
     pub fn new(pool: PgPool, gateway: Gateway) -> Self {
         AppState {
+            relaxed_pool: pool.clone(),
             pool,
             gateway: Arc::new(gateway),
             last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             shutdown: CancellationToken::new(),
         }
+    }
+
+    pub fn with_relaxed_pool(mut self, pool: PgPool) -> Self {
+        self.relaxed_pool = pool;
+        self
     }
 
     pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
@@ -129,6 +138,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let cancel = state.shutdown.clone();
+    // Without TCP_NODELAY a small response can wait ~40 ms for the peer's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -210,10 +210,29 @@ async fn run(
             "no model can run: every eligible tier's monthly quota is used up, or no provider is configured (see list_available_models)".into(),
         ));
     }
-    let message = match quota::reserve(pool, user_id, Counter::Messages, today).await? {
-        Ok(reservation) => ReservationGuard::new(pool, reservation),
-        Err(exhausted) => return Err(Error::QuotaExceeded(exhausted.to_string())),
-    };
+    // The common case in one atomic statement: the message and a perspective per model.
+    let wants: Vec<Counter> = std::iter::once(Counter::Messages)
+        .chain(models.iter().map(|m| counter_for(m.tier)))
+        .collect();
+    let (message, prepaid): (ReservationGuard, Vec<Option<ReservationGuard>>) =
+        match quota::reserve_all(pool, user_id, &wants, today).await? {
+            Some(reservations) => {
+                let mut guards = reservations
+                    .into_iter()
+                    .map(|r| ReservationGuard::new(pool, r));
+                let message = guards.next().expect("the message was reserved");
+                (message, guards.map(Some).collect())
+            }
+            // Some limit is reached: reserve the message alone, then each model on its own, so
+            // the models that can run do and the others say which limit stopped them.
+            None => match quota::reserve(pool, user_id, Counter::Messages, today).await? {
+                Ok(reservation) => (
+                    ReservationGuard::new(pool, reservation),
+                    models.iter().map(|_| None).collect(),
+                ),
+                Err(exhausted) => return Err(Error::QuotaExceeded(exhausted.to_string())),
+            },
+        };
 
     if let Some(tx) = &progress {
         let _ = tx.send(Progress::Started {
@@ -236,10 +255,11 @@ async fn run(
     };
     let mut pending: FuturesUnordered<_> = models
         .iter()
+        .zip(prepaid)
         .enumerate()
-        .map(|(index, model)| {
+        .map(|(index, (model, prepaid))| {
             let call = &call;
-            async move { (index, call.run(model).await) }
+            async move { (index, call.run(model, prepaid).await) }
         })
         .collect();
     let mut results: Vec<Option<ModelResult>> = vec![None; models.len()];
@@ -337,7 +357,7 @@ struct ModelCall<'a> {
 }
 
 impl ModelCall<'_> {
-    async fn run(&self, model: &ModelSpec) -> ModelResult {
+    async fn run(&self, model: &ModelSpec, prepaid: Option<ReservationGuard>) -> ModelResult {
         let started = Instant::now();
         let mut result = ModelResult {
             model: model.id.clone(),
@@ -360,46 +380,43 @@ impl ModelCall<'_> {
             });
             result
         };
-        let Some(provider) = self.gateway.provider(&model.provider) else {
-            return fail(
-                result,
-                Status::Error,
-                "not_configured",
-                format!("provider `{}` is not available", model.provider),
-            );
-        };
-        if !self.gateway.is_configured(&model.provider) {
-            return fail(
-                result,
-                Status::Error,
-                "not_configured",
-                format!("provider `{}` has no API key configured", model.provider),
-            );
-        }
-        let counter = match model.tier {
-            super::Tier::Premium => Counter::Premium,
-            super::Tier::Normal => Counter::Normal,
-            super::Tier::Eco => Counter::Eco,
-        };
-        // Reserve BEFORE the upstream call: concurrent calls can never overspend.
-        let reservation = match quota::reserve(self.pool, self.user_id, counter, self.today).await {
-            Ok(Ok(reservation)) => ReservationGuard::new(self.pool, reservation),
-            Ok(Err(exhausted)) => {
-                return fail(
-                    result,
-                    Status::Skipped,
-                    "quota_exceeded",
-                    exhausted.to_string(),
-                );
+        let provider = match self.gateway.provider(&model.provider) {
+            Some(provider) if self.gateway.is_configured(&model.provider) => provider,
+            _ => {
+                if let Some(unused) = prepaid {
+                    unused.refund().await;
+                }
+                let message = format!("provider `{}` has no API key configured", model.provider);
+                return fail(result, Status::Error, "not_configured", message);
             }
-            Err(error) => {
-                tracing::error!(%error, "quota reservation failed");
-                return fail(
-                    result,
-                    Status::Error,
-                    "internal",
-                    "the quota could not be checked".into(),
-                );
+        };
+        // Reserved BEFORE the upstream call (here or with the message): concurrent calls can
+        // never overspend.
+        let reservation = match prepaid {
+            Some(reservation) => reservation,
+            None => {
+                match quota::reserve(self.pool, self.user_id, counter_for(model.tier), self.today)
+                    .await
+                {
+                    Ok(Ok(reservation)) => ReservationGuard::new(self.pool, reservation),
+                    Ok(Err(exhausted)) => {
+                        return fail(
+                            result,
+                            Status::Skipped,
+                            "quota_exceeded",
+                            exhausted.to_string(),
+                        );
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "quota reservation failed");
+                        return fail(
+                            result,
+                            Status::Error,
+                            "internal",
+                            "the quota could not be checked".into(),
+                        );
+                    }
+                }
             }
         };
         let completion_request = CompletionRequest {
@@ -500,6 +517,14 @@ impl ModelCall<'_> {
                 )
             }
         }
+    }
+}
+
+fn counter_for(tier: super::Tier) -> Counter {
+    match tier {
+        super::Tier::Premium => Counter::Premium,
+        super::Tier::Normal => Counter::Normal,
+        super::Tier::Eco => Counter::Eco,
     }
 }
 

@@ -30,10 +30,15 @@ pub struct Gateway {
     configured: HashMap<String, bool>,
 }
 
+/// reqwest is built without a default TLS crypto backend; ring is the one we ship. Call before
+/// building any HTTP client (idempotent).
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The HTTP client every provider shares (connection pools per upstream host).
 pub fn http_client() -> reqwest::Client {
-    // reqwest is built without a default TLS crypto backend; ring is the one we ship.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_tls_provider();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(600))

@@ -235,40 +235,53 @@ impl std::fmt::Display for Exhausted {
 }
 
 const STALE: &str = "(current_month_start IS NULL OR current_month_start < $2)";
+const ALL_COUNTERS: [Counter; 4] = [
+    Counter::Messages,
+    Counter::Premium,
+    Counter::Normal,
+    Counter::Eco,
+];
 
-/// Takes one unit of `counter` for `user_id` this month, atomically: a single UPDATE checks the
-/// limit and increments under the row lock, so concurrent callers can never exceed it. The
-/// first use in a new calendar month resets every counter in the same statement.
-pub async fn reserve(
+/// Takes one unit per entry of `wants` (a counter may appear more than once) for `user_id` this
+/// month, all or nothing, in a single UPDATE: it checks every limit and increments under the
+/// row lock, so concurrent callers can never exceed a limit. The first use in a new calendar
+/// month resets every counter in the same statement. `None` when a limit would be exceeded.
+pub async fn reserve_all(
     pool: &PgPool,
     user_id: Uuid,
-    counter: Counter,
+    wants: &[Counter],
     today: NaiveDate,
-) -> Result<std::result::Result<Reservation, Exhausted>> {
+) -> Result<Option<Vec<Reservation>>> {
     let month = month_start(today);
-    let (used, limit) = counter.columns();
-    let reset = |col: &str| {
-        if col == used {
-            format!("{col} = (CASE WHEN {STALE} THEN 0 ELSE coalesce({col}, 0) END) + 1")
-        } else {
-            format!("{col} = CASE WHEN {STALE} THEN 0 ELSE {col} END")
-        }
-    };
-    let sets = [
-        Counter::Messages,
-        Counter::Premium,
-        Counter::Normal,
-        Counter::Eco,
-    ]
-    .map(|c| reset(c.columns().0))
-    .join(", ");
+    let count = |c: Counter| wants.iter().filter(|w| **w == c).count();
+    let current = |col: &str| format!("(CASE WHEN {STALE} THEN 0 ELSE coalesce({col}, 0) END)");
+    let sets = ALL_COUNTERS
+        .map(|c| {
+            let (used, _) = c.columns();
+            match count(c) {
+                0 => format!("{used} = CASE WHEN {STALE} THEN 0 ELSE {used} END"),
+                n => format!("{used} = {} + {n}", current(used)),
+            }
+        })
+        .join(", ");
+    let checks: String = ALL_COUNTERS
+        .iter()
+        .filter(|c| count(**c) > 0)
+        .map(|c| {
+            let (used, limit) = c.columns();
+            format!(
+                " AND ({limit} IS NULL OR {} + {} <= {limit})",
+                current(used),
+                count(*c)
+            )
+        })
+        .collect();
     let sql = format!(
         "UPDATE user_perspective_quotas SET {sets},
                 last_reset_date = CASE WHEN {STALE} THEN current_date ELSE last_reset_date END,
                 current_month_start = $2, updated_at = now()
           WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
-                       ORDER BY created_at DESC LIMIT 1)
-            AND ({limit} IS NULL OR (CASE WHEN {STALE} THEN 0 ELSE coalesce({used}, 0) END) < {limit})
+                       ORDER BY created_at DESC LIMIT 1){checks}
          RETURNING id"
     );
     for _ in 0..2 {
@@ -278,30 +291,48 @@ pub async fn reserve(
             .fetch_optional(pool)
             .await?;
         if let Some(quota_id) = reserved {
-            return Ok(Ok(Reservation {
-                quota_id,
-                counter,
-                month,
-            }));
-        }
-        match for_user(pool, user_id).await? {
-            Some(quota) => {
-                let limit = match counter {
-                    Counter::Messages => quota.messages_per_month,
-                    Counter::Premium => quota.premium_perspectives_limit,
-                    Counter::Normal => quota.normal_perspectives_limit,
-                    Counter::Eco => quota.eco_perspectives_limit,
-                };
-                return Ok(Err(Exhausted {
+            let reservations = wants
+                .iter()
+                .map(|&counter| Reservation {
+                    quota_id,
                     counter,
-                    limit: limit.unwrap_or(0),
-                }));
-            }
-            // A legacy user without a quota row gets one from their plan, then we retry.
-            None => ensure_row(pool, user_id).await?,
+                    month,
+                })
+                .collect();
+            return Ok(Some(reservations));
         }
+        if for_user(pool, user_id).await?.is_some() {
+            return Ok(None);
+        }
+        // A legacy user without a quota row gets one from their plan, then we retry.
+        ensure_row(pool, user_id).await?;
     }
     Err(Error::NotFound("quota"))
+}
+
+/// Takes one unit of `counter`, or says which limit is reached.
+pub async fn reserve(
+    pool: &PgPool,
+    user_id: Uuid,
+    counter: Counter,
+    today: NaiveDate,
+) -> Result<std::result::Result<Reservation, Exhausted>> {
+    if let Some(mut taken) = reserve_all(pool, user_id, &[counter], today).await? {
+        return Ok(Ok(taken.remove(0)));
+    }
+    let quota = for_user(pool, user_id)
+        .await?
+        .ok_or(Error::NotFound("quota"))?;
+    let limit = match counter {
+        Counter::Messages => quota.messages_per_month,
+        Counter::Premium => quota.premium_perspectives_limit,
+        Counter::Normal => quota.normal_perspectives_limit,
+        Counter::Eco => quota.eco_perspectives_limit,
+    };
+    Ok(Err(Exhausted {
+        counter,
+        limit: limit.unwrap_or(0),
+    }))
 }
 
 /// Gives a reserved unit back (a failed, timed-out or cancelled model call). A reservation from

@@ -1,0 +1,127 @@
+//! The browser API (feature `wasm`): the same Rust code, exported with wasm-bindgen.
+//! Key material crosses the boundary as JSON; errors become JS exceptions with clear messages.
+
+use wasm_bindgen::prelude::*;
+
+use crate::{Context, KdfParams, KeyMaterial, Keyring};
+
+fn js_error(error: crate::Error) -> JsError {
+    JsError::new(&error.to_string())
+}
+
+/// An unlocked account in the browser.
+#[wasm_bindgen]
+pub struct ZkKeyring(Keyring);
+
+/// `{ material, recovery_key }`: the material to upload and the recovery key to show once.
+#[wasm_bindgen]
+pub struct ZkSetup {
+    keyring: Option<Keyring>,
+    material: String,
+    recovery_key: String,
+}
+
+#[wasm_bindgen]
+impl ZkSetup {
+    #[wasm_bindgen(getter)]
+    pub fn material(&self) -> String {
+        self.material.clone()
+    }
+    #[wasm_bindgen(getter, js_name = recoveryKey)]
+    pub fn recovery_key(&self) -> String {
+        self.recovery_key.clone()
+    }
+    /// The unlocked keyring (can be taken once).
+    pub fn keyring(&mut self) -> Result<ZkKeyring, JsError> {
+        self.keyring
+            .take()
+            .map(ZkKeyring)
+            .ok_or_else(|| JsError::new("keyring already taken"))
+    }
+}
+
+fn parse_material(json: &str) -> Result<KeyMaterial, JsError> {
+    serde_json::from_str(json).map_err(|e| JsError::new(&format!("invalid key material: {e}")))
+}
+
+/// Sets a master password up with the default Argon2id parameters.
+#[wasm_bindgen]
+pub fn setup(password: &str, user_id: &str) -> Result<ZkSetup, JsError> {
+    let (keyring, material, recovery) =
+        Keyring::setup(password, user_id, KdfParams::DEFAULT).map_err(js_error)?;
+    Ok(ZkSetup {
+        keyring: Some(keyring),
+        material: serde_json::to_string(&material).expect("material serializes"),
+        recovery_key: recovery.display(),
+    })
+}
+
+#[wasm_bindgen]
+pub fn unlock(material_json: &str, password: &str, user_id: &str) -> Result<ZkKeyring, JsError> {
+    Keyring::unlock(&parse_material(material_json)?, password, user_id)
+        .map(ZkKeyring)
+        .map_err(js_error)
+}
+
+#[wasm_bindgen(js_name = unlockWithRecovery)]
+pub fn unlock_with_recovery(
+    material_json: &str,
+    recovery_key: &str,
+    user_id: &str,
+) -> Result<ZkKeyring, JsError> {
+    Keyring::unlock_with_recovery(&parse_material(material_json)?, recovery_key, user_id)
+        .map(ZkKeyring)
+        .map_err(js_error)
+}
+
+#[wasm_bindgen]
+impl ZkKeyring {
+    pub fn seal(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        plaintext: &str,
+    ) -> Result<String, JsError> {
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        self.0.seal(&ctx, plaintext.as_bytes()).map_err(js_error)
+    }
+
+    pub fn open(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        envelope: &str,
+    ) -> Result<String, JsError> {
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        let bytes = self.0.open(&ctx, envelope).map_err(js_error)?;
+        String::from_utf8(bytes).map_err(|_| JsError::new("the plaintext is not UTF-8 text"))
+    }
+
+    /// New material for a new password (re-wraps the account key only).
+    #[wasm_bindgen(js_name = changePassword)]
+    pub fn change_password(
+        &self,
+        material_json: &str,
+        new_password: &str,
+    ) -> Result<String, JsError> {
+        let material = self
+            .0
+            .change_password(
+                &parse_material(material_json)?,
+                new_password,
+                KdfParams::DEFAULT,
+            )
+            .map_err(js_error)?;
+        Ok(serde_json::to_string(&material).expect("material serializes"))
+    }
+}
