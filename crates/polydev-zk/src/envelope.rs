@@ -76,6 +76,9 @@ pub struct Header {
     pub namespace: Option<String>,
     pub user_id: String,
     pub row_id: Option<String>,
+    /// Password envelopes: the Argon2id parameters and the salt (hex).
+    pub kdf: Option<crate::KdfParams>,
+    pub salt_hex: Option<String>,
     /// Bytes of ciphertext (the padded length plus the tag for items).
     pub ciphertext_len: usize,
 }
@@ -258,6 +261,8 @@ impl<'a> Parsed<'a> {
                 namespace,
                 user_id,
                 row_id,
+                kdf: kdf.map(|(params, _)| params),
+                salt_hex: kdf.map(|(_, salt)| hex::encode(salt)),
                 ciphertext_len: sealed.len() - NONCE,
             },
             header_bytes,

@@ -24,6 +24,12 @@ pub struct KeyMaterial {
 /// The recovery key, shown to the user once: 64 hex digits in 8 groups.
 pub struct RecoveryKey(Zeroizing<[u8; KEY]>);
 
+impl std::fmt::Debug for RecoveryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveryKey([redacted])")
+    }
+}
+
 impl RecoveryKey {
     pub fn display(&self) -> String {
         hex::encode(self.0.as_ref())
@@ -143,6 +149,14 @@ fn parse_kind<'a>(bytes: &'a [u8], kind: Kind, user_id: &str) -> Result<Parsed<'
         return Err(Error::WrongContext("user"));
     }
     Ok(parsed)
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Keyring {

@@ -89,12 +89,48 @@ pub enum Command {
         #[arg(long, env = "POLYDEV_USER_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Zero-knowledge encryption of your stored chat history (docs/crypto.md). Talks to a
+    /// polydev server with POLYDEV_USER_TOKEN; all cryptography happens here.
+    Zk {
+        /// The polydev server.
+        #[arg(
+            long,
+            env = "POLYDEV_SERVER_URL",
+            default_value = "http://127.0.0.1:8080",
+            global = true
+        )]
+        server_url: String,
+        /// Your `pd_` token.
+        #[arg(
+            long,
+            env = "POLYDEV_USER_TOKEN",
+            hide_env_values = true,
+            global = true
+        )]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: ZkCommand,
+    },
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ZkCommand {
+    /// Set a master password and turn zero-knowledge on; prints the recovery key once.
+    Enable,
+    /// Encrypt your existing plaintext messages (safe to interrupt and run again).
+    Migrate {
+        /// Messages per batch.
+        #[arg(long, default_value_t = 200)]
+        batch: usize,
+    },
+    /// Show whether zero-knowledge is on and how far the migration is.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +174,14 @@ impl Cli {
                 .run()
                 .await;
         }
+        if let Command::Zk {
+            server_url,
+            token,
+            command,
+        } = self.command
+        {
+            return zk(&server_url, token.as_deref(), command).await;
+        }
         let db = Database::open(&self.db.config()).await?;
         let result = match self.command {
             Command::Serve {
@@ -151,7 +195,7 @@ impl Cli {
                 .map(|plan| print!("{plan}"))
                 .map_err(Into::into),
             Command::Migrate { dry_run: false } => migrate(&db).await,
-            Command::Mcp { .. } => unreachable!("handled above"),
+            Command::Mcp { .. } | Command::Zk { .. } => unreachable!("handled above"),
             Command::User(command) => match ensure_schema(&db).await {
                 Ok(()) => user(&db, command).await,
                 Err(e) => Err(e),
@@ -316,6 +360,89 @@ async fn token(db: &Database, command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Revoke { id } => {
             accounts::revoke_token(&db.pool, None, id).await?;
             println!("revoked token {id}");
+        }
+    }
+    Ok(())
+}
+
+/// The master password: `POLYDEV_MASTER_PASSWORD` (for scripts), else a prompt without echo.
+fn master_password(prompt: &str) -> anyhow::Result<String> {
+    if let Ok(password) = std::env::var("POLYDEV_MASTER_PASSWORD") {
+        return Ok(password);
+    }
+    Ok(rpassword::prompt_password(prompt)?)
+}
+
+async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow::Result<()> {
+    let token = token
+        .filter(|t| !t.is_empty())
+        .context("POLYDEV_USER_TOKEN is not set: create a token with `polydev token create`")?;
+    let client = crate::zk::client::ZkClient::new(server_url, token);
+    match command {
+        ZkCommand::Status => {
+            let status = client.status().await?;
+            println!(
+                "zero-knowledge: {}",
+                if status.enabled { "on" } else { "off" }
+            );
+            if status.enabled {
+                let m = client.migration_status().await?;
+                println!(
+                    "messages: {} encrypted, {} encrypted but not yet verified, {} still plaintext",
+                    m.done, m.unverified, m.plaintext
+                );
+            }
+        }
+        ZkCommand::Enable => {
+            eprintln!(
+                "Choose a master password. It never leaves this machine. If you lose BOTH the \
+                 password and the recovery key printed next, your encrypted data is lost for good."
+            );
+            let password = master_password("master password: ")?;
+            if std::env::var("POLYDEV_MASTER_PASSWORD").is_err() {
+                anyhow::ensure!(
+                    password == master_password("again: ")?,
+                    "the passwords differ"
+                );
+            }
+            anyhow::ensure!(
+                password.chars().count() >= 10,
+                "use at least 10 characters (a passphrase of several words is best)"
+            );
+            let (_, recovery) = client
+                .enable(&password, polydev_zk::KdfParams::DEFAULT)
+                .await?;
+            println!("{}", recovery.display());
+            eprintln!(
+                "That is your recovery key, shown only this once: store it offline. Next: `polydev zk migrate`."
+            );
+        }
+        ZkCommand::Migrate { batch } => {
+            let password = master_password("master password: ")?;
+            let keyring = client.unlock(&password).await?;
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} messages encrypted and verified {msg}",
+                )
+                .expect("valid template"),
+            );
+            let report = client
+                .migrate(
+                    &keyring,
+                    batch.clamp(1, 500),
+                    |s| {
+                        bar.set_length(s.total() as u64);
+                        bar.set_position(s.done as u64);
+                        bar.set_message(format!("({} awaiting verification)", s.unverified));
+                    },
+                    |_| std::ops::ControlFlow::Continue(()),
+                )
+                .await?;
+            bar.finish();
+            println!(
+                "encrypted {}, verified and cleared {}, re-queued {}, changed meanwhile {}",
+                report.encrypted, report.verified_and_cleared, report.reset, report.retried
+            );
         }
     }
     Ok(())

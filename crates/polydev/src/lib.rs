@@ -4,6 +4,7 @@
 //! `http` layer stays thin.
 
 pub mod accounts;
+pub mod chat;
 pub mod cli;
 pub mod db;
 pub mod error;
@@ -11,3 +12,4 @@ pub mod http;
 pub mod mcp;
 pub mod perspectives;
 pub mod quota;
+pub mod zk;

@@ -13,6 +13,25 @@ use sqlx::{Connection, PgConnection, PgPool};
 use embedded::{EmbeddedError, EmbeddedPostgres};
 pub use migrate::{MigrateError, Plan};
 
+/// The two pools a request may use: `durable` commits wait for the WAL flush; `relaxed`
+/// commits do not (for writes whose loss in a crash is harmless, or that a later durable commit
+/// on the same server makes durable anyway: WAL is flushed in order).
+#[derive(Clone, Copy)]
+pub struct Pools<'a> {
+    pub durable: &'a PgPool,
+    pub relaxed: &'a PgPool,
+}
+
+impl<'a> Pools<'a> {
+    /// Both roles on one pool (tests, tools).
+    pub fn single(pool: &'a PgPool) -> Self {
+        Pools {
+            durable: pool,
+            relaxed: pool,
+        }
+    }
+}
+
 /// Where the database is.
 #[derive(Debug, Clone)]
 pub struct DbConfig {

@@ -7,6 +7,7 @@ mod health;
 mod me;
 pub mod perspectives;
 mod tokens;
+mod zk;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,6 +60,13 @@ impl AppState {
             last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn pools(&self) -> crate::db::Pools<'_> {
+        crate::db::Pools {
+            durable: &self.pool,
+            relaxed: &self.relaxed_pool,
         }
     }
 
@@ -122,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         .merge(me::routes())
         .merge(tokens::routes())
         .merge(perspectives::routes())
+        .merge(zk::routes())
         .fallback(error::not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

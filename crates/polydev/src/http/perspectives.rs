@@ -49,7 +49,7 @@ async fn create(
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_sse {
         let result = perspectives::get_perspectives(
-            &state.pool,
+            state.pools(),
             &state.gateway,
             caller.user_id,
             &request,
@@ -77,7 +77,7 @@ fn event_stream(
     let call = async move {
         let (progress, mut updates) = mpsc::unbounded_channel();
         let call = perspectives::get_perspectives(
-            &state.pool,
+            state.pools(),
             &state.gateway,
             user_id,
             &request,

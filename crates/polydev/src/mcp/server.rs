@@ -33,7 +33,7 @@ impl PolydevMcp {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let progress_token = ctx.meta.get_progress_token();
         let call = perspectives::get_perspectives(
-            &self.state.pool,
+            self.state.pools(),
             &self.state.gateway,
             caller.user_id,
             &request,

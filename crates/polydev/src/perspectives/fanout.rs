@@ -19,6 +19,7 @@ use super::idempotency::{self, Claim};
 use super::provider::{CompletionRequest, ErrorClass};
 use super::usage::{self, UsageRecord};
 use super::{Gateway, PerspectivesRequest, get_settings};
+use crate::db::Pools;
 use crate::error::{Error, Result};
 use crate::quota::{self, Counter, Reservation};
 
@@ -154,7 +155,7 @@ impl PerspectivesResult {
 /// (`deltas` adds streamed text). Dropping the returned future cancels the upstream calls still
 /// running and gives their reservations back.
 pub async fn get_perspectives(
-    pool: &PgPool,
+    pools: Pools<'_>,
     gateway: &Gateway,
     user_id: Uuid,
     request: &PerspectivesRequest,
@@ -162,6 +163,7 @@ pub async fn get_perspectives(
     deltas: bool,
 ) -> Result<PerspectivesResult> {
     request.validate(gateway)?;
+    let pool = pools.durable;
     let deadline = Duration::from_millis(request.deadline_ms());
     let key = request.idempotency_key.as_deref();
     if let Some(key) = key {
@@ -174,7 +176,7 @@ pub async fn get_perspectives(
             return Ok(*result);
         }
     }
-    let result = run(pool, gateway, user_id, request, progress, deltas, deadline).await;
+    let result = run(pools, gateway, user_id, request, progress, deltas, deadline).await;
     if let Some(key) = key {
         match &result {
             Ok(result) => idempotency::complete(pool, user_id, key, result).await?,
@@ -185,7 +187,7 @@ pub async fn get_perspectives(
 }
 
 async fn run(
-    pool: &PgPool,
+    pools: Pools<'_>,
     gateway: &Gateway,
     user_id: Uuid,
     request: &PerspectivesRequest,
@@ -194,6 +196,7 @@ async fn run(
     deadline: Duration,
 ) -> Result<PerspectivesResult> {
     let started = Instant::now();
+    let pool = pools.durable;
     let today = chrono::Utc::now().date_naive();
     // Settings and the quota snapshot only matter when polydev chooses the models.
     let models = if request.models.is_some() {
@@ -215,7 +218,9 @@ async fn run(
         .chain(models.iter().map(|m| counter_for(m.tier)))
         .collect();
     let (message, prepaid): (ReservationGuard, Vec<Option<ReservationGuard>>) =
-        match quota::reserve_all(pool, user_id, &wants, today).await? {
+        // Reservations commit without waiting for the WAL flush: the usage row's durable commit
+        // later flushes them too (WAL is flushed in order); concurrency is unaffected.
+        match quota::reserve_all(pools.relaxed, user_id, &wants, today).await? {
             Some(reservations) => {
                 let mut guards = reservations
                     .into_iter()
@@ -225,7 +230,7 @@ async fn run(
             }
             // Some limit is reached: reserve the message alone, then each model on its own, so
             // the models that can run do and the others say which limit stopped them.
-            None => match quota::reserve(pool, user_id, Counter::Messages, today).await? {
+            None => match quota::reserve(pools.relaxed, user_id, Counter::Messages, today).await? {
                 Ok(reservation) => (
                     ReservationGuard::new(pool, reservation),
                     models.iter().map(|_| None).collect(),
@@ -244,6 +249,7 @@ async fn run(
     let cancel = CancellationToken::new();
     let call = ModelCall {
         pool,
+        relaxed: pools.relaxed,
         gateway,
         user_id,
         request,
@@ -346,6 +352,7 @@ async fn run(
 /// What every model call of one `get_perspectives` shares.
 struct ModelCall<'a> {
     pool: &'a PgPool,
+    relaxed: &'a PgPool,
     gateway: &'a Gateway,
     user_id: Uuid,
     request: &'a PerspectivesRequest,
@@ -395,8 +402,13 @@ impl ModelCall<'_> {
         let reservation = match prepaid {
             Some(reservation) => reservation,
             None => {
-                match quota::reserve(self.pool, self.user_id, counter_for(model.tier), self.today)
-                    .await
+                match quota::reserve(
+                    self.relaxed,
+                    self.user_id,
+                    counter_for(model.tier),
+                    self.today,
+                )
+                .await
                 {
                     Ok(Ok(reservation)) => ReservationGuard::new(self.pool, reservation),
                     Ok(Err(exhausted)) => {

@@ -16,7 +16,7 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    async fn start(db: &TestDb) -> TestServer {
+    pub async fn start(db: &TestDb) -> TestServer {
         let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
         Self::start_with(db, polydev::perspectives::Gateway::new(catalogue)).await
     }
@@ -36,7 +36,7 @@ impl TestServer {
         }
     }
 
-    fn get(&self, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+    pub fn get(&self, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
         self.with_token(self.client.get(format!("{}{path}", self.base)), token)
     }
 

@@ -2,9 +2,10 @@
 
 mod accounts;
 mod common;
-mod http_api;
+pub mod http_api;
 mod mcp;
 mod migrations;
 mod perspectives;
 mod providers;
 mod serve;
+mod zk;

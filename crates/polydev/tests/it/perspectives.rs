@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polydev::accounts::{self, Plan};
+use polydev::db::Pools;
 use polydev::error::Error;
 use polydev::perspectives::{Gateway, PerspectivesRequest, Progress, Status, get_perspectives};
 use polydev_mock::{MockUpstream, answer_for};
@@ -101,9 +102,16 @@ async fn three_providers_answer_in_parallel_and_each_answer_is_billed_exactly() 
     let f = fixture(Plan::Pro).await;
     let request = ask(&["gpt-premium", "claude-normal", "gemini-eco"]);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, Some(tx), false)
-        .await
-        .unwrap();
+    let result = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        Some(tx),
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(result.totals.succeeded, 3);
     for p in &result.perspectives {
         let (text, input, output) = answer_for(&p.model, &request.prompt);
@@ -177,7 +185,7 @@ async fn three_providers_answer_in_parallel_and_each_answer_is_billed_exactly() 
 async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
     let f = fixture(Plan::Pro).await;
     let result = get_perspectives(
-        &f.db.pool,
+        Pools::single(&f.db.pool),
         &f.gateway,
         f.user,
         &ask(&["broken-premium", "bad-request-normal", "gemini-eco"]),
@@ -209,7 +217,7 @@ async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
 
     // Nothing answered: the message is given back too.
     let result = get_perspectives(
-        &f.db.pool,
+        Pools::single(&f.db.pool),
         &f.gateway,
         f.user,
         &ask(&["broken-premium"]),
@@ -234,7 +242,15 @@ async fn concurrent_calls_against_a_small_limit_grant_exactly_the_limit() {
         .map(|_| {
             let (pool, gateway, user) = (f.db.pool.clone(), f.gateway.clone(), f.user);
             tokio::spawn(async move {
-                get_perspectives(&pool, &gateway, user, &ask(&["gpt-premium"]), None, false).await
+                get_perspectives(
+                    Pools::single(&pool),
+                    &gateway,
+                    user,
+                    &ask(&["gpt-premium"]),
+                    None,
+                    false,
+                )
+                .await
             })
         })
         .collect();
@@ -267,9 +283,16 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
     let f = fixture(Plan::Pro).await;
     let mut request = ask(&["fast-premium", "slow-premium"]);
     request.deadline_ms = Some(1000);
-    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-        .await
-        .unwrap();
+    let result = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     let slow = result
         .perspectives
         .iter()
@@ -303,7 +326,14 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
 async fn cancelling_a_call_aborts_upstream_calls_and_refunds_them() {
     let f = fixture(Plan::Pro).await;
     let request = ask(&["slow-premium", "gemini-eco"]);
-    let call = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false);
+    let call = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    );
     // Cancel (drop) once the slow model is in flight.
     let cancelled = tokio::time::timeout(Duration::from_millis(700), call).await;
     assert!(cancelled.is_err(), "the call was still running");
@@ -333,7 +363,7 @@ async fn the_first_call_in_a_new_month_resets_the_counters() {
     .await
     .unwrap();
     let result = get_perspectives(
-        &f.db.pool,
+        Pools::single(&f.db.pool),
         &f.gateway,
         f.user,
         &ask(&["gpt-premium"]),
@@ -361,12 +391,26 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
     let f = fixture(Plan::Pro).await;
     let mut request = ask(&["gpt-premium", "claude-normal"]);
     request.idempotency_key = Some("retry-1".into());
-    let first = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-        .await
-        .unwrap();
-    let second = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-        .await
-        .unwrap();
+    let first = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    let second = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     assert!(!first.replayed && second.replayed);
     assert_eq!(first.request_id, second.request_id);
     assert_eq!(first.perspectives, second.perspectives);
@@ -385,7 +429,7 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
                 request.clone(),
             );
             tokio::spawn(async move {
-                get_perspectives(&pool, &gateway, user, &request, None, false)
+                get_perspectives(Pools::single(&pool), &gateway, user, &request, None, false)
                     .await
                     .unwrap()
             })
@@ -399,7 +443,15 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
     assert_eq!(used(&f.db, f.user).await, (2, 2, 2, 0));
 
     request.models = Some(vec!["gemini-eco".into()]);
-    let reused = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false).await;
+    let reused = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await;
     assert!(matches!(reused, Err(Error::Conflict(_))), "{reused:?}");
 }
 
@@ -428,9 +480,16 @@ async fn invalid_arguments_are_refused_with_a_clear_error_and_charge_nothing() {
     r.idempotency_key = Some("has spaces".into());
     cases.push((r.clone(), "idempotency_key"));
     for (request, needle) in cases {
-        let err = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-            .await
-            .unwrap_err();
+        let err = get_perspectives(
+            Pools::single(&f.db.pool),
+            &f.gateway,
+            f.user,
+            &request,
+            None,
+            false,
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(err, Error::Invalid(_) | Error::TooLarge(_)),
             "{err:?}"
@@ -448,9 +507,16 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
     request.models = None;
     request.max_perspectives = Some(3);
     request.exclude_providers = vec!["openai".into()];
-    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-        .await
-        .unwrap();
+    let result = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     let models: Vec<&str> = result
         .perspectives
         .iter()
@@ -473,9 +539,16 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
     .await
     .unwrap();
     request.max_perspectives = None;
-    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-        .await
-        .unwrap();
+    let result = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(result.perspectives.len(), 1);
     assert_eq!(result.perspectives[0].model, "gemini-eco");
 
@@ -485,8 +558,15 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
         .execute(&f.db.pool)
         .await
         .unwrap();
-    let result = get_perspectives(&f.db.pool, &f.gateway, f.user, &request, None, false)
-        .await
-        .unwrap();
+    let result = get_perspectives(
+        Pools::single(&f.db.pool),
+        &f.gateway,
+        f.user,
+        &request,
+        None,
+        false,
+    )
+    .await
+    .unwrap();
     assert_ne!(result.perspectives[0].tier, "eco");
 }

@@ -1,0 +1,252 @@
+//! One chat API over the two legacy chat systems (`chat_sessions`/`chat_messages` and
+//! `sessions`/`messages`). Reads follow the seed's rule: `migrated_to_zk` → the envelope in
+//! `encrypted_content_v2`, else the plaintext `content`. Once a user has zero-knowledge on, every
+//! write must be an envelope for that message; plaintext is refused.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::zk;
+
+/// Longest plaintext message accepted.
+pub const MAX_CONTENT_CHARS: usize = 100_000;
+
+/// Which legacy system a session lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum System {
+    /// `chat_sessions` / `chat_messages`
+    Chat,
+    /// `sessions` / `messages`
+    Sessions,
+}
+
+impl System {
+    /// The messages table. Static names: safe to splice into SQL.
+    pub(crate) fn messages_table(self) -> &'static str {
+        match self {
+            System::Chat => "chat_messages",
+            System::Sessions => "messages",
+        }
+    }
+    pub(crate) fn sessions_table(self) -> &'static str {
+        match self {
+            System::Chat => "chat_sessions",
+            System::Sessions => "sessions",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ChatSession {
+    pub id: Uuid,
+    #[sqlx(try_from = "String")]
+    pub system: SystemName,
+    pub title: Option<String>,
+    pub archived: Option<bool>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// `System` as read from SQL text.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(transparent)]
+pub struct SystemName(pub System);
+
+impl TryFrom<String> for SystemName {
+    type Error = String;
+    fn try_from(value: String) -> std::result::Result<Self, String> {
+        match value.as_str() {
+            "chat" => Ok(SystemName(System::Chat)),
+            "sessions" => Ok(SystemName(System::Sessions)),
+            other => Err(format!("unknown chat system {other}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ChatMessage {
+    pub id: Uuid,
+    pub role: Option<String>,
+    /// The plaintext, for a message not migrated to zero-knowledge.
+    pub content: Option<String>,
+    /// The envelope (`pdz.…`), for a migrated message.
+    pub encrypted_content: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMessage {
+    /// Required with `encrypted_content`: the envelope is bound to this id.
+    pub id: Option<Uuid>,
+    pub role: String,
+    pub content: Option<String>,
+    pub encrypted_content: Option<String>,
+}
+
+pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSession>> {
+    Ok(sqlx::query_as(
+        "SELECT id, 'chat' AS system, title, archived, created_at, updated_at
+           FROM chat_sessions WHERE user_id = $1
+         UNION ALL
+         SELECT id, 'sessions', name, NOT coalesce(is_active, true), created_at, updated_at
+           FROM sessions WHERE user_id = $1
+         ORDER BY updated_at DESC NULLS LAST, id LIMIT 1000",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The system holding `session_id`, if it is the caller's (404 otherwise, whoever owns it).
+async fn owning_system(pool: &PgPool, user_id: Uuid, session_id: Uuid) -> Result<System> {
+    for system in [System::Chat, System::Sessions] {
+        let owned: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1 AND user_id = $2)",
+            system.sessions_table()
+        )))
+        .bind(session_id)
+        .bind(user_id)
+        .fetch_one(pool)
+        .await?;
+        if owned {
+            return Ok(system);
+        }
+    }
+    Err(Error::NotFound("session"))
+}
+
+const MESSAGE_COLUMNS: &str = "id, role,
+    CASE WHEN coalesce(migrated_to_zk, false) THEN NULL ELSE content END AS content,
+    CASE WHEN coalesce(migrated_to_zk, false) THEN encrypted_content_v2 END AS encrypted_content,
+    created_at";
+
+pub async fn list_messages(
+    pool: &PgPool,
+    user_id: Uuid,
+    session_id: Uuid,
+) -> Result<Vec<ChatMessage>> {
+    let system = owning_system(pool, user_id, session_id).await?;
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM {} WHERE session_id = $1 ORDER BY created_at, id",
+        system.messages_table()
+    )))
+    .bind(session_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn add_message(
+    pool: &PgPool,
+    user_id: Uuid,
+    session_id: Uuid,
+    message: &NewMessage,
+) -> Result<ChatMessage> {
+    if !["user", "assistant", "system"].contains(&message.role.as_str()) {
+        return Err(Error::Invalid(
+            "`role` must be user, assistant or system".into(),
+        ));
+    }
+    let system = owning_system(pool, user_id, session_id).await?;
+    let zero_knowledge = zk::is_enabled(pool, user_id).await?;
+    let id = message.id.unwrap_or_else(Uuid::new_v4);
+    let table = system.messages_table();
+    let inserted: ChatMessage = match (&message.content, &message.encrypted_content) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Invalid(
+                "send `content` or `encrypted_content`, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(Error::Invalid(
+                "send `content` or `encrypted_content`".into(),
+            ));
+        }
+        (Some(_), None) if zero_knowledge => {
+            return Err(Error::Invalid(
+                "zero-knowledge is on for this account: messages must be sent as `encrypted_content` envelopes, never plaintext".into(),
+            ));
+        }
+        (Some(content), None) => {
+            if content.chars().count() > MAX_CONTENT_CHARS {
+                return Err(Error::TooLarge(format!(
+                    "a message may be at most {MAX_CONTENT_CHARS} characters"
+                )));
+            }
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {table} (id, session_id, role, content) VALUES ($1, $2, $3, $4)
+                 RETURNING {MESSAGE_COLUMNS}"
+            )))
+            .bind(id)
+            .bind(session_id)
+            .bind(&message.role)
+            .bind(content)
+            .fetch_one(pool)
+            .await?
+        }
+        (None, Some(envelope)) => {
+            let Some(id) = message.id else {
+                return Err(Error::Invalid(
+                    "`id` is required with `encrypted_content` (the envelope is bound to it)"
+                        .into(),
+                ));
+            };
+            zk::check_envelope(
+                envelope,
+                polydev_zk::Kind::Item,
+                user_id,
+                Some(zk::CHAT_MESSAGE),
+                Some(&id.to_string()),
+                zk::MAX_MESSAGE_ENVELOPE,
+            )?;
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk)
+                 VALUES ($1, $2, $3, $4, $5, true)
+                 RETURNING {MESSAGE_COLUMNS}"
+            )))
+            .bind(id)
+            .bind(session_id)
+            .bind(&message.role)
+            .bind(envelope)
+            .bind(zk::migration::envelope_metadata())
+            .fetch_one(pool)
+            .await?
+        }
+    };
+    if system == System::Sessions {
+        // Keep the legacy counters that the old code shows.
+        sqlx::query(
+            "UPDATE sessions SET message_count = coalesce(message_count, 0) + 1,
+                    last_activity_at = now(), updated_at = now() WHERE id = $1",
+        )
+        .bind(session_id)
+        .execute(pool)
+        .await?;
+    }
+    Ok(inserted)
+}
+
+/// Creates a session in the `chat_sessions` system (the one new sessions use).
+pub async fn create_session(
+    pool: &PgPool,
+    user_id: Uuid,
+    title: Option<&str>,
+) -> Result<ChatSession> {
+    if title.is_some_and(|t| t.chars().count() > 500) {
+        return Err(Error::Invalid(
+            "a title may be at most 500 characters".into(),
+        ));
+    }
+    Ok(sqlx::query_as(
+        "INSERT INTO chat_sessions (user_id, title, archived) VALUES ($1, $2, false)
+         RETURNING id, 'chat' AS system, title, archived, created_at, updated_at",
+    )
+    .bind(user_id)
+    .bind(title)
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,241 @@
+//! The client side of zero-knowledge, for `polydev zk ...`: it talks to a polydev server over
+//! HTTP with the user's token and does all the cryptography locally (`polydev_zk`), so the
+//! server never sees the master password, the keys or the plaintext it encrypts.
+
+use std::ops::ControlFlow;
+
+use anyhow::{Context, bail};
+use polydev_zk::{Context as ZkContext, KdfParams, Keyring, RecoveryKey};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::migration::{EncryptedWrite, Item, Plaintext, Status, Unverified};
+use super::{CHAT_MESSAGE, KeyMaterial, ZkStatus};
+
+pub struct ZkClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// What one run of the migration did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub encrypted: u64,
+    pub verified_and_cleared: u64,
+    /// Rows whose envelope did not match their plaintext: put back in the queue.
+    pub reset: u64,
+    /// Rows that changed while being encrypted: picked up again.
+    pub retried: u64,
+}
+
+/// Where a migration run may be stopped (tests use it to simulate a crash between steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A batch was encrypted and written; not yet verified.
+    Written,
+    /// A batch was verified and its plaintext cleared.
+    Cleared,
+}
+
+impl ZkClient {
+    pub fn new(base: &str, token: &str) -> ZkClient {
+        ZkClient {
+            http: crate::perspectives::http_client(),
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .context("cannot reach the polydev server")?;
+        let status = response.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(serde_json::from_value(Value::Null)?);
+        }
+        let body: Value = response
+            .json()
+            .await
+            .context("the server's answer is not JSON")?;
+        if !status.is_success() {
+            let message = body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
+            bail!("{message} ({status})");
+        }
+        Ok(serde_json::from_value(body)?)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn user_id(&self) -> anyhow::Result<String> {
+        let me: Value = self.get("/v1/me").await?;
+        me["user"]["user_id"]
+            .as_str()
+            .map(str::to_string)
+            .context("no user id in /v1/me")
+    }
+
+    pub async fn status(&self) -> anyhow::Result<ZkStatus> {
+        self.get("/v1/zk").await
+    }
+
+    pub async fn migration_status(&self) -> anyhow::Result<Status> {
+        self.get("/v1/zk/migration").await
+    }
+
+    /// Turns zero-knowledge on; returns the keyring and the recovery key to show once.
+    pub async fn enable(
+        &self,
+        password: &str,
+        params: KdfParams,
+    ) -> anyhow::Result<(Keyring, RecoveryKey)> {
+        let user_id = self.user_id().await?;
+        let (keyring, material, recovery) = Keyring::setup(password, &user_id, params)?;
+        let material = KeyMaterial {
+            password_wrapped: material.password_wrapped,
+            recovery_wrapped: material.recovery_wrapped,
+            password_hint: None,
+        };
+        let () = self.post("/v1/zk/enable", &material).await?;
+        Ok((keyring, recovery))
+    }
+
+    pub async fn unlock(&self, password: &str) -> anyhow::Result<Keyring> {
+        let user_id = self.user_id().await?;
+        let status = self.status().await?;
+        let material = status
+            .material
+            .context("zero-knowledge is not enabled for this account")?;
+        let material = polydev_zk::KeyMaterial {
+            password_wrapped: material.password_wrapped,
+            recovery_wrapped: material.recovery_wrapped,
+        };
+        Ok(Keyring::unlock(&material, password, &user_id)?)
+    }
+
+    /// Runs the migration to the end (or until `stop` says so after a step), reporting progress.
+    /// Safe to interrupt anywhere and run again.
+    pub async fn migrate(
+        &self,
+        keyring: &Keyring,
+        batch: usize,
+        mut progress: impl FnMut(&Status),
+        mut stop: impl FnMut(Step) -> ControlFlow<()>,
+    ) -> anyhow::Result<MigrationReport> {
+        let user_id = keyring.user_id().to_string();
+        let mut report = MigrationReport::default();
+        let mut stalled = 0;
+        loop {
+            let before = report.clone();
+            // 1. Verify what is encrypted but still has its plaintext (this run's last batch, or
+            //    an interrupted run's), then clear those plaintexts.
+            let unverified: Wrapped<Unverified> = self
+                .get(&format!("/v1/zk/migration/unverified?limit={batch}"))
+                .await?;
+            let (mut good, mut bad) = (Vec::new(), Vec::new());
+            for row in &unverified.messages {
+                let item = Item {
+                    system: row.system.context("row without its chat system")?,
+                    id: row.id,
+                };
+                let ctx = ZkContext {
+                    namespace: CHAT_MESSAGE,
+                    user_id: &user_id,
+                    row_id: &row.id.to_string(),
+                };
+                match keyring.open(&ctx, &row.encrypted_content) {
+                    Ok(plaintext) if plaintext == row.content.as_bytes() => good.push(item),
+                    _ => bad.push(item),
+                }
+            }
+            if !good.is_empty() {
+                let cleared: Value = self.post("/v1/zk/migration/clear", &good).await?;
+                report.verified_and_cleared += cleared["cleared"].as_u64().unwrap_or(0);
+            }
+            if !bad.is_empty() {
+                let reset: Value = self.post("/v1/zk/migration/reset", &bad).await?;
+                report.reset += reset["reset"].as_u64().unwrap_or(0);
+            }
+            progress(&self.migration_status().await?);
+            if !good.is_empty() && stop(Step::Cleared).is_break() {
+                return Ok(report);
+            }
+
+            // 2. Encrypt the next batch of plaintext locally and write it with compare-and-swap.
+            let plaintext: Wrapped<Plaintext> = self
+                .get(&format!("/v1/zk/migration/plaintext?limit={batch}"))
+                .await?;
+            if plaintext.messages.is_empty() && unverified.messages.is_empty() {
+                return Ok(report);
+            }
+            let mut writes = Vec::with_capacity(plaintext.messages.len());
+            for row in &plaintext.messages {
+                let ctx = ZkContext {
+                    namespace: CHAT_MESSAGE,
+                    user_id: &user_id,
+                    row_id: &row.id.to_string(),
+                };
+                writes.push(EncryptedWrite {
+                    system: row.system.context("row without its chat system")?,
+                    id: row.id,
+                    content_sha256: hex::encode(Sha256::digest(row.content.as_bytes())),
+                    encrypted_content: keyring.seal(&ctx, row.content.as_bytes())?,
+                });
+            }
+            if report == before {
+                stalled += 1;
+                if stalled >= 3 {
+                    bail!(
+                        "the migration makes no progress: {} rows keep changing while being encrypted",
+                        writes.len()
+                    );
+                }
+            } else {
+                stalled = 0;
+            }
+            if !writes.is_empty() {
+                let written: WrittenIds = self.post("/v1/zk/migration/encrypted", &writes).await?;
+                report.encrypted += written.written.len() as u64;
+                report.retried += (writes.len() - written.written.len()) as u64;
+                progress(&self.migration_status().await?);
+                if stop(Step::Written).is_break() {
+                    return Ok(report);
+                }
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Wrapped<T> {
+    messages: Vec<T>,
+}
+
+#[derive(serde::Deserialize)]
+struct WrittenIds {
+    written: Vec<Uuid>,
+}

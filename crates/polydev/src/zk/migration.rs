@@ -1,0 +1,258 @@
+//! Moving a user's plaintext messages to envelopes, driven by the client (which alone holds the
+//! key): fetch plaintext → encrypt locally → write with a compare-and-swap on the plaintext's
+//! hash (a row changed since it was read is not overwritten, and is picked up again) → read back
+//! and decrypt to verify → clear the plaintext in a separate, idempotent step. Every step can be
+//! interrupted and re-run: nothing is lost and nothing is encrypted twice.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::chat::System;
+use crate::error::{Error, Result};
+
+/// Most rows per batch.
+pub const MAX_BATCH: i64 = 500;
+
+/// What `encryption_metadata_v2` records for an envelope (the envelope describes itself; this
+/// is for operators and old tools).
+pub fn envelope_metadata() -> Value {
+    json!({ "format": "pdz", "version": 1, "client_side": true })
+}
+
+/// A message still in plaintext.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Plaintext {
+    #[sqlx(skip)]
+    pub system: Option<System>,
+    pub id: Uuid,
+    pub content: String,
+    /// SHA-256 (hex) of the content as stored: the compare-and-swap token.
+    pub content_sha256: String,
+}
+
+/// A message written as an envelope whose plaintext has not been cleared yet.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Unverified {
+    #[sqlx(skip)]
+    pub system: Option<System>,
+    pub id: Uuid,
+    pub content: String,
+    pub encrypted_content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncryptedWrite {
+    pub system: System,
+    pub id: Uuid,
+    pub content_sha256: String,
+    pub encrypted_content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Item {
+    pub system: System,
+    pub id: Uuid,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// Not yet encrypted.
+    pub plaintext: i64,
+    /// Encrypted, plaintext not yet cleared.
+    pub unverified: i64,
+    /// Encrypted and cleared.
+    pub done: i64,
+}
+
+impl Status {
+    pub fn total(&self) -> i64 {
+        self.plaintext + self.unverified + self.done
+    }
+}
+
+/// `FROM {messages} m JOIN {sessions} s ... WHERE s.user_id = $1`: every query is scoped to
+/// the caller's own sessions.
+fn scoped(system: System) -> String {
+    format!(
+        "{} m JOIN {} s ON s.id = m.session_id WHERE s.user_id = $1",
+        system.messages_table(),
+        system.sessions_table()
+    )
+}
+
+const SYSTEMS: [System; 2] = [System::Chat, System::Sessions];
+
+async fn require_enabled(pool: &PgPool, user_id: Uuid) -> Result<()> {
+    if !super::is_enabled(pool, user_id).await? {
+        return Err(Error::Invalid(
+            "turn zero-knowledge on (POST /v1/zk/enable) before migrating".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<Status> {
+    let mut status = Status::default();
+    for system in SYSTEMS {
+        let (plaintext, unverified, done): (i64, i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FILTER (WHERE NOT coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL),
+                    count(*) FILTER (WHERE coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL),
+                    count(*) FILTER (WHERE coalesce(m.migrated_to_zk, false) AND m.content IS NULL)
+               FROM {}",
+            scoped(system)
+        )))
+        .bind(user_id)
+        .fetch_one(pool)
+        .await?;
+        status.plaintext += plaintext;
+        status.unverified += unverified;
+        status.done += done;
+    }
+    Ok(status)
+}
+
+/// A batch of messages still in plaintext.
+pub async fn plaintext_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Plaintext>> {
+    require_enabled(pool, user_id).await?;
+    let limit = limit.clamp(1, MAX_BATCH);
+    let mut out = Vec::new();
+    for system in SYSTEMS {
+        let rows: Vec<Plaintext> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT m.id, m.content, encode(sha256(convert_to(m.content, 'UTF8')), 'hex') AS content_sha256
+               FROM {} AND NOT coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
+              ORDER BY m.id LIMIT $2",
+            scoped(system)
+        )))
+        .bind(user_id)
+        .bind(limit - out.len() as i64)
+        .fetch_all(pool)
+        .await?;
+        out.extend(rows.into_iter().map(|r| Plaintext {
+            system: Some(system),
+            ..r
+        }));
+        if out.len() as i64 >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes envelopes, each only if its row is still the plaintext that was read (same hash, not
+/// yet migrated). Returns the ids written; the others changed meanwhile.
+pub async fn write_encrypted(
+    pool: &PgPool,
+    user_id: Uuid,
+    writes: &[EncryptedWrite],
+) -> Result<Vec<Uuid>> {
+    require_enabled(pool, user_id).await?;
+    if writes.len() as i64 > MAX_BATCH {
+        return Err(Error::TooLarge(format!(
+            "at most {MAX_BATCH} rows per batch"
+        )));
+    }
+    for write in writes {
+        super::check_envelope(
+            &write.encrypted_content,
+            polydev_zk::Kind::Item,
+            user_id,
+            Some(super::CHAT_MESSAGE),
+            Some(&write.id.to_string()),
+            super::MAX_MESSAGE_ENVELOPE,
+        )?;
+    }
+    let mut written = Vec::new();
+    let mut tx = pool.begin().await?;
+    for write in writes {
+        let table = write.system.messages_table();
+        let sessions = write.system.sessions_table();
+        let done: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {table} m SET encrypted_content_v2 = $4, encryption_metadata_v2 = $5, migrated_to_zk = true
+               FROM {sessions} s
+              WHERE m.id = $2 AND s.id = m.session_id AND s.user_id = $1
+                AND NOT coalesce(m.migrated_to_zk, false)
+                AND encode(sha256(convert_to(m.content, 'UTF8')), 'hex') = $3
+             RETURNING m.id"
+        )))
+        .bind(user_id)
+        .bind(write.id)
+        .bind(&write.content_sha256)
+        .bind(&write.encrypted_content)
+        .bind(envelope_metadata())
+        .fetch_optional(&mut *tx)
+        .await?;
+        written.extend(done);
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Encrypted rows whose plaintext is still there, for the client to verify.
+pub async fn unverified_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Unverified>> {
+    let limit = limit.clamp(1, MAX_BATCH);
+    let mut out = Vec::new();
+    for system in SYSTEMS {
+        let rows: Vec<Unverified> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT m.id, m.content, m.encrypted_content_v2 AS encrypted_content
+               FROM {} AND coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
+                AND m.encrypted_content_v2 IS NOT NULL
+              ORDER BY m.id LIMIT $2",
+            scoped(system)
+        )))
+        .bind(user_id)
+        .bind(limit - out.len() as i64)
+        .fetch_all(pool)
+        .await?;
+        out.extend(rows.into_iter().map(|r| Unverified {
+            system: Some(system),
+            ..r
+        }));
+        if out.len() as i64 >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Clears the plaintext of verified rows. Idempotent; only rows that hold an envelope.
+pub async fn clear_plaintext(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
+    let mut cleared = 0;
+    for item in items {
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} m SET content = NULL FROM {} s
+              WHERE m.id = $2 AND s.id = m.session_id AND s.user_id = $1
+                AND coalesce(m.migrated_to_zk, false) AND m.encrypted_content_v2 IS NOT NULL
+                AND m.content IS NOT NULL",
+            item.system.messages_table(),
+            item.system.sessions_table()
+        )))
+        .bind(user_id)
+        .bind(item.id)
+        .execute(pool)
+        .await?;
+        cleared += done.rows_affected();
+    }
+    Ok(cleared)
+}
+
+/// Puts back into the queue a row whose envelope did not verify (its plaintext is kept).
+pub async fn reset(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
+    let mut reset = 0;
+    for item in items {
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} m SET migrated_to_zk = false, encrypted_content_v2 = NULL, encryption_metadata_v2 = NULL
+               FROM {} s
+              WHERE m.id = $2 AND s.id = m.session_id AND s.user_id = $1 AND m.content IS NOT NULL",
+            item.system.messages_table(),
+            item.system.sessions_table()
+        )))
+        .bind(user_id)
+        .bind(item.id)
+        .execute(pool)
+        .await?;
+        reset += done.rows_affected();
+    }
+    Ok(reset)
+}

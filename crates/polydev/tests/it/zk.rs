@@ -1,0 +1,502 @@
+//! Zero-knowledge on the server: key material, the chat API's rules, and the client-driven
+//! migration of plaintext, interrupted at every step and resumed.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+
+use polydev::accounts::{self, Plan};
+use polydev::zk::client::{Step, ZkClient};
+use polydev_zk::{Context, KdfParams, Keyring};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::common::TestDb;
+use crate::http_api::{TestServer, user_with_token};
+
+const PASSWORD: &str = "a long enough master password";
+
+/// A user with plaintext history in both legacy chat systems.
+async fn seed_history(db: &TestDb, user_id: Uuid, per_system: usize) {
+    let chat: Uuid = sqlx::query_scalar(
+        "INSERT INTO chat_sessions (user_id, title) VALUES ($1, 'old chat') RETURNING id",
+    )
+    .bind(user_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let session: Uuid = sqlx::query_scalar(
+        "INSERT INTO sessions (user_id, name) VALUES ($1, 'old session') RETURNING id",
+    )
+    .bind(user_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO chat_messages (session_id, role, content)
+         SELECT $1, 'user', 'chat message ' || i || ' ünïcödé ✓ ' || repeat('x', i % 50) FROM generate_series(1, $2) i",
+    )
+    .bind(chat)
+    .bind(per_system as i32)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO messages (session_id, role, content)
+         SELECT $1, 'assistant', E'session message ' || i || E'\\nline two' FROM generate_series(1, $2) i",
+    )
+    .bind(session)
+    .bind(per_system as i32)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// id, content, encrypted_content_v2, migrated_to_zk
+type MessageRow = (Uuid, Option<String>, Option<String>, Option<bool>);
+
+/// id → plaintext for every message of the user, decrypting migrated ones.
+async fn history(db: &TestDb, user_id: Uuid, keyring: Option<&Keyring>) -> BTreeMap<Uuid, String> {
+    let rows: Vec<MessageRow> = sqlx::query_as(
+        "SELECT m.id, m.content, m.encrypted_content_v2, m.migrated_to_zk FROM chat_messages m
+           JOIN chat_sessions s ON s.id = m.session_id WHERE s.user_id = $1
+         UNION ALL
+         SELECT m.id, m.content, m.encrypted_content_v2, m.migrated_to_zk FROM messages m
+           JOIN sessions s ON s.id = m.session_id WHERE s.user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let user = user_id.to_string();
+    rows.into_iter()
+        .map(|(id, content, envelope, migrated)| {
+            let text = if migrated == Some(true) {
+                let row = id.to_string();
+                let ctx = Context {
+                    namespace: "chat.message",
+                    user_id: &user,
+                    row_id: &row,
+                };
+                String::from_utf8(
+                    keyring
+                        .expect("a keyring")
+                        .open(&ctx, envelope.as_deref().unwrap())
+                        .unwrap(),
+                )
+                .unwrap()
+            } else {
+                content.unwrap()
+            };
+            (id, text)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_interrupted_migration_resumes_and_loses_nothing() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "zk@example.com", Plan::Pro).await;
+    seed_history(&db, user_id, 130).await;
+    let before = history(&db, user_id, None).await;
+    assert_eq!(before.len(), 260);
+
+    let server = TestServer::start(&db).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _recovery) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+
+    // Interrupt after every kind of step, several times, then let it finish.
+    let mut envelopes_seen: BTreeMap<Uuid, String> = BTreeMap::new();
+    for stop_at in [
+        Step::Written,
+        Step::Cleared,
+        Step::Written,
+        Step::Written,
+        Step::Cleared,
+    ] {
+        client
+            .migrate(
+                &keyring,
+                40,
+                |_| {},
+                |step| {
+                    if step == stop_at {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        // Nothing is encrypted twice: an envelope, once written, never changes.
+        let written: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT id, encrypted_content_v2 FROM chat_messages WHERE encrypted_content_v2 IS NOT NULL
+             UNION ALL SELECT id, encrypted_content_v2 FROM messages WHERE encrypted_content_v2 IS NOT NULL",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        for (id, envelope) in written {
+            let first = envelopes_seen.entry(id).or_insert_with(|| envelope.clone());
+            assert_eq!(first, &envelope, "row {id} was encrypted twice");
+        }
+        assert_eq!(
+            history(&db, user_id, Some(&keyring)).await,
+            before,
+            "nothing lost mid-way"
+        );
+    }
+    let report = client
+        .migrate(&keyring, 40, |_| {}, |_| ControlFlow::Continue(()))
+        .await
+        .unwrap();
+    assert_eq!(report.reset, 0);
+    let status = client.migration_status().await.unwrap();
+    assert_eq!(
+        (status.plaintext, status.unverified, status.done),
+        (0, 0, 260)
+    );
+
+    // Count and content checksum: every message is there and reads back exactly.
+    let after = history(&db, user_id, Some(&keyring)).await;
+    assert_eq!(after, before);
+    let plaintext_left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM chat_messages WHERE content IS NOT NULL)
+              + (SELECT count(*) FROM messages WHERE content IS NOT NULL)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        plaintext_left, 0,
+        "the database holds no plaintext for this user"
+    );
+}
+
+#[tokio::test]
+async fn a_row_changed_during_migration_is_not_overwritten_and_is_picked_up_again() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "cas@example.com", Plan::Pro).await;
+    seed_history(&db, user_id, 3).await;
+    let server = TestServer::start(&db).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+
+    // Read a batch as the client would, then an old-style writer edits one row.
+    let batch: Value = server
+        .get("/v1/zk/migration/plaintext?limit=10", Some(&token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let first = &batch["messages"][0];
+    let id: Uuid = first["id"].as_str().unwrap().parse().unwrap();
+    let table = if first["system"] == "chat" {
+        "chat_messages"
+    } else {
+        "messages"
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {table} SET content = 'edited meanwhile' WHERE id = $1"
+    )))
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let user = user_id.to_string();
+    let row = id.to_string();
+    let stale = keyring
+        .seal(
+            &Context {
+                namespace: "chat.message",
+                user_id: &user,
+                row_id: &row,
+            },
+            first["content"].as_str().unwrap().as_bytes(),
+        )
+        .unwrap();
+    let write = json!([{ "system": first["system"], "id": id, "content_sha256": first["content_sha256"], "encrypted_content": stale }]);
+    let response: Value = server
+        .with_token(
+            server
+                .client
+                .post(format!("{}/v1/zk/migration/encrypted", server.base)),
+            Some(&token),
+        )
+        .json(&write)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        response["written"],
+        json!([]),
+        "the compare-and-swap refused the stale write"
+    );
+
+    client
+        .migrate(&keyring, 10, |_| {}, |_| ControlFlow::Continue(()))
+        .await
+        .unwrap();
+    let after = history(&db, user_id, Some(&keyring)).await;
+    assert_eq!(after[&id], "edited meanwhile");
+}
+
+#[tokio::test]
+async fn with_zero_knowledge_on_plaintext_writes_are_refused_and_envelopes_checked() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "rules@example.com", Plan::Pro).await;
+    let (_, other_token) = user_with_token(&db, "other@example.com", Plan::Pro).await;
+    let server = TestServer::start(&db).await;
+    let post = |path: String, token: &str, body: Value| {
+        server
+            .with_token(
+                server.client.post(format!("{}{path}", server.base)),
+                Some(token),
+            )
+            .json(&body)
+            .send()
+    };
+    let session: Value = post("/v1/chat/sessions".into(), &token, json!({ "title": "t" }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = format!(
+        "/v1/chat/sessions/{}/messages",
+        session["id"].as_str().unwrap()
+    );
+
+    // Before zero-knowledge: plaintext is fine, and reads return it.
+    let plain = post(
+        messages.clone(),
+        &token,
+        json!({ "role": "user", "content": "hello" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(plain.status(), StatusCode::CREATED);
+    // Another user cannot see or write the session.
+    let theirs = post(
+        messages.clone(),
+        &other_token,
+        json!({ "role": "user", "content": "x" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
+
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let again = client
+        .enable(PASSWORD, KdfParams::MINIMUM)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("already enabled"), "{again}");
+
+    let refused = post(
+        messages.clone(),
+        &token,
+        json!({ "role": "user", "content": "plaintext" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never plaintext"),
+        "{body}"
+    );
+
+    let user = user_id.to_string();
+    let id = Uuid::new_v4();
+    let seal = |ns: &str, row: &str| {
+        keyring
+            .seal(
+                &Context {
+                    namespace: ns,
+                    user_id: &user,
+                    row_id: row,
+                },
+                b"encrypted hello",
+            )
+            .unwrap()
+    };
+    let id_text = id.to_string();
+    for (body, why) in [
+        (
+            json!({ "id": id, "role": "user", "encrypted_content": "pdz.bm90IGFuIGVudmVsb3Bl" }),
+            "not a valid envelope",
+        ),
+        (
+            json!({ "id": id, "role": "user", "encrypted_content": seal("credential.provider", &id_text) }),
+            "namespace",
+        ),
+        (
+            json!({ "id": id, "role": "user", "encrypted_content": seal("chat.message", "another-row") }),
+            "another row",
+        ),
+        (
+            json!({ "role": "user", "encrypted_content": seal("chat.message", &id_text) }),
+            "`id` is required",
+        ),
+    ] {
+        let response = post(messages.clone(), &token, body).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{why}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{why}: {body}"
+        );
+    }
+    let ok = post(
+        messages.clone(),
+        &token,
+        json!({ "id": id, "role": "user", "encrypted_content": seal("chat.message", &id_text) }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), StatusCode::CREATED);
+
+    // Reads follow the rule: migrated → the envelope, else the plaintext.
+    let listed: Vec<Value> = server
+        .get(&messages, Some(&token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["content"], "hello");
+    let envelope = listed[1]["encrypted_content"].as_str().unwrap();
+    assert!(listed[1]["content"].is_null());
+    let ctx = Context {
+        namespace: "chat.message",
+        user_id: &user,
+        row_id: &id_text,
+    };
+    assert_eq!(keyring.open(&ctx, envelope).unwrap(), b"encrypted hello");
+    assert_eq!(
+        accounts::find_user(&db.pool, user_id)
+            .await
+            .unwrap()
+            .email
+            .as_deref(),
+        Some("rules@example.com")
+    );
+}
+
+#[tokio::test]
+async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "keys@example.com", Plan::Pro).await;
+    let (other_id, _) = user_with_token(&db, "else@example.com", Plan::Pro).await;
+    let server = TestServer::start(&db).await;
+    let put = |path: &str, body: Value| {
+        server
+            .with_token(
+                server.client.put(format!("{}{path}", server.base)),
+                Some(&token),
+            )
+            .json(&body)
+            .send()
+    };
+    let post = |path: &str, body: Value| {
+        server
+            .with_token(
+                server.client.post(format!("{}{path}", server.base)),
+                Some(&token),
+            )
+            .json(&body)
+            .send()
+    };
+    // Material bound to another user, or with weak KDF parameters, is refused.
+    let (_, foreign, _) =
+        Keyring::setup(PASSWORD, &other_id.to_string(), KdfParams::MINIMUM).unwrap();
+    let response = post("/v1/zk/enable", json!(foreign)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let (keyring, material, _) =
+        Keyring::setup(PASSWORD, &user_id.to_string(), KdfParams::MINIMUM).unwrap();
+    assert_eq!(
+        post("/v1/zk/enable", json!(material))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    let salt: Option<String> =
+        sqlx::query_scalar("SELECT key_derivation_salt FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        salt.unwrap().len(),
+        32,
+        "the salt is recorded as the seed describes"
+    );
+
+    let changed = keyring
+        .change_password(&material, "a brand new password!", KdfParams::MINIMUM)
+        .unwrap();
+    let stale = put(
+        "/v1/zk/password",
+        json!({ "previous": "pdz.stale", "material": changed }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale.status(), StatusCode::CONFLICT);
+    let ok = put(
+        "/v1/zk/password",
+        json!({ "previous": material.password_wrapped, "material": changed }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+
+    let client = ZkClient::new(&server.base, &token);
+    assert!(
+        client
+            .unlock(PASSWORD)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("wrong master password")
+    );
+    assert!(client.unlock("a brand new password!").await.is_ok());
+
+    let (replaced, new_recovery) = keyring.replace_recovery_key(&changed).unwrap();
+    let ok = put(
+        "/v1/zk/recovery",
+        json!({ "previous": changed.recovery_wrapped, "material": replaced }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+    let status: Value = server
+        .get("/v1/zk", Some(&token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored: polydev_zk::KeyMaterial =
+        serde_json::from_value(status["material"].clone()).unwrap();
+    assert!(
+        Keyring::unlock_with_recovery(&stored, &new_recovery.display(), &user_id.to_string())
+            .is_ok()
+    );
+}
