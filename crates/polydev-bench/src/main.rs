@@ -6,7 +6,9 @@
 //!    concurrency 1 and 32;
 //! 2. fan-out: three models with upstream delays of 100, 300 and 900 ms vs the slowest alone;
 //! 3. quota contention: 1,000 concurrent reservations for one user vs 1,000 plain increments;
-//! 4. the LiteLLM proxy in front of the same mock, measured like (1), when `--litellm-url` is given.
+//! 4. the LiteLLM proxy in front of the same mock, measured like (1), when `--litellm-url` is given;
+//! 5. zero-knowledge: envelope seal/open vs the raw AEAD, unlock time, and the migration of
+//!    100,000 messages of 1 KiB (client and database in one run).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -433,6 +435,9 @@ async fn main() -> anyhow::Result<()> {
     let contention = quota_contention(&polydev.pool).await?;
     report.insert("quota".into(), contention);
 
+    println!("== 5. zero-knowledge");
+    report.insert("zk".into(), zk_bench(&polydev, args.quick).await?);
+
     let out = work.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(report))?)?;
     println!("results: {}", out.display());
@@ -525,4 +530,99 @@ async fn quota_contention(pool: &PgPool) -> anyhow::Result<Value> {
     Ok(
         json!({ "granted": granted, "limit": LIMIT, "reservations_per_s": rate, "baseline_increments_per_s": baseline }),
     )
+}
+
+async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
+    use chacha20poly1305::aead::{Aead, KeyInit};
+    use polydev_zk::{Context as ZkContext, KdfParams, Keyring};
+
+    // (a) Envelopes vs the raw AEAD of the same crate, 1 KiB items.
+    let item = vec![0x5au8; 1024];
+    let rounds = if quick { 2_000 } else { 20_000 };
+    let (keyring, _, _) = Keyring::setup("bench password", "bench-user", KdfParams::MINIMUM)?;
+    let ctx = ZkContext {
+        namespace: "chat.message",
+        user_id: "bench-user",
+        row_id: "row",
+    };
+    let started = Instant::now();
+    let mut sealed = String::new();
+    for _ in 0..rounds {
+        sealed = keyring.seal(&ctx, &item)?;
+    }
+    let seal = rounds as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        keyring.open(&ctx, &sealed)?;
+    }
+    let open = rounds as f64 / started.elapsed().as_secs_f64();
+    let cipher = chacha20poly1305::XChaCha20Poly1305::new(&[7u8; 32].into());
+    let nonce = chacha20poly1305::XNonce::from([9u8; 24]);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(
+            cipher
+                .encrypt(&nonce, item.as_slice())
+                .map_err(|_| anyhow::anyhow!("aead"))?,
+        );
+    }
+    let raw = rounds as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "1 KiB items: seal {seal:.0}/s ({:.1} MB/s), open {open:.0}/s | raw XChaCha20-Poly1305 {raw:.0}/s ({:.1} MB/s) | seal/raw {:.2}",
+        seal * 1024.0 / 1e6,
+        raw * 1024.0 / 1e6,
+        seal / raw
+    );
+
+    // (b) Unlock with the default parameters (Argon2id m=64 MiB, t=3).
+    let (_, material, _) = Keyring::setup("bench password", "bench-user", KdfParams::DEFAULT)?;
+    let started = Instant::now();
+    Keyring::unlock(&material, "bench password", "bench-user")?;
+    let unlock = started.elapsed();
+    println!("unlock (Argon2id m=64 MiB t=3 p=1, native): {}", ms(unlock));
+
+    // (c) Migration of plaintext history through the real server.
+    let messages: i32 = if quick { 10_000 } else { 100_000 };
+    let token = &polydev.tokens[31];
+    let client = polydev::zk::client::ZkClient::new(&polydev.url, token);
+    let (keyring, _) = client
+        .enable("bench master password", KdfParams::MINIMUM)
+        .await?;
+    let user_id: sqlx::types::Uuid = client.user_id().await?.parse()?;
+    let session: sqlx::types::Uuid = sqlx::query_scalar(
+        "INSERT INTO chat_sessions (user_id, title) VALUES ($1, 'bench') RETURNING id",
+    )
+    .bind(user_id)
+    .fetch_one(&polydev.pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO chat_messages (session_id, role, content)
+         SELECT $1, 'user', rpad('message ' || i || ' ', 1024, 'lorem ipsum ') FROM generate_series(1, $2) i",
+    )
+    .bind(session)
+    .bind(messages)
+    .execute(&polydev.pool)
+    .await?;
+    let started = Instant::now();
+    let report = client
+        .migrate(
+            &keyring,
+            500,
+            |_| {},
+            |_| std::ops::ControlFlow::Continue(()),
+        )
+        .await?;
+    let elapsed = started.elapsed();
+    let rate = f64::from(messages) / elapsed.as_secs_f64();
+    println!(
+        "migration of {messages} messages of 1 KiB: {:.1} s, {rate:.0} messages/s ({} encrypted, {} verified and cleared) | {:.3} of the raw seal rate",
+        elapsed.as_secs_f64(),
+        report.encrypted,
+        report.verified_and_cleared,
+        rate / seal
+    );
+    Ok(json!({
+        "seal_per_s": seal, "open_per_s": open, "raw_aead_per_s": raw, "unlock_ms": unlock.as_secs_f64() * 1e3,
+        "migration_messages": messages, "migration_s": elapsed.as_secs_f64(), "migration_per_s": rate,
+    }))
 }

@@ -13,6 +13,8 @@
 
 mod envelope;
 mod error;
+#[doc(hidden)]
+pub mod kat;
 mod kdf;
 mod keys;
 mod pad;

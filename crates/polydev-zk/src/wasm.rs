@@ -125,3 +125,19 @@ impl ZkKeyring {
         Ok(serde_json::to_string(&material).expect("material serializes"))
     }
 }
+
+/// SHA-256 (hex) of a text's UTF-8 bytes: the migration's compare-and-swap token.
+#[wasm_bindgen(js_name = contentHash)]
+pub fn content_hash(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Runs the primitives' known-answer tests inside this build; returns the names that failed.
+#[wasm_bindgen(js_name = selfTest)]
+pub fn self_test() -> Vec<String> {
+    crate::kat::failures()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}

@@ -7,6 +7,7 @@ mod health;
 mod me;
 pub mod perspectives;
 mod tokens;
+mod web;
 mod zk;
 
 use std::future::Future;
@@ -131,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens::routes())
         .merge(perspectives::routes())
         .merge(zk::routes())
+        .merge(web::routes())
         .fallback(error::not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

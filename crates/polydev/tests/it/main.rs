@@ -8,4 +8,5 @@ mod migrations;
 mod perspectives;
 mod providers;
 mod serve;
-mod zk;
+mod web;
+pub mod zk;

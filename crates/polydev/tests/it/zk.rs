@@ -17,7 +17,7 @@ use crate::http_api::{TestServer, user_with_token};
 const PASSWORD: &str = "a long enough master password";
 
 /// A user with plaintext history in both legacy chat systems.
-async fn seed_history(db: &TestDb, user_id: Uuid, per_system: usize) {
+pub async fn seed_history(db: &TestDb, user_id: Uuid, per_system: usize) {
     let chat: Uuid = sqlx::query_scalar(
         "INSERT INTO chat_sessions (user_id, title) VALUES ($1, 'old chat') RETURNING id",
     )

@@ -1,0 +1,42 @@
+// The crypto core's vectors, run against the WASM build under Node (target/zk-node, made by
+// web/build.sh): the primitives' KATs inside WASM, the frozen v1 envelopes, and a round trip.
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import assert from "node:assert/strict";
+
+const root = new URL("../../", import.meta.url);
+const zk = createRequire(import.meta.url)(new URL("target/zk-node/polydev_zk.js", root).pathname);
+const vectors = (name) => readFileSync(new URL(`crates/polydev-zk/tests/vectors/${name}`, root), "utf8").trim();
+
+const USER = "7d3c1a3e-2f7b-4d55-9a43-0c3b8e4f7a10";
+const ROW = "88888888-8888-4888-8888-888888888881";
+const results = [];
+function check(name, fn) {
+  try { fn(); results.push(`ok ${name}`); } catch (e) { results.push(`FAIL ${name}: ${e.message}`); }
+}
+
+check("known-answer tests inside WASM", () => assert.deepEqual(zk.selfTest(), []));
+check("frozen v1 material and item open", () => {
+  const keyring = zk.unlock(vectors("material-v1.json"), "correct horse battery staple", USER);
+  assert.equal(keyring.open("chat.message", USER, ROW, vectors("item-v1.txt")), "frozen vector: Ünïcödé ✓, and a newline\n");
+});
+check("frozen recovery key opens", () => {
+  const keyring = zk.unlockWithRecovery(vectors("material-v1.json"), vectors("recovery-v1.txt"), USER);
+  assert.equal(keyring.open("chat.message", USER, ROW, vectors("item-v1.txt")), "frozen vector: Ünïcödé ✓, and a newline\n");
+});
+check("a wrong password is told apart", () => {
+  assert.throws(() => zk.unlock(vectors("material-v1.json"), "wrong", USER), /wrong master password/);
+});
+check("round trip, and a moved envelope is refused", () => {
+  const made = zk.setup("a password for node", USER);
+  const keyring = made.keyring();
+  const sealed = keyring.seal("chat.message", USER, "row-1", "hello from node");
+  assert.equal(keyring.open("chat.message", USER, "row-1", sealed), "hello from node");
+  assert.throws(() => keyring.open("chat.message", USER, "row-2", sealed), /row/);
+  assert.equal(zk.contentHash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+});
+
+for (const line of results) console.log(line);
+const failed = results.filter((r) => r.startsWith("FAIL")).length;
+console.log(`${results.length - failed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
