@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CancelledNotificationParam, ClientRequest,
-    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken, Request,
-    ServerConfig, ServerResult, Tool,
+    ProgressNotificationParam, ProgressToken, Request, ServerResult,
 };
 use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -125,21 +124,7 @@ impl Bridge {
 }
 
 impl ServerHandler for Bridge {
-    fn get_info(&self) -> ServerConfig {
-        super::server_info()
-    }
-
-    async fn list_tools(
-        &self,
-        _request: Option<PaginatedRequestParams>,
-        _ctx: RequestContext<RoleServer>,
-    ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(super::tools()))
-    }
-
-    fn get_tool(&self, name: &str) -> Option<Tool> {
-        super::tools().into_iter().find(|t| t.name == name)
-    }
+    super::static_tool_handlers!();
 
     async fn call_tool(
         &self,

@@ -4,6 +4,29 @@
 pub mod bridge;
 pub mod server;
 
+/// The `ServerHandler` methods both servers answer the same way, from static definitions:
+/// `get_info`, `list_tools`, `get_tool`.
+macro_rules! static_tool_handlers {
+    () => {
+        fn get_info(&self) -> rmcp::model::ServerConfig {
+            super::server_info()
+        }
+
+        async fn list_tools(
+            &self,
+            _request: Option<rmcp::model::PaginatedRequestParams>,
+            _ctx: rmcp::service::RequestContext<rmcp::RoleServer>,
+        ) -> Result<rmcp::model::ListToolsResult, rmcp::ErrorData> {
+            Ok(rmcp::model::ListToolsResult::with_all_items(super::tools()))
+        }
+
+        fn get_tool(&self, name: &str) -> Option<rmcp::model::Tool> {
+            super::tools().into_iter().find(|t| t.name == name)
+        }
+    };
+}
+use static_tool_handlers;
+
 use std::sync::Arc;
 
 use rmcp::handler::server::tool::{schema_for_input, schema_for_output};

@@ -2,8 +2,8 @@
 //! HTTP layer, which puts the [`Caller`] into the request's extensions.
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock,
+    ProgressNotificationParam, ProgressToken,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -143,21 +143,7 @@ fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
 }
 
 impl ServerHandler for PolydevMcp {
-    fn get_info(&self) -> ServerConfig {
-        super::server_info()
-    }
-
-    async fn list_tools(
-        &self,
-        _request: Option<PaginatedRequestParams>,
-        _ctx: RequestContext<RoleServer>,
-    ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(super::tools()))
-    }
-
-    fn get_tool(&self, name: &str) -> Option<Tool> {
-        super::tools().into_iter().find(|t| t.name == name)
-    }
+    super::static_tool_handlers!();
 
     async fn call_tool(
         &self,

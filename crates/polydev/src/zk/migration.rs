@@ -113,31 +113,68 @@ pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<Status> {
     Ok(status)
 }
 
-/// A batch of messages still in plaintext.
-pub async fn plaintext_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Plaintext>> {
-    require_enabled(pool, user_id).await?;
+/// Rows of both chat systems, up to `limit` in all, each tagged with its system. `select`
+/// gives the query for one system; `$1` is the user, `$2` the limit left.
+async fn across_systems<T>(
+    pool: &PgPool,
+    user_id: Uuid,
+    limit: i64,
+    select: impl Fn(System) -> String,
+) -> Result<Vec<T>>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin + Tagged,
+{
     let limit = limit.clamp(1, MAX_BATCH);
     let mut out = Vec::new();
     for system in SYSTEMS {
-        let rows: Vec<Plaintext> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT m.id, m.content, encode(sha256(convert_to(m.content, 'UTF8')), 'hex') AS content_sha256
-               FROM {} AND NOT coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
-              ORDER BY m.id LIMIT $2",
-            scoped(system)
-        )))
-        .bind(user_id)
-        .bind(limit - out.len() as i64)
-        .fetch_all(pool)
-        .await?;
-        out.extend(rows.into_iter().map(|r| Plaintext {
-            system: Some(system),
-            ..r
-        }));
+        let rows: Vec<T> = sqlx::query_as(sqlx::AssertSqlSafe(select(system)))
+            .bind(user_id)
+            .bind(limit - out.len() as i64)
+            .fetch_all(pool)
+            .await?;
+        out.extend(rows.into_iter().map(|row| row.tagged(system)));
         if out.len() as i64 >= limit {
             break;
         }
     }
     Ok(out)
+}
+
+/// Rows that carry the chat system they were read from.
+trait Tagged {
+    fn tagged(self, system: System) -> Self;
+}
+
+impl Tagged for Plaintext {
+    fn tagged(self, system: System) -> Self {
+        Plaintext {
+            system: Some(system),
+            ..self
+        }
+    }
+}
+
+impl Tagged for Unverified {
+    fn tagged(self, system: System) -> Self {
+        Unverified {
+            system: Some(system),
+            ..self
+        }
+    }
+}
+
+/// A batch of messages still in plaintext.
+pub async fn plaintext_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Plaintext>> {
+    require_enabled(pool, user_id).await?;
+    across_systems(pool, user_id, limit, |system| {
+        format!(
+            "SELECT m.id, m.content, encode(sha256(convert_to(m.content, 'UTF8')), 'hex') AS content_sha256
+               FROM {} AND NOT coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
+              ORDER BY m.id LIMIT $2",
+            scoped(system)
+        )
+    })
+    .await
 }
 
 /// Writes envelopes, each only if its row is still the plaintext that was read (same hash, not
@@ -191,29 +228,16 @@ pub async fn write_encrypted(
 
 /// Encrypted rows whose plaintext is still there, for the client to verify.
 pub async fn unverified_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Unverified>> {
-    let limit = limit.clamp(1, MAX_BATCH);
-    let mut out = Vec::new();
-    for system in SYSTEMS {
-        let rows: Vec<Unverified> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    across_systems(pool, user_id, limit, |system| {
+        format!(
             "SELECT m.id, m.content, m.encrypted_content_v2 AS encrypted_content
                FROM {} AND coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
                 AND m.encrypted_content_v2 IS NOT NULL
               ORDER BY m.id LIMIT $2",
             scoped(system)
-        )))
-        .bind(user_id)
-        .bind(limit - out.len() as i64)
-        .fetch_all(pool)
-        .await?;
-        out.extend(rows.into_iter().map(|r| Unverified {
-            system: Some(system),
-            ..r
-        }));
-        if out.len() as i64 >= limit {
-            break;
-        }
-    }
-    Ok(out)
+        )
+    })
+    .await
 }
 
 /// Clears the plaintext of verified rows. Idempotent; only rows that hold an envelope.

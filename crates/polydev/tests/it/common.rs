@@ -254,3 +254,20 @@ pub fn mock_gateway(base: &str) -> polydev::perspectives::Gateway {
         .collect();
     polydev::perspectives::Gateway::with_providers(catalogue, providers)
 }
+
+/// Polls `condition` every 20 ms for up to 5 s (background work such as refunds of dropped
+/// calls lands asynchronously) and returns its last value. A bound against hangs, not a timing
+/// assertion: callers assert on the state afterwards.
+pub async fn eventually<F, Fut>(mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    condition().await
+}

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 use polydev::accounts::{self, Plan};
 use polydev::http::{self, AppState};
 
-use crate::common::TestDb;
+use crate::common::{TestDb, eventually};
 
 pub struct TestServer {
     pub base: String,
@@ -124,21 +124,17 @@ async fn me_returns_the_callers_account_and_quota() {
     assert_eq!(me["quota"]["eco"]["remaining"], 150);
 
     // last_used_at is written (in the background) after the first authenticated request.
-    let mut last_used = None;
-    for _ in 0..100 {
-        last_used = sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+    let last_used = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
             "SELECT last_used_at FROM mcp_user_tokens WHERE user_id = $1",
         )
         .bind(user_id)
         .fetch_one(&db.pool)
         .await
-        .unwrap();
-        if last_used.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(last_used.is_some(), "last_used_at was recorded");
+        .unwrap()
+        .is_some()
+    };
+    assert!(eventually(last_used).await, "last_used_at was recorded");
 }
 
 #[tokio::test]
@@ -501,36 +497,22 @@ async fn a_client_that_goes_away_cancels_the_call_and_is_not_charged() {
             let mut response = request.send().await.unwrap();
             while let Ok(Some(_)) = response.chunk().await {}
         });
-        for _ in 0..250 {
-            if mock.stats().started() > before {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        eventually(|| async { mock.stats().started() > before }).await;
         call.abort();
         let _ = call.await;
-        let mut counters = (1, 1);
-        for _ in 0..250 {
-            counters = sqlx::query_as(
+        let counters = || async {
+            sqlx::query_as::<_, (i32, i32)>(
                 "SELECT messages_used, premium_perspectives_used FROM user_perspective_quotas WHERE user_id = $1",
             )
             .bind(user_id)
             .fetch_one(&db.pool)
             .await
-            .unwrap();
-            if counters == (0, 0) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert_eq!(counters, (0, 0), "sse={sse}: nothing charged");
+            .unwrap()
+        };
+        eventually(|| async { counters().await == (0, 0) }).await;
+        assert_eq!(counters().await, (0, 0), "sse={sse}: nothing charged");
     }
-    for _ in 0..250 {
-        if mock.stats().abandoned() == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(|| async { mock.stats().abandoned() == 2 }).await;
     assert_eq!(
         mock.stats().abandoned(),
         2,

@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 use polydev::accounts::{self, Plan};
 use polydev_mock::MockUpstream;
 
-use crate::common::{TestDb, mock_catalogue};
+use crate::common::{TestDb, eventually, mock_catalogue};
 
 const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 
@@ -244,14 +244,8 @@ async fn cancelling_from_the_sdk_aborts_and_refunds() {
                 .contains("test cancels"),
             "{mode}: {out}"
         );
-        let mut last = counters(&db, user.user_id).await;
-        for _ in 0..250 {
-            if last == (0, 0) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            last = counters(&db, user.user_id).await;
-        }
+        eventually(|| async { counters(&db, user.user_id).await == (0, 0) }).await;
+        let last = counters(&db, user.user_id).await;
         assert_eq!(last, (0, 0), "{mode}: the cancelled call charged nothing");
     }
     assert_eq!(
@@ -259,12 +253,7 @@ async fn cancelling_from_the_sdk_aborts_and_refunds() {
         0,
         "no upstream call ran to the end"
     );
-    for _ in 0..250 {
-        if server._mock.stats().abandoned() == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(|| async { server._mock.stats().abandoned() == 2 }).await;
     assert_eq!(
         server._mock.stats().abandoned(),
         2,

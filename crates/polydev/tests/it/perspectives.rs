@@ -11,7 +11,7 @@ use polydev::perspectives::{Gateway, PerspectivesRequest, Progress, Status, get_
 use polydev_mock::{MockUpstream, answer_for};
 use uuid::Uuid;
 
-use crate::common::{TestDb, mock_gateway};
+use crate::common::{TestDb, eventually, mock_gateway};
 
 fn ask(models: &[&str]) -> PerspectivesRequest {
     PerspectivesRequest {
@@ -86,15 +86,8 @@ type UsageRow = (
 
 /// Waits (bounded) for background refunds of dropped calls to land.
 async fn eventually_used(db: &TestDb, user: Uuid, expected: (i32, i32, i32, i32)) {
-    let mut last = used(db, user).await;
-    for _ in 0..250 {
-        if last == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        last = used(db, user).await;
-    }
-    assert_eq!(last, expected);
+    eventually(|| async { used(db, user).await == expected }).await;
+    assert_eq!(used(db, user).await, expected);
 }
 
 #[tokio::test]
@@ -309,12 +302,7 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
     // Refunds for timed-out models happen before the call returns.
     assert_eq!(used(&f.db, f.user).await, (1, 1, 0, 0));
     assert_eq!(usage_rows(&f.db, f.user).await, 1);
-    for _ in 0..100 {
-        if f.mock.stats().abandoned() >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(|| async { f.mock.stats().abandoned() >= 1 }).await;
     assert_eq!(
         f.mock.stats().abandoned(),
         1,
@@ -338,12 +326,7 @@ async fn cancelling_a_call_aborts_upstream_calls_and_refunds_them() {
     let cancelled = tokio::time::timeout(Duration::from_millis(700), call).await;
     assert!(cancelled.is_err(), "the call was still running");
     eventually_used(&f.db, f.user, (0, 0, 0, 1)).await;
-    for _ in 0..100 {
-        if f.mock.stats().abandoned() >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(|| async { f.mock.stats().abandoned() >= 1 }).await;
     assert_eq!(f.mock.stats().abandoned(), 1);
 }
 

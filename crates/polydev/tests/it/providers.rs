@@ -1,5 +1,6 @@
 //! Provider adapters against a mock upstream speaking each provider's wire format.
 
+use crate::common::eventually;
 use std::sync::Mutex;
 
 use polydev::perspectives::catalogue::ProviderKind;
@@ -168,12 +169,7 @@ async fn dropping_a_call_aborts_the_upstream_request() {
         let call = p.complete(&req, None);
         let _ = tokio::time::timeout(std::time::Duration::from_millis(300), call).await;
     }
-    for _ in 0..200 {
-        if mock.stats().abandoned() == 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(|| async { mock.stats().abandoned() == 3 }).await;
     assert_eq!(
         mock.stats().abandoned(),
         3,

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::common::TestDb;
+use crate::common::{TestDb, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 /// Upper bound for start-up (first start runs initdb); a guard against hangs, not a timing test.
@@ -222,17 +222,13 @@ async fn in_flight_requests_finish_before_the_process_exits() {
             .bearer_auth(&token)
             .send(),
     );
-    let mut waiting = false;
-    for _ in 0..500 {
-        waiting = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM profiles%')")
+    let waiting = eventually(|| async {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM profiles%')")
             .fetch_one(&db.pool)
             .await
-            .unwrap();
-        if waiting {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .unwrap()
+    })
+    .await;
     assert!(waiting, "the request reached the database");
 
     let pid = Pid::from_raw(server.id().unwrap() as i32);

@@ -4,7 +4,8 @@ use reqwest::header::HeaderName;
 use serde_json::{Value, json};
 
 use super::{
-    Completion, CompletionRequest, ErrorClass, ProviderError, StreamState, WireFormat, usage_field,
+    Completion, CompletionRequest, ProviderError, StreamState, WireFormat, stream_chunk,
+    usage_field,
 };
 
 pub struct Gemini;
@@ -67,12 +68,7 @@ impl WireFormat for Gemini {
         data: &str,
         state: &mut StreamState,
     ) -> Result<Option<String>, ProviderError> {
-        let chunk: Value = serde_json::from_str(data).map_err(|e| {
-            ProviderError::new(ErrorClass::Malformed, format!("invalid stream chunk: {e}"))
-        })?;
-        if let Some(message) = self.error_message(&chunk) {
-            return Err(ProviderError::new(ErrorClass::Upstream, message));
-        }
+        let chunk = stream_chunk(data, |c| self.error_message(c))?;
         // Every chunk carries the running usage; the last one is final.
         let usage = &chunk["usageMetadata"];
         if let Some(input) = usage_field(&usage["promptTokenCount"]) {

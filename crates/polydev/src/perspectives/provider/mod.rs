@@ -153,6 +153,20 @@ impl StreamState {
     }
 }
 
+/// A JSON stream chunk; an error object inside it is the upstream's failure.
+fn stream_chunk(
+    data: &str,
+    error_message: impl Fn(&Value) -> Option<String>,
+) -> Result<Value, ProviderError> {
+    let chunk: Value = serde_json::from_str(data).map_err(|e| {
+        ProviderError::new(ErrorClass::Malformed, format!("invalid stream chunk: {e}"))
+    })?;
+    match error_message(&chunk) {
+        Some(message) => Err(ProviderError::new(ErrorClass::Upstream, message)),
+        None => Ok(chunk),
+    }
+}
+
 fn usage_field(value: &Value) -> Option<u32> {
     value.as_u64().and_then(|v| u32::try_from(v).ok())
 }

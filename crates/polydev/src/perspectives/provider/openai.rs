@@ -5,7 +5,8 @@ use reqwest::header::{AUTHORIZATION, HeaderName};
 use serde_json::{Value, json};
 
 use super::{
-    Completion, CompletionRequest, ErrorClass, ProviderError, StreamState, WireFormat, usage_field,
+    Completion, CompletionRequest, ProviderError, StreamState, WireFormat, stream_chunk,
+    usage_field,
 };
 
 pub struct OpenAi;
@@ -57,12 +58,7 @@ impl WireFormat for OpenAi {
             state.done = true;
             return Ok(None);
         }
-        let chunk: Value = serde_json::from_str(data).map_err(|e| {
-            ProviderError::new(ErrorClass::Malformed, format!("invalid stream chunk: {e}"))
-        })?;
-        if let Some(message) = self.error_message(&chunk) {
-            return Err(ProviderError::new(ErrorClass::Upstream, message));
-        }
+        let chunk = stream_chunk(data, |c| self.error_message(c))?;
         if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
             state.input_tokens = usage_field(&usage["prompt_tokens"]);
             state.output_tokens = usage_field(&usage["completion_tokens"]);
