@@ -52,23 +52,7 @@ pub struct DbArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply pending migrations, then serve HTTP until SIGINT or SIGTERM.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, env = "POLYDEV_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Model catalogue (TOML) replacing the shipped one (config/models.toml).
-        #[arg(long, env = "POLYDEV_MODELS")]
-        models: Option<PathBuf>,
-        /// Host names the MCP endpoint accepts in `Host` (DNS-rebinding protection); add your
-        /// public host name when serving beyond this machine.
-        #[arg(
-            long,
-            env = "POLYDEV_ALLOWED_HOSTS",
-            value_delimiter = ',',
-            default_value = "localhost,127.0.0.1,::1"
-        )]
-        allowed_hosts: Vec<String>,
-    },
+    Serve(ServeArgs),
     /// Apply pending migrations (adopting an existing production database first).
     Migrate {
         /// Print what would run and change nothing.
@@ -117,6 +101,29 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "POLYDEV_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Model catalogue (TOML) replacing the shipped one (config/models.toml).
+    #[arg(long, env = "POLYDEV_MODELS")]
+    models: Option<PathBuf>,
+    /// Host names the MCP endpoint accepts in `Host` (DNS-rebinding protection); add your
+    /// public host name when serving beyond this machine.
+    #[arg(
+        long,
+        env = "POLYDEV_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1,::1"
+    )]
+    allowed_hosts: Vec<String>,
+    /// The server master secret the legacy credentials were encrypted with; needed only while
+    /// users move their credentials to client-side keys.
+    #[arg(long, env = "POLYDEV_LEGACY_CREDENTIAL_SECRET", hide_env_values = true)]
+    legacy_credential_secret: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,11 +191,7 @@ impl Cli {
         }
         let db = Database::open(&self.db.config()).await?;
         let result = match self.command {
-            Command::Serve {
-                listen,
-                models,
-                allowed_hosts,
-            } => serve(&db, listen, models.as_deref(), allowed_hosts).await,
+            Command::Serve(args) => serve(&db, args).await,
             Command::Migrate { dry_run: true } => db
                 .plan()
                 .await
@@ -245,13 +248,9 @@ pub fn init_tracing() {
         .init();
 }
 
-async fn serve(
-    db: &Database,
-    listen: SocketAddr,
-    models: Option<&std::path::Path>,
-    allowed_hosts: Vec<String>,
-) -> anyhow::Result<()> {
-    let catalogue = Catalogue::load(models)?;
+async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
+    let catalogue = Catalogue::load(args.models.as_deref())?;
+    let listen = args.listen;
     migrate(db).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -261,7 +260,12 @@ async fn serve(
     println!("polydev listening on http://{addr}");
     let state = AppState::new(db.pool.clone(), Gateway::new(catalogue))
         .with_relaxed_pool(db.relaxed_pool.clone())
-        .with_allowed_hosts(allowed_hosts);
+        .with_allowed_hosts(args.allowed_hosts)
+        .with_legacy_secret(
+            args.legacy_credential_secret
+                .filter(|s| !s.is_empty())
+                .map(|s| crate::vault::LegacySecret::new(s.as_bytes())),
+        );
     http::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("in-flight requests finished; shutting down");
     Ok(())
@@ -440,8 +444,13 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 .await?;
             bar.finish();
             println!(
-                "encrypted {}, verified and cleared {}, re-queued {}, changed meanwhile {}",
+                "messages: encrypted {}, verified and cleared {}, re-queued {}, changed meanwhile {}",
                 report.encrypted, report.verified_and_cleared, report.reset, report.retried
+            );
+            let credentials = client.migrate_credentials(&keyring).await?;
+            println!(
+                "credentials: moved to client-side keys {}, verified and cleared {}",
+                credentials.moved, credentials.verified_and_cleared
             );
         }
     }

@@ -12,4 +12,5 @@ pub mod http;
 pub mod mcp;
 pub mod perspectives;
 pub mod quota;
+pub mod vault;
 pub mod zk;

@@ -50,6 +50,8 @@ pub struct AppState {
     pub allowed_hosts: Vec<String>,
     /// Cancelled at shutdown: ends MCP sessions so open SSE streams do not hold the drain.
     pub shutdown: CancellationToken,
+    /// Decrypts legacy server-encrypted credentials while they move to client-side keys.
+    pub legacy_secret: Option<crate::vault::LegacySecret>,
 }
 
 impl AppState {
@@ -61,7 +63,13 @@ impl AppState {
             last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             shutdown: CancellationToken::new(),
+            legacy_secret: None,
         }
+    }
+
+    pub fn with_legacy_secret(mut self, secret: Option<crate::vault::LegacySecret>) -> Self {
+        self.legacy_secret = secret;
+        self
     }
 
     pub fn pools(&self) -> crate::db::Pools<'_> {

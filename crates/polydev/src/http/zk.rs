@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{ApiError, AppState, Authenticated};
 use crate::chat::{self, ChatMessage, ChatSession, NewMessage};
+use crate::vault;
 use crate::zk::migration::{self, EncryptedWrite, Item};
 use crate::zk::{self, KeyMaterial, ZkStatus};
 
@@ -34,6 +35,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/zk/migration/unverified", get(unverified))
         .route("/v1/zk/migration/clear", post(clear))
         .route("/v1/zk/migration/reset", post(reset))
+        .route("/v1/zk/credentials", get(credential_envelopes))
+        .route("/v1/zk/credentials/hand-over", post(hand_over))
+        .route("/v1/zk/credentials/encrypted", post(store_credentials))
+        .route("/v1/zk/credentials/clear", post(clear_credentials))
         .route("/v1/chat/sessions", get(sessions).post(create_session))
         .route(
             "/v1/chat/sessions/{id}/messages",
@@ -201,4 +206,47 @@ async fn add_message(
     let Json(message) = body?;
     let added = chat::add_message(&state.pool, caller.user_id, id, &message).await?;
     Ok((StatusCode::CREATED, Json(added)))
+}
+
+async fn hand_over(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<Batch>, QueryRejection>,
+) -> Result<Json<Vec<vault::HandedOver>>, ApiError> {
+    let Query(batch) = query.map_err(|e| ApiError(crate::error::Error::Invalid(e.body_text())))?;
+    let handed = vault::hand_over(
+        &state.pool,
+        state.legacy_secret.as_ref(),
+        caller.user_id,
+        batch.limit.unwrap_or(50),
+    )
+    .await?;
+    Ok(Json(handed))
+}
+
+async fn store_credentials(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    body: Body<Vec<vault::Sealed>>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(sealed) = body?;
+    let stored = vault::store(&state.pool, caller.user_id, &sealed).await?;
+    Ok(Json(json!({ "stored": stored })))
+}
+
+async fn credential_envelopes(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Vec<vault::Sealed>>, ApiError> {
+    Ok(Json(vault::envelopes(&state.pool, caller.user_id).await?))
+}
+
+async fn clear_credentials(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    body: Body<Vec<vault::CredentialRef>>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(items) = body?;
+    let cleared = vault::clear_legacy(&state.pool, caller.user_id, &items).await?;
+    Ok(Json(json!({ "cleared": cleared })))
 }

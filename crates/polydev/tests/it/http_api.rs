@@ -22,10 +22,13 @@ impl TestServer {
     }
 
     pub async fn start_with(db: &TestDb, gateway: polydev::perspectives::Gateway) -> TestServer {
+        Self::start_state(AppState::new(db.pool.clone(), gateway)).await
+    }
+
+    pub async fn start_state(state: AppState) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let state = AppState::new(db.pool.clone(), gateway);
         tokio::spawn(http::serve(listener, state, async {
             let _ = stopped.await;
         }));

@@ -500,3 +500,140 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
             .is_ok()
     );
 }
+
+/// Legacy credentials (AES-256-GCM under a server key from scrypt) move to client-side keys:
+/// handed over once, sealed by the client, stored, verified, and the legacy ciphertext cleared.
+#[tokio::test]
+async fn legacy_credentials_move_to_client_side_keys() {
+    use polydev::vault::LegacySecret;
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "vault@example.com", Plan::Pro).await;
+    let (other_id, _) = user_with_token(&db, "vault-other@example.com", Plan::Pro).await;
+    let secret = LegacySecret::new(b"the old server master secret");
+
+    // As the legacy code stored them.
+    let provider_secret = br#"{"access_token":"sk-live-123","refresh_token":"rt-456"}"#;
+    let salt = [7u8; 16];
+    let iv = [1u8; 12];
+    let (ct, tag) = secret.seal(&salt, iv, provider_secret);
+    let provider_id: Uuid = sqlx::query_scalar(
+        "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
+         VALUES ($1, 'openai', $2, $3, $4, $5) RETURNING credential_id",
+    )
+    .bind(user_id)
+    .bind(&ct)
+    .bind(&iv[..])
+    .bind(&salt[..])
+    .bind(&tag)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let cli_id = Uuid::new_v4();
+    let cli_secret = b"claude-code oauth token: abc.def.ghi";
+    let (ct, tag) = secret.seal(cli_id.to_string().as_bytes(), [2u8; 12], cli_secret);
+    sqlx::query(
+        "INSERT INTO cli_credentials (credential_id, user_id, provider, encrypted_data, encryption_iv, encryption_auth_tag)
+         VALUES ($1, $2, 'anthropic', $3, $4, $5)",
+    )
+    .bind(cli_id)
+    .bind(user_id)
+    .bind(hex::encode(&ct))
+    .bind(hex::encode([2u8; 12]))
+    .bind(hex::encode(&tag))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Another user's credential is never handed over.
+    let (ct, tag) = secret.seal(&salt, iv, b"not yours");
+    sqlx::query(
+        "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
+         VALUES ($1, 'google', $2, $3, $4, $5)",
+    )
+    .bind(other_id)
+    .bind(&ct)
+    .bind(&iv[..])
+    .bind(&salt[..])
+    .bind(&tag)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::http::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    )
+    .with_legacy_secret(Some(secret));
+    let server = TestServer::start_state(state).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let report = client.migrate_credentials(&keyring).await.unwrap();
+    assert_eq!((report.moved, report.verified_and_cleared), (2, 2));
+    // Running again finds nothing left to move.
+    let again = client.migrate_credentials(&keyring).await.unwrap();
+    assert_eq!(again.moved, 0);
+
+    let user = user_id.to_string();
+    let (envelope, legacy): (String, Option<Vec<u8>>) = sqlx::query_as(
+        "SELECT encrypted_credentials_v2, encrypted_credentials FROM provider_credentials WHERE credential_id = $1",
+    )
+    .bind(provider_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(legacy.is_none(), "the server-decryptable copy is gone");
+    let row = provider_id.to_string();
+    let ctx = Context {
+        namespace: "credential.provider",
+        user_id: &user,
+        row_id: &row,
+    };
+    assert_eq!(keyring.open(&ctx, &envelope).unwrap(), provider_secret);
+    let (envelope, legacy): (String, Option<String>) = sqlx::query_as(
+        "SELECT encrypted_data_v2, encrypted_data FROM cli_credentials WHERE credential_id = $1",
+    )
+    .bind(cli_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(legacy.is_none());
+    let row = cli_id.to_string();
+    let ctx = Context {
+        namespace: "credential.cli",
+        user_id: &user,
+        row_id: &row,
+    };
+    assert_eq!(keyring.open(&ctx, &envelope).unwrap(), cli_secret);
+    let untouched: bool = sqlx::query_scalar(
+        "SELECT encrypted_credentials IS NOT NULL AND NOT coalesce(migrated_to_zk, false)
+           FROM provider_credentials WHERE user_id = $1",
+    )
+    .bind(other_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(untouched, "another user's credential is left alone");
+}
+
+#[tokio::test]
+async fn without_the_legacy_secret_the_server_says_so() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "nosecret@example.com", Plan::Pro).await;
+    sqlx::query(
+        "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
+         VALUES ($1, 'openai', '\\x00', '\\x000000000000000000000000', '\\x00', '\\x00000000000000000000000000000000')",
+    )
+    .bind(user_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let server = TestServer::start(&db).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let err = client
+        .migrate_credentials(&keyring)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("POLYDEV_LEGACY_CREDENTIAL_SECRET"), "{err}");
+}
