@@ -62,3 +62,10 @@ YAML
 fi
 
 target/release/polydev-bench "${args[@]}"
+
+# The same crypto in WASM (needs web/build.sh's Node build; .ci/run and web/build.sh make it).
+if [ -f target/zk-node/polydev_zk.js ]; then
+  node bench/zk-wasm.mjs
+else
+  echo "(WASM figures skipped: run web/build.sh first)"
+fi

@@ -61,6 +61,76 @@ pub fn xchacha20poly1305_draft() -> bool {
     sealed.is_ok_and(|ct| ct == expected) && opened.is_ok_and(|pt| pt == plaintext)
 }
 
+/// Wycheproof `xchacha20_poly1305_test.json` (tcId 1 is the draft's A.3.1 above): (key, iv, aad,
+/// msg, ct, tag). Each must encrypt to its ciphertext, and fail to open with a flipped tag bit.
+const WYCHEPROOF: [(&str, &str, &str, &str, &str, &str); 4] = [
+    (
+        "ab1562faea9f47af3ae1c3d6d030e3af230255dff3df583ced6fbbcbf9d606a9",
+        "6a5e0c4617e07091b605a4de2c02dde117de2ebd53b23497",
+        "",
+        "",
+        "",
+        "e2697ea6877aba39d9555a00e14db041",
+    ),
+    (
+        "303ccb2e1567c3d9f629a5c632dbc62a9a82c525674f67988b31bd1dee990538",
+        "05188738844ab90a8b11beef38eaec3e100d8f4f85ae7a41",
+        "",
+        "62",
+        "45",
+        "d15734f984d749fa3f0550a70c43dddf",
+    ),
+    (
+        "b720aea3df85fb3fb00583eddbebc5c545bcdcb7f6f2a94c1087950e16d68278",
+        "1436f36466fce5db337a73ec18e269e6e985d91035128183",
+        "9d53316bd2aa3e3d",
+        "4799c4",
+        "d41c02",
+        "8faa889d7f189cd9473e19200ef03920",
+    ),
+    (
+        "924aafdb5b8a206b3e49aefe8944918cdcc8ccb5bb4b8c4ee81b847aa6fa52a0",
+        "829cb09e40c2cc5f7648adc177e56ef53a58bfa16a859338",
+        "a67a57310055b193",
+        "68576b935acaab8b33ab62e3",
+        "2345bfc502f9c62d64ad87f9",
+        "6736f095a28b887238f80dc562eaa25c",
+    ),
+];
+
+pub fn xchacha20poly1305_wycheproof() -> bool {
+    WYCHEPROOF.iter().all(|&(key, iv, aad, msg, ct, tag)| {
+        let cipher = XChaCha20Poly1305::new(&hex_array::<32>(key).into());
+        let nonce = XNonce::from(hex_array::<24>(iv));
+        let (aad, msg) = (
+            hex::decode(aad).expect("hex"),
+            hex::decode(msg).expect("hex"),
+        );
+        let mut expected = hex::decode(format!("{ct}{tag}")).expect("hex");
+        let sealed_ok = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &msg,
+                    aad: &aad,
+                },
+            )
+            .is_ok_and(|sealed| sealed == expected);
+        let last = expected.len() - 1;
+        expected[last] ^= 1;
+        sealed_ok
+            && cipher
+                .decrypt(
+                    &nonce,
+                    Payload {
+                        msg: &expected,
+                        aad: &aad,
+                    },
+                )
+                .is_err()
+    })
+}
+
 /// RFC 5869 test case 1: HKDF-SHA256.
 pub fn hkdf_sha256_rfc5869() -> bool {
     let salt = hex_array::<13>("000102030405060708090a0b0c");
@@ -80,6 +150,7 @@ pub fn failures() -> Vec<&'static str> {
     [
         ("argon2id_rfc9106", argon2id_rfc9106 as fn() -> bool),
         ("xchacha20poly1305_draft", xchacha20poly1305_draft),
+        ("xchacha20poly1305_wycheproof", xchacha20poly1305_wycheproof),
         ("hkdf_sha256_rfc5869", hkdf_sha256_rfc5869),
     ]
     .into_iter()

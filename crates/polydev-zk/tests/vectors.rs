@@ -3,7 +3,8 @@
 
 use polydev_zk::{Context, Error, KdfParams, KeyMaterial, Keyring};
 
-/// RFC 9106 Argon2id, the XChaCha20-Poly1305 draft's A.3.1 and RFC 5869 HKDF-SHA256, as used.
+/// RFC 9106 Argon2id, XChaCha20-Poly1305 (the draft's A.3.1 and Wycheproof cases) and RFC 5869
+/// HKDF-SHA256, as used.
 #[test]
 fn primitives_match_their_published_vectors() {
     assert!(polydev_zk::kat::argon2id_rfc9106(), "Argon2id RFC 9106");

@@ -51,15 +51,34 @@ impl ZkClient {
         }
     }
 
+    /// Sends a request; over the rate limit (429) it waits as `Retry-After` says (a long
+    /// migration can exceed a plan's requests per minute) and tries again.
     async fn send<T: DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<T> {
-        let response = request
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .context("cannot reach the polydev server")?;
+        let mut attempts = 0;
+        let response = loop {
+            let attempt = request.try_clone().context("request cannot be retried")?;
+            let response = attempt
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .context("cannot reach the polydev server")?;
+            attempts += 1;
+            if response.status() != StatusCode::TOO_MANY_REQUESTS || attempts > 5 {
+                break response;
+            }
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(5)
+                .min(60);
+            tracing::info!(wait_s = wait, "rate limited by the server; waiting");
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        };
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return Ok(serde_json::from_value(Value::Null)?);
@@ -180,7 +199,6 @@ impl ZkClient {
                 let reset: Value = self.post("/v1/zk/migration/reset", &bad).await?;
                 report.reset += reset["reset"].as_u64().unwrap_or(0);
             }
-            progress(&self.migration_status().await?);
             if !good.is_empty() && stop(Step::Cleared).is_break() {
                 return Ok(report);
             }
@@ -190,6 +208,7 @@ impl ZkClient {
                 .get(&format!("/v1/zk/migration/plaintext?limit={batch}"))
                 .await?;
             if plaintext.messages.is_empty() && unverified.messages.is_empty() {
+                progress(&self.migration_status().await?);
                 return Ok(report);
             }
             let mut writes = Vec::with_capacity(plaintext.messages.len());

@@ -200,29 +200,35 @@ pub async fn write_encrypted(
             super::MAX_MESSAGE_ENVELOPE,
         )?;
     }
+    // One statement per chat system for the whole batch.
     let mut written = Vec::new();
-    let mut tx = pool.begin().await?;
-    for write in writes {
-        let table = write.system.messages_table();
-        let sessions = write.system.sessions_table();
-        let done: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "UPDATE {table} m SET encrypted_content_v2 = $4, encryption_metadata_v2 = $5, migrated_to_zk = true
-               FROM {sessions} s
-              WHERE m.id = $2 AND s.id = m.session_id AND s.user_id = $1
+    for system in SYSTEMS {
+        let rows: Vec<&EncryptedWrite> = writes.iter().filter(|w| w.system == system).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
+        let hashes: Vec<&str> = rows.iter().map(|w| w.content_sha256.as_str()).collect();
+        let envelopes: Vec<&str> = rows.iter().map(|w| w.encrypted_content.as_str()).collect();
+        let done: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {table} m SET encrypted_content_v2 = w.envelope, encryption_metadata_v2 = $5, migrated_to_zk = true
+               FROM unnest($2::uuid[], $3::text[], $4::text[]) AS w(id, hash, envelope), {sessions} s
+              WHERE m.id = w.id AND s.id = m.session_id AND s.user_id = $1
                 AND NOT coalesce(m.migrated_to_zk, false)
-                AND encode(sha256(convert_to(m.content, 'UTF8')), 'hex') = $3
-             RETURNING m.id"
+                AND encode(sha256(convert_to(m.content, 'UTF8')), 'hex') = w.hash
+             RETURNING m.id",
+            table = system.messages_table(),
+            sessions = system.sessions_table()
         )))
         .bind(user_id)
-        .bind(write.id)
-        .bind(&write.content_sha256)
-        .bind(&write.encrypted_content)
+        .bind(&ids)
+        .bind(&hashes)
+        .bind(&envelopes)
         .bind(envelope_metadata())
-        .fetch_optional(&mut *tx)
+        .fetch_all(pool)
         .await?;
         written.extend(done);
     }
-    tx.commit().await?;
     Ok(written)
 }
 
@@ -240,43 +246,59 @@ pub async fn unverified_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Resul
     .await
 }
 
-/// Clears the plaintext of verified rows. Idempotent; only rows that hold an envelope.
-pub async fn clear_plaintext(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
-    let mut cleared = 0;
-    for item in items {
+/// Runs `set` on the caller's rows among `items`, one statement per chat system.
+async fn update_items(
+    pool: &PgPool,
+    user_id: Uuid,
+    items: &[Item],
+    set: &str,
+    condition: &str,
+) -> Result<u64> {
+    let mut changed = 0;
+    for system in SYSTEMS {
+        let ids: Vec<Uuid> = items
+            .iter()
+            .filter(|i| i.system == system)
+            .map(|i| i.id)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} m SET content = NULL FROM {} s
-              WHERE m.id = $2 AND s.id = m.session_id AND s.user_id = $1
-                AND coalesce(m.migrated_to_zk, false) AND m.encrypted_content_v2 IS NOT NULL
-                AND m.content IS NOT NULL",
-            item.system.messages_table(),
-            item.system.sessions_table()
+            "UPDATE {} m SET {set} FROM {} s
+              WHERE m.id = ANY($2) AND s.id = m.session_id AND s.user_id = $1 AND {condition}",
+            system.messages_table(),
+            system.sessions_table()
         )))
         .bind(user_id)
-        .bind(item.id)
+        .bind(&ids)
         .execute(pool)
         .await?;
-        cleared += done.rows_affected();
+        changed += done.rows_affected();
     }
-    Ok(cleared)
+    Ok(changed)
 }
 
-/// Puts back into the queue a row whose envelope did not verify (its plaintext is kept).
+/// Clears the plaintext of verified rows. Idempotent; only rows that hold an envelope.
+pub async fn clear_plaintext(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
+    update_items(
+        pool,
+        user_id,
+        items,
+        "content = NULL",
+        "coalesce(m.migrated_to_zk, false) AND m.encrypted_content_v2 IS NOT NULL AND m.content IS NOT NULL",
+    )
+    .await
+}
+
+/// Puts back into the queue rows whose envelope did not verify (their plaintext is kept).
 pub async fn reset(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
-    let mut reset = 0;
-    for item in items {
-        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} m SET migrated_to_zk = false, encrypted_content_v2 = NULL, encryption_metadata_v2 = NULL
-               FROM {} s
-              WHERE m.id = $2 AND s.id = m.session_id AND s.user_id = $1 AND m.content IS NOT NULL",
-            item.system.messages_table(),
-            item.system.sessions_table()
-        )))
-        .bind(user_id)
-        .bind(item.id)
-        .execute(pool)
-        .await?;
-        reset += done.rows_affected();
-    }
-    Ok(reset)
+    update_items(
+        pool,
+        user_id,
+        items,
+        "migrated_to_zk = false, encrypted_content_v2 = NULL, encryption_metadata_v2 = NULL",
+        "m.content IS NOT NULL",
+    )
+    .await
 }

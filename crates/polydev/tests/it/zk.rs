@@ -637,3 +637,63 @@ async fn without_the_legacy_secret_the_server_says_so() {
         .to_string();
     assert!(err.contains("POLYDEV_LEGACY_CREDENTIAL_SECRET"), "{err}");
 }
+
+/// `polydev zk migrate` killed with SIGKILL mid-run, then run again: nothing lost, all encrypted.
+#[tokio::test]
+async fn the_cli_killed_mid_migration_resumes_and_loses_nothing() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "kill@example.com", Plan::Pro).await;
+    seed_history(&db, user_id, 1000).await;
+    let before = history(&db, user_id, None).await;
+    let server = TestServer::start(&db).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let migrate = || {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_polydev"));
+        cmd.args(["zk", "migrate", "--batch", "100"])
+            .env("POLYDEV_SERVER_URL", &server.base)
+            .env("POLYDEV_USER_TOKEN", &token)
+            .env("POLYDEV_MASTER_PASSWORD", PASSWORD)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
+    let migrated = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM chat_messages WHERE migrated_to_zk) + (SELECT count(*) FROM messages WHERE migrated_to_zk)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let mut child = migrate().spawn().unwrap();
+    assert!(
+        crate::common::eventually(|| async { migrated().await >= 30 }).await,
+        "the migration started"
+    );
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(!status.success(), "killed");
+    let midway = client.migration_status().await.unwrap();
+    assert!(
+        midway.plaintext + midway.unverified > 0,
+        "killed before the end: {midway:?}"
+    );
+    assert_eq!(
+        history(&db, user_id, Some(&keyring)).await,
+        before,
+        "nothing lost at the kill"
+    );
+
+    let out = migrate().output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = client.migration_status().await.unwrap();
+    assert_eq!((done.plaintext, done.unverified, done.done), (0, 0, 2000));
+    assert_eq!(history(&db, user_id, Some(&keyring)).await, before);
+}
