@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Polydev benchmarks (docs/benchmarks.md). Usage: bench/run.sh [--quick] [--no-litellm]
+# Polydev benchmarks (docs/benchmarks.md).
+# Usage: bench/run.sh [--quick] [--no-litellm] [--only gateway|fanout|quota|zk]
 # Builds release binaries, starts the mock upstream, installs and starts the LiteLLM proxy from
 # PyPI (in target/bench/litellm-venv) in front of the same mock, then runs polydev-bench, which
 # starts `polydev serve` on a fresh database (DATABASE_URL, else an embedded cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-quick=() litellm=1
-for arg in "$@"; do
-  case "$arg" in
+quick=() litellm=1 only=()
+while [ $# -gt 0 ]; do
+  case "$1" in
     --quick) quick=(--quick) ;;
     --no-litellm) litellm=0 ;;
-    *) echo "usage: bench/run.sh [--quick] [--no-litellm]" >&2; exit 2 ;;
+    --only) only=(--only "$2"); [ "$2" = gateway ] || litellm=0; shift ;;
+    *) echo "usage: bench/run.sh [--quick] [--no-litellm] [--only gateway|fanout|quota|zk]" >&2; exit 2 ;;
   esac
+  shift
 done
 
 cargo build --release --locked -p polydev -p polydev-mock -p polydev-bench
@@ -31,7 +34,7 @@ trap cleanup EXIT
 
 mock_port=${POLYDEV_BENCH_MOCK_PORT:-18901}
 target/release/polydev-mock "127.0.0.1:$mock_port" >/dev/null & pids+=($!)
-args=(--mock-url "http://127.0.0.1:$mock_port" "${quick[@]}")
+args=(--mock-url "http://127.0.0.1:$mock_port" "${quick[@]}" "${only[@]}")
 
 if [ "$litellm" = 1 ]; then
   venv=target/bench/litellm-venv

@@ -31,6 +31,14 @@ struct Args {
     mock_url: String,
     litellm: Option<(String, String)>,
     quick: bool,
+    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`).
+    only: Option<String>,
+}
+
+impl Args {
+    fn runs(&self, section: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == section)
+    }
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -38,6 +46,7 @@ fn args() -> anyhow::Result<Args> {
     let mut litellm_url = None;
     let mut litellm_key = None;
     let mut quick = false;
+    let mut only = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -45,6 +54,7 @@ fn args() -> anyhow::Result<Args> {
             "--litellm-url" => litellm_url = it.next(),
             "--litellm-key" => litellm_key = it.next(),
             "--quick" => quick = true,
+            "--only" => only = it.next(),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -52,6 +62,7 @@ fn args() -> anyhow::Result<Args> {
         mock_url: mock_url.context("--mock-url is required (bench/run.sh starts the mock)")?,
         litellm: litellm_url.zip(litellm_key),
         quick,
+        only,
     })
 }
 
@@ -315,128 +326,136 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut report = serde_json::Map::new();
 
-    println!(
-        "== 1. gateway overhead (one model, non-streaming; polydev includes auth, rate limit, quota reservation, usage row)"
-    );
-    let direct: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
-        let (client, url) = (
-            client.clone(),
-            format!("{}/v1/chat/completions", args.mock_url),
+    if args.runs("gateway") {
+        println!(
+            "== 1. gateway overhead (one model, non-streaming; polydev includes auth, rate limit, quota reservation, usage row)"
         );
-        Arc::new(move || {
-            client
-                .post(&url)
-                .bearer_auth("mock-key")
-                .json(&chat_body("bench"))
-        })
-    };
-    let gateway: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
-        let (client, url, tokens) = (
-            client.clone(),
-            format!("{}/v1/perspectives", polydev.url),
-            polydev.tokens.clone(),
-        );
-        let body = json!({ "prompt": "Summarise the trade-offs of optimistic locking in one paragraph.", "models": ["bench"], "max_tokens": 64 });
-        let next = AtomicUsize::new(0);
-        Arc::new(move || {
-            let token = &tokens[next.fetch_add(1, Ordering::Relaxed) % tokens.len()];
-            client.post(&url).bearer_auth(token).json(&body)
-        })
-    };
-    let mut polydev_runs = Vec::new();
-    for (concurrency, total) in [(1, c1_total), (32, c32_total)] {
-        let o = overhead(
-            "polydev",
-            concurrency,
-            total,
-            direct.clone(),
-            gateway.clone(),
-        )
-        .await;
-        report.insert(format!("overhead_c{concurrency}"), summary(&o));
-        polydev_runs.push((concurrency, total, o));
-    }
-
-    if let Some((url, key)) = &args.litellm {
-        println!("== 4. LiteLLM proxy, same mock, same measurement");
-        let litellm: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
-            let (client, url, key) = (
+        let direct: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
+            let (client, url) = (
                 client.clone(),
-                format!("{url}/chat/completions"),
-                key.clone(),
+                format!("{}/v1/chat/completions", args.mock_url),
             );
             Arc::new(move || {
                 client
                     .post(&url)
-                    .bearer_auth(&key)
+                    .bearer_auth("mock-key")
                     .json(&chat_body("bench"))
             })
         };
-        for (concurrency, total, ours) in &polydev_runs {
-            // LiteLLM is far slower: fewer requests keep the run short.
+        let gateway: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
+            let (client, url, tokens) = (
+                client.clone(),
+                format!("{}/v1/perspectives", polydev.url),
+                polydev.tokens.clone(),
+            );
+            let body = json!({ "prompt": "Summarise the trade-offs of optimistic locking in one paragraph.", "models": ["bench"], "max_tokens": 64 });
+            let next = AtomicUsize::new(0);
+            Arc::new(move || {
+                let token = &tokens[next.fetch_add(1, Ordering::Relaxed) % tokens.len()];
+                client.post(&url).bearer_auth(token).json(&body)
+            })
+        };
+        let mut polydev_runs = Vec::new();
+        for (concurrency, total) in [(1, c1_total), (32, c32_total)] {
             let o = overhead(
-                "litellm",
-                *concurrency,
-                (*total / 4).max(200),
+                "polydev",
+                concurrency,
+                total,
                 direct.clone(),
-                litellm.clone(),
+                gateway.clone(),
             )
             .await;
-            let ours_added = ours.gateway.percentile(0.99).as_secs_f64()
-                - ours.direct.percentile(0.99).as_secs_f64();
-            let theirs_added =
-                o.gateway.percentile(0.99).as_secs_f64() - o.direct.percentile(0.99).as_secs_f64();
-            println!(
-                "polydev vs litellm c={concurrency}: throughput {:.1}x, added p99 {} vs {}",
-                ours.gateway.throughput() / o.gateway.throughput(),
-                ms(Duration::from_secs_f64(ours_added.max(0.0))),
-                ms(Duration::from_secs_f64(theirs_added.max(0.0))),
-            );
-            report.insert(format!("litellm_c{concurrency}"), summary(&o));
+            report.insert(format!("overhead_c{concurrency}"), summary(&o));
+            polydev_runs.push((concurrency, total, o));
+        }
+
+        if let Some((url, key)) = &args.litellm {
+            println!("== 4. LiteLLM proxy, same mock, same measurement");
+            let litellm: Arc<dyn Fn() -> reqwest::RequestBuilder + Send + Sync> = {
+                let (client, url, key) = (
+                    client.clone(),
+                    format!("{url}/chat/completions"),
+                    key.clone(),
+                );
+                Arc::new(move || {
+                    client
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .json(&chat_body("bench"))
+                })
+            };
+            for (concurrency, total, ours) in &polydev_runs {
+                // LiteLLM is far slower: fewer requests keep the run short.
+                let o = overhead(
+                    "litellm",
+                    *concurrency,
+                    (*total / 4).max(200),
+                    direct.clone(),
+                    litellm.clone(),
+                )
+                .await;
+                let ours_added = ours.gateway.percentile(0.99).as_secs_f64()
+                    - ours.direct.percentile(0.99).as_secs_f64();
+                let theirs_added = o.gateway.percentile(0.99).as_secs_f64()
+                    - o.direct.percentile(0.99).as_secs_f64();
+                println!(
+                    "polydev vs litellm c={concurrency}: throughput {:.1}x, added p99 {} vs {}",
+                    ours.gateway.throughput() / o.gateway.throughput(),
+                    ms(Duration::from_secs_f64(ours_added.max(0.0))),
+                    ms(Duration::from_secs_f64(theirs_added.max(0.0))),
+                );
+                report.insert(format!("litellm_c{concurrency}"), summary(&o));
+            }
         }
     }
 
-    println!("== 2. fan-out (models with upstream delays 100, 300, 900 ms)");
-    let rounds = if args.quick { 5 } else { 20 };
-    let slowest = load(1, rounds, {
-        let (client, url) = (
-            client.clone(),
-            format!("{}/v1/chat/completions", args.mock_url),
-        );
-        Arc::new(move || {
-            client
-                .post(&url)
-                .bearer_auth("mock-key")
-                .json(&chat_body("bench~delay900"))
+    if args.runs("fanout") {
+        println!("== 2. fan-out (models with upstream delays 100, 300, 900 ms)");
+        let rounds = if args.quick { 5 } else { 20 };
+        let slowest = load(1, rounds, {
+            let (client, url) = (
+                client.clone(),
+                format!("{}/v1/chat/completions", args.mock_url),
+            );
+            Arc::new(move || {
+                client
+                    .post(&url)
+                    .bearer_auth("mock-key")
+                    .json(&chat_body("bench~delay900"))
+            })
         })
-    })
-    .await;
-    let fanout = load(1, rounds, {
+        .await;
+        let fanout = load(1, rounds, {
         let (client, url, token) = (client.clone(), format!("{}/v1/perspectives", polydev.url), polydev.tokens[0].clone());
         let body = json!({ "prompt": "Compare three queueing designs.", "models": ["delay-100", "delay-300", "delay-900"], "max_tokens": 64 });
         Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
     })
     .await;
-    println!(
-        "fan-out of 3: p50 {} p99 {} | slowest model alone p50 {} p99 {} | overhead p50 {} p99 {}",
-        ms(fanout.percentile(0.5)),
-        ms(fanout.percentile(0.99)),
-        ms(slowest.percentile(0.5)),
-        ms(slowest.percentile(0.99)),
-        signed_ms(fanout.percentile(0.5), slowest.percentile(0.5)),
-        signed_ms(fanout.percentile(0.99), slowest.percentile(0.99)),
-    );
-    report.insert(
+        println!(
+            "fan-out of 3: p50 {} p99 {} | slowest model alone p50 {} p99 {} | overhead p50 {} p99 {}",
+            ms(fanout.percentile(0.5)),
+            ms(fanout.percentile(0.99)),
+            ms(slowest.percentile(0.5)),
+            ms(slowest.percentile(0.99)),
+            signed_ms(fanout.percentile(0.5), slowest.percentile(0.5)),
+            signed_ms(fanout.percentile(0.99), slowest.percentile(0.99)),
+        );
+        report.insert(
         "fanout".into(),
         json!({ "total_p50_ms": fanout.percentile(0.5).as_secs_f64() * 1e3, "slowest_p50_ms": slowest.percentile(0.5).as_secs_f64() * 1e3 }),
     );
+    }
 
-    println!("== 3. quota contention (1,000 concurrent reservations for one user, limit 250)");
-    let contention = quota_contention(&polydev.pool).await?;
-    report.insert("quota".into(), contention);
+    if args.runs("quota") {
+        println!("== 3. quota contention (1,000 concurrent reservations for one user, limit 250)");
+        let contention = quota_contention(&polydev.pool).await?;
+        report.insert("quota".into(), contention);
+    }
 
-    println!("== 5. zero-knowledge");
-    report.insert("zk".into(), zk_bench(&polydev, args.quick).await?);
+    if args.runs("zk") {
+        println!("== 5. zero-knowledge");
+        report.insert("zk".into(), zk_bench(&polydev, args.quick).await?);
+    }
 
     let out = work.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(report))?)?;
