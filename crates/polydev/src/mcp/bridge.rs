@@ -147,6 +147,7 @@ impl ServerHandler for Bridge {
         let (request_id, peer) = (handle.id.clone(), upstream.peer().clone());
         let response = handle.await_response();
         tokio::pin!(response);
+        let mut done = false;
         let outcome = loop {
             tokio::select! {
                 biased;
@@ -156,12 +157,7 @@ impl ServerHandler for Bridge {
                         .await;
                     break Err(ErrorData::internal_error("cancelled by the client", None));
                 }
-                Some(mut update) = updates.recv() => {
-                    if let Some(token) = &local_token {
-                        update.progress_token = token.clone();
-                        let _ = ctx.peer.notify_progress(update).await;
-                    }
-                }
+                Some(update) = updates.recv() => done = relay(&ctx, local_token.as_ref(), update).await,
                 response = &mut response => break match response {
                     Ok(ServerResult::CallToolResult(result)) => Ok(result.into()),
                     Ok(other) => Err(ErrorData::internal_error(format!("unexpected reply: {other:?}"), None)),
@@ -169,7 +165,39 @@ impl ServerHandler for Bridge {
                 },
             }
         };
+        // The server sends every progress notification before its response, but the client
+        // dispatches them concurrently: pass on the ones still in flight (until progress
+        // reaches its total, for at most 200 ms).
+        let grace = tokio::time::Instant::now() + std::time::Duration::from_millis(200);
+        while !done && outcome.is_ok() {
+            match tokio::time::timeout_at(grace, updates.recv()).await {
+                Ok(Some(update)) => done = relay(&ctx, local_token.as_ref(), update).await,
+                _ => break,
+            }
+        }
+        // rmcp writes notifications and responses from separate queues; a client drops progress
+        // that arrives after the result, so give the last notifications a moment to go first.
+        if local_token.is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
         self.relay.forget(&remote_token);
         outcome
     }
+}
+
+/// Passes a progress notification of a forwarded call to the IDE under its own token; true when
+/// it is the last one (progress reached total).
+async fn relay(
+    ctx: &RequestContext<RoleServer>,
+    local_token: Option<&ProgressToken>,
+    mut update: ProgressNotificationParam,
+) -> bool {
+    let last = update.total.is_some_and(|total| update.progress >= total);
+    if let Some(token) = local_token {
+        update.progress_token = token.clone();
+        if let Err(error) = ctx.peer.notify_progress(update).await {
+            tracing::debug!(%error, "progress notification not delivered");
+        }
+    }
+    last
 }

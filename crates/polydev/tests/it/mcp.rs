@@ -8,10 +8,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use polydev::accounts::{self, Plan};
+use polydev::accounts::Plan;
 use polydev_mock::MockUpstream;
 
 use crate::common::{TestDb, eventually, mock_catalogue};
+use crate::http_api::user_with_token;
 
 const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 
@@ -130,18 +131,12 @@ fn check_answer(out: &Value) {
 #[tokio::test]
 async fn the_sdk_client_calls_get_perspectives_over_streamable_http() {
     let db = TestDb::migrated().await;
-    let user = accounts::create_user(&db.pool, "mcp@example.com", Plan::Pro)
-        .await
-        .unwrap();
-    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
-        .await
-        .unwrap()
-        .token;
+    let (user_id, token) = user_with_token(&db, "mcp@example.com", Plan::Pro).await;
     let server = serve(&db).await;
     let out = sdk_client(&["http", &server.base, &token, &args()]).await;
     check_answer(&out);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM perspective_usage WHERE user_id = $1")
-        .bind(user.user_id)
+        .bind(user_id)
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -151,13 +146,7 @@ async fn the_sdk_client_calls_get_perspectives_over_streamable_http() {
 #[tokio::test]
 async fn the_sdk_client_calls_get_perspectives_through_the_stdio_bridge() {
     let db = TestDb::migrated().await;
-    let user = accounts::create_user(&db.pool, "stdio@example.com", Plan::Pro)
-        .await
-        .unwrap();
-    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
-        .await
-        .unwrap()
-        .token;
+    let (_, token) = user_with_token(&db, "stdio@example.com", Plan::Pro).await;
     let server = serve(&db).await;
     let out = sdk_client(&["stdio", BIN, &server.base, &token, &args()]).await;
     check_answer(&out);
@@ -211,13 +200,7 @@ async fn counters(db: &TestDb, user: uuid::Uuid) -> (i32, i32) {
 #[tokio::test]
 async fn cancelling_from_the_sdk_aborts_and_refunds() {
     let db = TestDb::migrated().await;
-    let user = accounts::create_user(&db.pool, "cancel@example.com", Plan::Pro)
-        .await
-        .unwrap();
-    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
-        .await
-        .unwrap()
-        .token;
+    let (user_id, token) = user_with_token(&db, "cancel@example.com", Plan::Pro).await;
     let server = serve(&db).await;
     let slow = json!({ "prompt": "Take your time.", "models": ["slow-premium"] }).to_string();
     for mode in ["http", "stdio"] {
@@ -244,8 +227,8 @@ async fn cancelling_from_the_sdk_aborts_and_refunds() {
                 .contains("test cancels"),
             "{mode}: {out}"
         );
-        eventually(|| async { counters(&db, user.user_id).await == (0, 0) }).await;
-        let last = counters(&db, user.user_id).await;
+        eventually(|| async { counters(&db, user_id).await == (0, 0) }).await;
+        let last = counters(&db, user_id).await;
         assert_eq!(last, (0, 0), "{mode}: the cancelled call charged nothing");
     }
     assert_eq!(
@@ -265,13 +248,7 @@ async fn cancelling_from_the_sdk_aborts_and_refunds() {
 #[tokio::test]
 async fn protocol_revision_2025_06_18_is_negotiated() {
     let db = TestDb::migrated().await;
-    let user = accounts::create_user(&db.pool, "rev@example.com", Plan::Pro)
-        .await
-        .unwrap();
-    let token = accounts::create_token(&db.pool, user.user_id, "ide", None)
-        .await
-        .unwrap()
-        .token;
+    let (_, token) = user_with_token(&db, "rev@example.com", Plan::Pro).await;
     let server = serve(&db).await;
     let response = polydev::perspectives::http_client()
         .post(format!("{}/mcp", server.base))

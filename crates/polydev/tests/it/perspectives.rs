@@ -50,6 +50,24 @@ async fn fixture(plan: Plan) -> Fixture {
     }
 }
 
+impl Fixture {
+    /// get_perspectives for the fixture's user, without progress events.
+    async fn call(
+        &self,
+        request: &PerspectivesRequest,
+    ) -> Result<polydev::perspectives::PerspectivesResult, Error> {
+        get_perspectives(
+            Pools::single(&self.db.pool),
+            &self.gateway,
+            self.user,
+            request,
+            None,
+            false,
+        )
+        .await
+    }
+}
+
 /// (messages, premium, normal, eco) used this month.
 async fn used(db: &TestDb, user: Uuid) -> (i32, i32, i32, i32) {
     sqlx::query_as(
@@ -209,16 +227,7 @@ async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
     assert_eq!(usage_rows(&f.db, f.user).await, 1);
 
     // Nothing answered: the message is given back too.
-    let result = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &ask(&["broken-premium"]),
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = f.call(&ask(&["broken-premium"])).await.unwrap();
     assert_eq!(result.totals.succeeded, 0);
     assert_eq!(used(&f.db, f.user).await, (1, 0, 0, 1));
 }
@@ -276,16 +285,7 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
     let f = fixture(Plan::Pro).await;
     let mut request = ask(&["fast-premium", "slow-premium"]);
     request.deadline_ms = Some(1000);
-    let result = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = f.call(&request).await.unwrap();
     let slow = result
         .perspectives
         .iter()
@@ -314,14 +314,7 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
 async fn cancelling_a_call_aborts_upstream_calls_and_refunds_them() {
     let f = fixture(Plan::Pro).await;
     let request = ask(&["slow-premium", "gemini-eco"]);
-    let call = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    );
+    let call = f.call(&request);
     // Cancel (drop) once the slow model is in flight.
     let cancelled = tokio::time::timeout(Duration::from_millis(700), call).await;
     assert!(cancelled.is_err(), "the call was still running");
@@ -345,16 +338,7 @@ async fn the_first_call_in_a_new_month_resets_the_counters() {
     .execute(&f.db.pool)
     .await
     .unwrap();
-    let result = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &ask(&["gpt-premium"]),
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = f.call(&ask(&["gpt-premium"])).await.unwrap();
     assert_eq!(result.totals.succeeded, 1);
     assert_eq!(used(&f.db, f.user).await, (1, 1, 0, 0));
     let (start, reset): (chrono::NaiveDate, chrono::NaiveDate) = sqlx::query_as(
@@ -374,26 +358,8 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
     let f = fixture(Plan::Pro).await;
     let mut request = ask(&["gpt-premium", "claude-normal"]);
     request.idempotency_key = Some("retry-1".into());
-    let first = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
-    let second = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let first = f.call(&request).await.unwrap();
+    let second = f.call(&request).await.unwrap();
     assert!(!first.replayed && second.replayed);
     assert_eq!(first.request_id, second.request_id);
     assert_eq!(first.perspectives, second.perspectives);
@@ -426,15 +392,7 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
     assert_eq!(used(&f.db, f.user).await, (2, 2, 2, 0));
 
     request.models = Some(vec!["gemini-eco".into()]);
-    let reused = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await;
+    let reused = f.call(&request).await;
     assert!(matches!(reused, Err(Error::Conflict(_))), "{reused:?}");
 }
 
@@ -463,16 +421,7 @@ async fn invalid_arguments_are_refused_with_a_clear_error_and_charge_nothing() {
     r.idempotency_key = Some("has spaces".into());
     cases.push((r.clone(), "idempotency_key"));
     for (request, needle) in cases {
-        let err = get_perspectives(
-            Pools::single(&f.db.pool),
-            &f.gateway,
-            f.user,
-            &request,
-            None,
-            false,
-        )
-        .await
-        .unwrap_err();
+        let err = f.call(&request).await.unwrap_err();
         assert!(
             matches!(err, Error::Invalid(_) | Error::TooLarge(_)),
             "{err:?}"
@@ -490,16 +439,7 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
     request.models = None;
     request.max_perspectives = Some(3);
     request.exclude_providers = vec!["openai".into()];
-    let result = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = f.call(&request).await.unwrap();
     let models: Vec<&str> = result
         .perspectives
         .iter()
@@ -522,16 +462,7 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
     .await
     .unwrap();
     request.max_perspectives = None;
-    let result = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = f.call(&request).await.unwrap();
     assert_eq!(result.perspectives.len(), 1);
     assert_eq!(result.perspectives[0].model, "gemini-eco");
 
@@ -541,15 +472,6 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
         .execute(&f.db.pool)
         .await
         .unwrap();
-    let result = get_perspectives(
-        Pools::single(&f.db.pool),
-        &f.gateway,
-        f.user,
-        &request,
-        None,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = f.call(&request).await.unwrap();
     assert_ne!(result.perspectives[0].tier, "eco");
 }
