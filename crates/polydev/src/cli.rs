@@ -138,6 +138,12 @@ pub enum ZkCommand {
     },
     /// Show whether zero-knowledge is on and how far the migration is.
     Status,
+    /// Change the master password (re-wraps one key; no data is re-encrypted).
+    ChangePassword,
+    /// Forgot the password: unlock with the recovery key and set a new password.
+    Recover,
+    /// Issue a new recovery key (the old one stops working); prints it once.
+    NewRecoveryKey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -377,6 +383,22 @@ fn master_password(prompt: &str) -> anyhow::Result<String> {
     Ok(rpassword::prompt_password(prompt)?)
 }
 
+/// A new master password, asked twice (or `POLYDEV_MASTER_PASSWORD`), of at least 10 characters.
+fn new_master_password() -> anyhow::Result<String> {
+    let password = master_password("new master password: ")?;
+    if std::env::var("POLYDEV_MASTER_PASSWORD").is_err() {
+        anyhow::ensure!(
+            password == master_password("again: ")?,
+            "the passwords differ"
+        );
+    }
+    anyhow::ensure!(
+        password.chars().count() >= 10,
+        "use at least 10 characters (a passphrase of several words is best)"
+    );
+    Ok(password)
+}
+
 async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow::Result<()> {
     let token = token
         .filter(|t| !t.is_empty())
@@ -402,23 +424,34 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 "Choose a master password. It never leaves this machine. If you lose BOTH the \
                  password and the recovery key printed next, your encrypted data is lost for good."
             );
-            let password = master_password("master password: ")?;
-            if std::env::var("POLYDEV_MASTER_PASSWORD").is_err() {
-                anyhow::ensure!(
-                    password == master_password("again: ")?,
-                    "the passwords differ"
-                );
-            }
-            anyhow::ensure!(
-                password.chars().count() >= 10,
-                "use at least 10 characters (a passphrase of several words is best)"
-            );
+            let password = new_master_password()?;
             let (_, recovery) = client
                 .enable(&password, polydev_zk::KdfParams::DEFAULT)
                 .await?;
             println!("{}", recovery.display());
             eprintln!(
                 "That is your recovery key, shown only this once: store it offline. Next: `polydev zk migrate`."
+            );
+        }
+        ZkCommand::ChangePassword | ZkCommand::Recover => {
+            let current = match command {
+                ZkCommand::Recover => rpassword::prompt_password("recovery key: ")?,
+                _ => master_password("current master password: ")?,
+            };
+            let unlock = match command {
+                ZkCommand::Recover => crate::zk::client::Unlock::RecoveryKey(&current),
+                _ => crate::zk::client::Unlock::Password(&current),
+            };
+            let new_password = new_master_password()?;
+            client.set_password(unlock, &new_password).await?;
+            eprintln!("master password changed");
+        }
+        ZkCommand::NewRecoveryKey => {
+            let password = master_password("master password: ")?;
+            let recovery = client.new_recovery_key(&password).await?;
+            println!("{}", recovery.display());
+            eprintln!(
+                "That is your new recovery key, shown only this once; the old one no longer works."
             );
         }
         ZkCommand::Migrate { batch } => {

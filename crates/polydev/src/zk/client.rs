@@ -33,6 +33,13 @@ pub struct MigrationReport {
     pub retried: u64,
 }
 
+/// How to open the account before changing its password.
+#[derive(Debug, Clone, Copy)]
+pub enum Unlock<'a> {
+    Password(&'a str),
+    RecoveryKey(&'a str),
+}
+
 /// Where a migration run may be stopped (tests use it to simulate a crash between steps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -143,17 +150,64 @@ impl ZkClient {
         Ok((keyring, recovery))
     }
 
-    pub async fn unlock(&self, password: &str) -> anyhow::Result<Keyring> {
+    /// The stored key material and the caller's user id.
+    async fn material(&self) -> anyhow::Result<(polydev_zk::KeyMaterial, String)> {
         let user_id = self.user_id().await?;
-        let status = self.status().await?;
-        let material = status
+        let material = self
+            .status()
+            .await?
             .material
             .context("zero-knowledge is not enabled for this account")?;
         let material = polydev_zk::KeyMaterial {
             password_wrapped: material.password_wrapped,
             recovery_wrapped: material.recovery_wrapped,
         };
+        Ok((material, user_id))
+    }
+
+    pub async fn unlock(&self, password: &str) -> anyhow::Result<Keyring> {
+        let (material, user_id) = self.material().await?;
         Ok(Keyring::unlock(&material, password, &user_id)?)
+    }
+
+    /// Replaces one envelope of the stored material (compare-and-swap on `previous`).
+    async fn replace(
+        &self,
+        path: &str,
+        previous: &str,
+        material: &polydev_zk::KeyMaterial,
+    ) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "previous": previous, "material": material });
+        self.send(self.http.put(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    /// A new master password; `unlock` opens the account with the current password or, after a
+    /// forgotten one, with the recovery key. Re-wraps one key; no data is re-encrypted.
+    pub async fn set_password(
+        &self,
+        unlock: Unlock<'_>,
+        new_password: &str,
+    ) -> anyhow::Result<Keyring> {
+        let (material, user_id) = self.material().await?;
+        let keyring = match unlock {
+            Unlock::Password(password) => Keyring::unlock(&material, password, &user_id)?,
+            Unlock::RecoveryKey(key) => Keyring::unlock_with_recovery(&material, key, &user_id)?,
+        };
+        let changed = keyring.change_password(&material, new_password, KdfParams::DEFAULT)?;
+        self.replace("/v1/zk/password", &material.password_wrapped, &changed)
+            .await?;
+        Ok(keyring)
+    }
+
+    /// A new recovery key (the old one stops working); returns it to show once.
+    pub async fn new_recovery_key(&self, password: &str) -> anyhow::Result<RecoveryKey> {
+        let (material, user_id) = self.material().await?;
+        let keyring = Keyring::unlock(&material, password, &user_id)?;
+        let (replaced, recovery) = keyring.replace_recovery_key(&material)?;
+        self.replace("/v1/zk/recovery", &material.recovery_wrapped, &replaced)
+            .await?;
+        Ok(recovery)
     }
 
     /// Runs the migration to the end (or until `stop` says so after a step), reporting progress.

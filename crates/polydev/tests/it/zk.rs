@@ -697,3 +697,80 @@ async fn the_cli_killed_mid_migration_resumes_and_loses_nothing() {
     assert_eq!((done.plaintext, done.unverified, done.done), (0, 0, 2000));
     assert_eq!(history(&db, user_id, Some(&keyring)).await, before);
 }
+
+/// A forgotten password: the recovery key opens the account and sets a new password; data
+/// sealed before still opens; a new recovery key retires the old one.
+#[tokio::test]
+async fn the_recovery_key_resets_a_forgotten_password() {
+    use polydev::zk::client::Unlock;
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "forgot@example.com", Plan::Pro).await;
+    let server = TestServer::start(&db).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, recovery) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let user = user_id.to_string();
+    let ctx = Context {
+        namespace: "chat.message",
+        user_id: &user,
+        row_id: "r1",
+    };
+    let sealed = keyring.seal(&ctx, b"kept across resets").unwrap();
+
+    let wrong = client
+        .set_password(Unlock::RecoveryKey(&"00".repeat(32)), "whatever new")
+        .await;
+    assert!(
+        wrong
+            .unwrap_err()
+            .to_string()
+            .contains("wrong recovery key")
+    );
+    client
+        .set_password(
+            Unlock::RecoveryKey(&recovery.display()),
+            "a brand new password",
+        )
+        .await
+        .unwrap();
+    assert!(
+        client
+            .unlock(PASSWORD)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("wrong master password")
+    );
+    let reopened = client.unlock("a brand new password").await.unwrap();
+    assert_eq!(reopened.open(&ctx, &sealed).unwrap(), b"kept across resets");
+
+    let replacement = client
+        .new_recovery_key("a brand new password")
+        .await
+        .unwrap();
+    let old = client
+        .set_password(
+            Unlock::RecoveryKey(&recovery.display()),
+            "x".repeat(12).as_str(),
+        )
+        .await;
+    assert!(
+        old.unwrap_err().to_string().contains("wrong recovery key"),
+        "the old recovery key is retired"
+    );
+    client
+        .set_password(
+            Unlock::RecoveryKey(&replacement.display()),
+            "third password!!",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .unlock("third password!!")
+            .await
+            .unwrap()
+            .open(&ctx, &sealed)
+            .unwrap(),
+        b"kept across resets"
+    );
+}
