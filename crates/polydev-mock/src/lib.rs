@@ -302,12 +302,8 @@ fn data(value: Value) -> String {
     format!("data: {value}\n\n")
 }
 
-// --- OpenAI Chat Completions -------------------------------------------------------------
-
-async fn openai(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: String) -> Response {
-    let Ok(req) = serde_json::from_str::<Value>(&body) else {
-        return error(Format::OpenAi, 400, "invalid JSON body");
-    };
+/// `model` and the last message's text, in the shape OpenAI and Anthropic share.
+fn model_and_prompt(req: &Value) -> (String, String) {
     let model = req["model"].as_str().unwrap_or_default().to_string();
     let prompt = req["messages"]
         .as_array()
@@ -315,6 +311,16 @@ async fn openai(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Strin
         .and_then(|m| m["content"].as_str())
         .unwrap_or_default()
         .to_string();
+    (model, prompt)
+}
+
+// --- OpenAI Chat Completions -------------------------------------------------------------
+
+async fn openai(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: String) -> Response {
+    let Ok(req) = serde_json::from_str::<Value>(&body) else {
+        return error(Format::OpenAi, 400, "invalid JSON body");
+    };
+    let (model, prompt) = model_and_prompt(&req);
     let stream = req["stream"].as_bool().unwrap_or(false);
     let include_usage = req["stream_options"]["include_usage"]
         .as_bool()
@@ -367,13 +373,7 @@ async fn anthropic(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: St
     if req["max_tokens"].as_u64().is_none() {
         return error(Format::Anthropic, 400, "max_tokens: Field required");
     }
-    let model = req["model"].as_str().unwrap_or_default().to_string();
-    let prompt = req["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or_default()
-        .to_string();
+    let (model, prompt) = model_and_prompt(&req);
     let stream = req["stream"].as_bool().unwrap_or(false);
     respond(stats, Format::Anthropic, &headers, &model, |d, guard| {
         let (text, input, output) = answer_for(&model, &prompt);

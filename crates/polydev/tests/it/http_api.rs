@@ -63,6 +63,12 @@ pub async fn user_with_token(db: &TestDb, email: &str, plan: Plan) -> (uuid::Uui
     (user.user_id, token.token)
 }
 
+/// A 401 with the JSON error `code`.
+async fn assert_refused(response: reqwest::Response, code: &str) {
+    let (status, _, got) = json_error(response).await;
+    assert_eq!((status, got.as_str()), (StatusCode::UNAUTHORIZED, code));
+}
+
 async fn json_error(response: reqwest::Response) -> (StatusCode, Option<String>, String) {
     let status = response.status();
     let challenge = response
@@ -163,34 +169,31 @@ async fn every_refused_token_gets_401_with_a_challenge_and_a_reason() {
     );
     assert!(challenge.unwrap().contains(r#"error="invalid_token""#));
 
-    let (status, _, code) =
-        json_error(server.get("/v1/me", Some("pd_short")).send().await.unwrap()).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::UNAUTHORIZED, "token_malformed")
-    );
+    assert_refused(
+        server.get("/v1/me", Some("pd_short")).send().await.unwrap(),
+        "token_malformed",
+    )
+    .await;
 
     sqlx::query("UPDATE mcp_user_tokens SET expires_at = now() - interval '1 minute'")
         .execute(&db.pool)
         .await
         .unwrap();
-    let (status, _, code) =
-        json_error(server.get("/v1/me", Some(&token)).send().await.unwrap()).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::UNAUTHORIZED, "token_expired")
-    );
+    assert_refused(
+        server.get("/v1/me", Some(&token)).send().await.unwrap(),
+        "token_expired",
+    )
+    .await;
 
     sqlx::query("UPDATE mcp_user_tokens SET expires_at = NULL, active = false")
         .execute(&db.pool)
         .await
         .unwrap();
-    let (status, _, code) =
-        json_error(server.get("/v1/tokens", Some(&token)).send().await.unwrap()).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::UNAUTHORIZED, "token_revoked")
-    );
+    assert_refused(
+        server.get("/v1/tokens", Some(&token)).send().await.unwrap(),
+        "token_revoked",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -273,12 +276,11 @@ async fn users_manage_only_their_own_tokens() {
     let mine = delete(&alice, &new_id).await.unwrap();
     assert_eq!(mine.status(), StatusCode::OK);
     assert_eq!(mine.json::<Value>().await.unwrap()["active"], false);
-    let (status, _, code) =
-        json_error(server.get("/v1/me", Some(&new_token)).send().await.unwrap()).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::UNAUTHORIZED, "token_revoked")
-    );
+    assert_refused(
+        server.get("/v1/me", Some(&new_token)).send().await.unwrap(),
+        "token_revoked",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -68,6 +68,19 @@ async fn terminate(mut child: Child) -> std::process::ExitStatus {
         .unwrap()
 }
 
+/// `GET /v1/me` with `token`, as JSON.
+async fn get_me(client: &reqwest::Client, base: &str, token: &str) -> Value {
+    client
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn data_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     // Root runs the cluster as `postgres`, which must be able to traverse into it.
@@ -118,15 +131,7 @@ async fn serve_on_the_embedded_default_end_to_end() {
     .await;
     assert!(token.starts_with("pd_"), "{token}");
 
-    let me: Value = client
-        .get(format!("{base}/v1/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = get_me(&client, &base, &token).await;
     assert_eq!(me["user"]["user_id"], user_id.as_str());
     assert_eq!(me["tier"], "plus");
     assert_eq!(me["quota"]["premium"]["limit"], 400);
@@ -177,15 +182,7 @@ async fn serve_on_the_embedded_default_end_to_end() {
         ],
     )
     .await;
-    let me: Value = client
-        .get(format!("{base}/v1/me"))
-        .bearer_auth(&second)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = get_me(&client, &base, &second).await;
     assert_eq!(me["user"]["user_id"], user_id.as_str());
     assert!(terminate(server).await.success());
 }
