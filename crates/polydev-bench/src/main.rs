@@ -154,7 +154,7 @@ async fn load(
 }
 
 fn client() -> reqwest::Client {
-    polydev::perspectives::install_tls_provider();
+    polydev::net::install_tls_provider();
     reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -603,7 +603,7 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
     // (c) Migration of plaintext history through the real server.
     let messages: i32 = if quick { 10_000 } else { 100_000 };
     let token = &polydev.tokens[31];
-    let client = polydev::zk::client::ZkClient::new(&polydev.url, token);
+    let client = polydev::client::zk::ZkClient::new(&polydev.url, token);
     let (keyring, _) = client
         .enable("bench master password", KdfParams::MINIMUM)
         .await?;

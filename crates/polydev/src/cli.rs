@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::accounts::{self, Plan};
+use crate::app::AppState;
 use crate::db::{Database, DbConfig, Plan as MigrationPlan};
-use crate::http::{self, AppState};
+use crate::http;
 use crate::perspectives::{Catalogue, Gateway};
 
 #[derive(Debug, Parser)]
@@ -182,7 +183,7 @@ impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         // The stdio bridge needs no database: it must answer the IDE at once.
         if let Command::Mcp { server_url, token } = self.command {
-            crate::perspectives::install_tls_provider();
+            crate::net::install_tls_provider();
             return crate::mcp::bridge::Bridge::new(server_url, token.filter(|t| !t.is_empty()))
                 .run()
                 .await;
@@ -403,7 +404,7 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
     let token = token
         .filter(|t| !t.is_empty())
         .context("POLYDEV_USER_TOKEN is not set: create a token with `polydev token create`")?;
-    let client = crate::zk::client::ZkClient::new(server_url, token);
+    let client = crate::client::zk::ZkClient::new(server_url, token);
     match command {
         ZkCommand::Status => {
             let status = client.status().await?;
@@ -439,8 +440,8 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 _ => master_password("current master password: ")?,
             };
             let unlock = match command {
-                ZkCommand::Recover => crate::zk::client::Unlock::RecoveryKey(&current),
-                _ => crate::zk::client::Unlock::Password(&current),
+                ZkCommand::Recover => crate::client::zk::Unlock::RecoveryKey(&current),
+                _ => crate::client::zk::Unlock::Password(&current),
             };
             let new_password = new_master_password()?;
             client.set_password(unlock, &new_password).await?;

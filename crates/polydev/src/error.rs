@@ -1,4 +1,6 @@
-//! The domain error type: what went wrong, independent of how it is reported (HTTP or CLI).
+//! The domain error type: what went wrong, independent of how it is reported. Every surface
+//! (REST JSON, the SSE `error` event, MCP tool errors, the CLI) shows the same [`Error::code`]
+//! and [`Error::public_message`]; details of server faults stay in the process log.
 
 /// Why a presented API token was refused. Each says only something the presenter already
 /// knows about their own token, never whether some other user's token exists.
@@ -37,6 +39,7 @@ impl AuthFailure {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The request is wrong; the message says how to fix it.
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -54,10 +57,125 @@ pub enum Error {
     },
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The server lacks configuration this request needs (a secret, a provider). Not the
+    /// caller's fault, and safe to say: the message names what the operator must set.
     #[error("{0}")]
-    Upstream(String),
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    NotConfigured(String),
+    /// A fault of the server, not the caller's: an unreadable stored row, a missing server
+    /// secret, a query the database rejected. The detail is logged, never sent.
+    #[error("{0}")]
+    Internal(String),
+    /// The database cannot be reached (connection refused, pool exhausted or closed).
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The stable, machine-readable code every surface reports.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Invalid(_) => "invalid_request",
+            Error::TooLarge(_) => "too_large",
+            Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::Unauthorized(failure) => failure.code(),
+            Error::RateLimited { .. } => "rate_limited",
+            Error::QuotaExceeded(_) => "quota_exceeded",
+            Error::NotConfigured(_) => "not_configured",
+            Error::Internal(_) => "internal",
+            Error::Unavailable(_) => "database_unavailable",
+        }
+    }
+
+    /// What the caller may read: the domain's own words for client mistakes, a fixed sentence
+    /// for server faults (their detail goes to the log through [`Error::log`]).
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Internal(_) => {
+                "an internal error occurred; it has been logged with the request id".into()
+            }
+            Error::Unavailable(_) => "the database is unavailable; try again shortly".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Server faults are logged (inside the request's span, so with its id); client mistakes
+    /// are the client's business and are not.
+    pub fn log(&self) {
+        match self {
+            Error::NotConfigured(what) => tracing::warn!(%what, "refused: not configured"),
+            Error::Internal(detail) => tracing::error!(%detail, "internal error"),
+            Error::Unavailable(error) => tracing::error!(%error, "database unavailable"),
+            _ => {}
+        }
+    }
+
+    /// A server fault with its detail, for the log.
+    pub fn internal(detail: impl std::fmt::Display) -> Error {
+        Error::Internal(detail.to_string())
+    }
+}
+
+/// PostgreSQL's verdicts on what the client sent are client errors; only a database that cannot
+/// be reached is "unavailable"; anything else it rejects is a server fault.
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &error {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
+                Error::Unavailable(error)
+            }
+            E::Database(db) => match db.code().as_deref() {
+                // unique_violation: a client-chosen id that is taken.
+                Some("23505") => Error::Conflict("a record with this id already exists".into()),
+                // foreign_key_violation: what it points to is gone.
+                Some("23503") => Error::NotFound("referenced record"),
+                // not_null / check violations, bad encodings and lengths, NUL in text.
+                Some("23502" | "23514" | "22001" | "22021" | "22P05") => Error::Invalid(
+                    "the database refused a value of this request (too long, missing, or holding a NUL character)"
+                        .into(),
+                ),
+                // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections.
+                Some("57P01" | "57P02" | "57P03" | "53300") => Error::Unavailable(error),
+                _ => Error::internal(db),
+            },
+            _ => Error::internal(&error),
+        }
+    }
+}
+
+/// Refuses text that PostgreSQL cannot store. Called by every input path (the HTTP extractors
+/// check whole bodies; the CLI and domain functions call it on their own fields).
+pub fn reject_nul(field: &str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(Error::Invalid(format!(
+            "`{field}` contains a NUL character (U+0000), which cannot be stored"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_faults_never_show_their_detail() {
+        let error = Error::internal("relation \"secret_table\" does not exist");
+        assert_eq!(error.code(), "internal");
+        assert!(!error.public_message().contains("secret_table"));
+        let unavailable = Error::from(sqlx::Error::PoolTimedOut);
+        assert_eq!(unavailable.code(), "database_unavailable");
+        assert!(!unavailable.public_message().contains("pool"));
+    }
+
+    #[test]
+    fn nul_is_refused_with_the_field_name() {
+        assert!(reject_nul("title", "fine").is_ok());
+        let error = reject_nul("title", "a\0b").unwrap_err();
+        assert_eq!(error.code(), "invalid_request");
+        assert!(error.public_message().contains("`title`"));
+    }
+}

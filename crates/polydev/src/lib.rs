@@ -4,12 +4,16 @@
 //! `http` layer stays thin.
 
 pub mod accounts;
+pub mod api;
+pub mod app;
 pub mod chat;
 pub mod cli;
+pub mod client;
 pub mod db;
 pub mod error;
 pub mod http;
 pub mod mcp;
+pub mod net;
 pub mod perspectives;
 pub mod quota;
 pub mod vault;

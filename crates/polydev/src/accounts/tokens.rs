@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use crate::error::{AuthFailure, Error, Result};
+use crate::error::{AuthFailure, Error, Result, reject_nul};
 
 const PREFIX: &str = "pd_";
 const SECRET_BYTES: usize = 32;
@@ -57,6 +57,7 @@ pub async fn create_token(
     expires_in_days: Option<u32>,
 ) -> Result<CreatedToken> {
     let name = name.trim();
+    reject_nul("name", name)?;
     if name.is_empty() || name.chars().count() > MAX_TOKEN_NAME_LEN {
         return Err(Error::Invalid(format!(
             "a token name must be 1 to {MAX_TOKEN_NAME_LEN} characters"

@@ -1,5 +1,5 @@
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -29,7 +29,7 @@ impl Plan {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct User {
     pub user_id: Uuid,
     pub email: Option<String>,
@@ -98,7 +98,7 @@ pub async fn find_user_by_email(pool: &PgPool, email: &str) -> Result<User> {
 }
 
 /// The legacy `profiles` row (users created outside polydev may have none).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Profile {
     pub email: Option<String>,
     pub full_name: Option<String>,

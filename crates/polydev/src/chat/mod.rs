@@ -3,12 +3,14 @@
 //! `encrypted_content_v2`, else the plaintext `content`. Once a user has zero-knowledge on, every
 //! write must be an envelope for that message; plaintext is refused.
 
+pub mod migration;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, reject_nul};
 use crate::zk;
 
 /// Longest plaintext message accepted.
@@ -140,22 +142,28 @@ pub async fn list_messages(
     .await?)
 }
 
+/// Adds a message to one of the caller's sessions. Returns it and whether it was created: sending
+/// the same message (same id, role and content) again returns the stored one, while another
+/// message under a taken id is a conflict.
 pub async fn add_message(
     pool: &PgPool,
     user_id: Uuid,
     session_id: Uuid,
     message: &NewMessage,
-) -> Result<ChatMessage> {
+) -> Result<(ChatMessage, bool)> {
     if !["user", "assistant", "system"].contains(&message.role.as_str()) {
         return Err(Error::Invalid(
             "`role` must be user, assistant or system".into(),
         ));
     }
     let system = owning_system(pool, user_id, session_id).await?;
-    let zero_knowledge = zk::is_enabled(pool, user_id).await?;
     let id = message.id.unwrap_or_else(Uuid::new_v4);
     let table = system.messages_table();
-    let inserted: ChatMessage = match (&message.content, &message.encrypted_content) {
+    let mut tx = pool.begin().await?;
+    // Read under a share lock on the user's row, so a plaintext write cannot race past a
+    // concurrent `enable` (which updates that row).
+    let zero_knowledge = zk::is_enabled_locked(&mut tx, user_id).await?;
+    let inserted: Option<ChatMessage> = match (&message.content, &message.encrypted_content) {
         (Some(_), Some(_)) => {
             return Err(Error::Invalid(
                 "send `content` or `encrypted_content`, not both".into(),
@@ -172,6 +180,7 @@ pub async fn add_message(
             ));
         }
         (Some(content), None) => {
+            reject_nul("content", content)?;
             if content.chars().count() > MAX_CONTENT_CHARS {
                 return Err(Error::TooLarge(format!(
                     "a message may be at most {MAX_CONTENT_CHARS} characters"
@@ -179,13 +188,14 @@ pub async fn add_message(
             }
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {table} (id, session_id, role, content) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING
                  RETURNING {MESSAGE_COLUMNS}"
             )))
             .bind(id)
             .bind(session_id)
             .bind(&message.role)
             .bind(content)
-            .fetch_one(pool)
+            .fetch_optional(&mut *tx)
             .await?
         }
         (None, Some(envelope)) => {
@@ -206,16 +216,21 @@ pub async fn add_message(
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk)
                  VALUES ($1, $2, $3, $4, $5, true)
+                 ON CONFLICT (id) DO NOTHING
                  RETURNING {MESSAGE_COLUMNS}"
             )))
             .bind(id)
             .bind(session_id)
             .bind(&message.role)
             .bind(envelope)
-            .bind(zk::migration::envelope_metadata())
-            .fetch_one(pool)
+            .bind(zk::envelope_metadata())
+            .fetch_optional(&mut *tx)
             .await?
         }
+    };
+    let Some(inserted) = inserted else {
+        drop(tx);
+        return same_message_again(pool, system, session_id, id, message).await;
     };
     if system == System::Sessions {
         // Keep the legacy counters that the old code shows.
@@ -224,10 +239,43 @@ pub async fn add_message(
                     last_activity_at = now(), updated_at = now() WHERE id = $1",
         )
         .bind(session_id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     }
-    Ok(inserted)
+    tx.commit().await?;
+    Ok((inserted, true))
+}
+
+/// A message whose id is taken: the stored one if it is the same message (a retried send),
+/// else a conflict.
+async fn same_message_again(
+    pool: &PgPool,
+    system: System,
+    session_id: Uuid,
+    id: Uuid,
+    message: &NewMessage,
+) -> Result<(ChatMessage, bool)> {
+    // Only a message of the same session can be the same message.
+    let stored: Option<ChatMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM {} WHERE id = $1 AND session_id = $2",
+        system.messages_table()
+    )))
+    .bind(id)
+    .bind(session_id)
+    .fetch_optional(pool)
+    .await?;
+    match stored {
+        Some(stored)
+            if stored.role.as_deref() == Some(message.role.as_str())
+                && stored.content == message.content
+                && stored.encrypted_content == message.encrypted_content =>
+        {
+            Ok((stored, false))
+        }
+        _ => Err(Error::Conflict(format!(
+            "a different message with id {id} already exists"
+        ))),
+    }
 }
 
 /// Creates a session in the `chat_sessions` system (the one new sessions use).
@@ -236,6 +284,9 @@ pub async fn create_session(
     user_id: Uuid,
     title: Option<&str>,
 ) -> Result<ChatSession> {
+    if let Some(title) = title {
+        reject_nul("title", title)?;
+    }
     if title.is_some_and(|t| t.chars().count() > 500) {
         return Err(Error::Invalid(
             "a title may be at most 500 characters".into(),

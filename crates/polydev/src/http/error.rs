@@ -1,12 +1,12 @@
-//! `ApiError`: how a domain error becomes an HTTP response (`{"error": {"code", "message"}}`).
+//! `ApiError`: how a domain error becomes an HTTP response (`{"error": {"code", "message"}}`,
+//! the [`ErrorResponse`](crate::api::ErrorResponse) every client reads).
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
-use crate::error::Error;
+use crate::api::ErrorResponse;
+use crate::error::{AuthFailure, Error};
 
 #[derive(Debug)]
 pub struct ApiError(pub Error);
@@ -17,72 +17,57 @@ impl From<Error> for ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        ApiError(error.into())
+    }
+}
+
+/// The status of each error variant (docs/architecture.md lists them).
+pub fn status(error: &Error) -> StatusCode {
+    match error {
+        Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
+        Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self.0 {
-            Error::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            Error::Unauthorized(failure) => (StatusCode::UNAUTHORIZED, failure.code()),
-            Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            Error::QuotaExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "quota_exceeded"),
-            Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_failed"),
-            Error::Database(error) => {
-                tracing::error!(%error, "database error");
-                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+        let error = self.0;
+        error.log();
+        let mut response = (status(&error), Json(ErrorResponse::from(&error))).into_response();
+        let headers = response.headers_mut();
+        match &error {
+            Error::RateLimited { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs()),
+                );
             }
-        };
-        let message = match &self.0 {
-            // Never echo driver details to clients.
-            Error::Database(_) => "the database is unavailable; try again".to_string(),
-            other => other.to_string(),
-        };
-        let mut response = (
-            status,
-            Json(json!({ "error": { "code": code, "message": message } })),
-        )
-            .into_response();
-        if let Error::RateLimited { retry_after, .. } = &self.0 {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs()),
-            );
-        }
-        if let Error::Unauthorized(failure) = &self.0 {
-            // RFC 6750 §3: no error attribute when the request carried no credentials.
-            let challenge = match failure {
-                crate::error::AuthFailure::Missing => r#"Bearer realm="polydev""#.to_string(),
-                other => format!(
-                    r#"Bearer realm="polydev", error="invalid_token", error_description="{}""#,
-                    other.message().replace('`', "")
-                ),
-            };
-            if let Ok(value) = HeaderValue::from_str(&challenge) {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, value);
+            Error::Unauthorized(failure) => {
+                // RFC 6750 §3: no error attribute when the request carried no credentials.
+                let challenge = match failure {
+                    AuthFailure::Missing => r#"Bearer realm="polydev""#.to_string(),
+                    other => format!(
+                        r#"Bearer realm="polydev", error="invalid_token", error_description="{}""#,
+                        other.message().replace('`', "")
+                    ),
+                };
+                if let Ok(value) = HeaderValue::from_str(&challenge) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
             }
+            _ => {}
         }
         response
-    }
-}
-
-/// Malformed or oversized JSON bodies get the same JSON error shape as everything else.
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let message = rejection.body_text();
-        ApiError(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Error::TooLarge(message)
-        } else {
-            Error::Invalid(message)
-        })
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(rejection: PathRejection) -> Self {
-        ApiError(Error::Invalid(rejection.body_text()))
     }
 }
 

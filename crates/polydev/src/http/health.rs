@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{Value, json};
 
-use super::AppState;
+use crate::api::Health;
+use crate::app::AppState;
 use crate::db::migrate;
 
 pub fn routes() -> Router<AppState> {
@@ -15,26 +15,32 @@ pub fn routes() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+fn health(status: &str) -> Json<Health> {
+    Json(Health {
+        status: status.to_string(),
+    })
 }
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+async fn healthz() -> Json<Health> {
+    health("ok")
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let check = async {
         let mut conn = state.pool.acquire().await?;
         migrate::is_current(&mut conn).await
     };
     match check.await {
-        Ok(true) => (StatusCode::OK, Json(json!({ "status": "ready" }))),
+        Ok(true) => (StatusCode::OK, health("ready")),
         Ok(false) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "migrations_pending" })),
+            health("migrations_pending"),
         ),
         Err(error) => {
             tracing::warn!(%error, "readiness check failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "database_unreachable" })),
+                health("database_unreachable"),
             )
         }
     }

@@ -2,17 +2,19 @@
 //! they extract, call a domain module and map its result.
 
 mod auth;
+mod chat;
+mod credentials;
 mod error;
+mod extract;
 mod health;
 mod me;
-pub mod perspectives;
+mod perspectives;
 mod tokens;
 mod web;
 mod zk;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -23,72 +25,18 @@ use axum::response::Response;
 use axum::serve::ListenerExt;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::accounts::LastUsedTracker;
+use crate::app::AppState;
 use crate::mcp::server::PolydevMcp;
-use crate::perspectives::Gateway;
 pub use auth::Authenticated;
-pub use error::ApiError;
+pub use error::{ApiError, status};
+pub use extract::{ApiJson, ApiPath, ApiQuery};
 
 /// Largest request body accepted on any route.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// State shared by every handler.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    /// Writes that may be lost in a crash: rate-limit windows, `last_used_at`.
-    pub relaxed_pool: PgPool,
-    pub gateway: Arc<Gateway>,
-    pub last_used: Arc<LastUsedTracker>,
-    /// `Host` values the MCP endpoint accepts.
-    pub allowed_hosts: Vec<String>,
-    /// Cancelled at shutdown: ends MCP sessions so open SSE streams do not hold the drain.
-    pub shutdown: CancellationToken,
-    /// Decrypts legacy server-encrypted credentials while they move to client-side keys.
-    pub legacy_secret: Option<crate::vault::LegacySecret>,
-}
-
-impl AppState {
-    pub fn new(pool: PgPool, gateway: Gateway) -> Self {
-        AppState {
-            relaxed_pool: pool.clone(),
-            pool,
-            gateway: Arc::new(gateway),
-            last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
-            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            shutdown: CancellationToken::new(),
-            legacy_secret: None,
-        }
-    }
-
-    pub fn with_legacy_secret(mut self, secret: Option<crate::vault::LegacySecret>) -> Self {
-        self.legacy_secret = secret;
-        self
-    }
-
-    pub fn pools(&self) -> crate::db::Pools<'_> {
-        crate::db::Pools {
-            durable: &self.pool,
-            relaxed: &self.relaxed_pool,
-        }
-    }
-
-    pub fn with_relaxed_pool(mut self, pool: PgPool) -> Self {
-        self.relaxed_pool = pool;
-        self
-    }
-
-    pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
-        self.allowed_hosts = hosts;
-        self
-    }
-}
 
 /// `/mcp`: streamable HTTP (stateful sessions for 2025-06-18 and 2025-11-25; rmcp serves
 /// 2026-07-28 requests statelessly), behind the same token check as the REST API.
@@ -140,6 +88,8 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens::routes())
         .merge(perspectives::routes())
         .merge(zk::routes())
+        .merge(chat::routes())
+        .merge(credentials::routes())
         .merge(web::routes())
         .fallback(error::not_found)
         .with_state(state)

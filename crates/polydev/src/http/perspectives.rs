@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -11,12 +10,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt, stream};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
-use super::{ApiError, AppState, Authenticated};
-use crate::perspectives::{self, PerspectiveSettings, PerspectivesRequest, Progress};
-use crate::quota;
+use super::{ApiError, ApiJson, Authenticated};
+use crate::api::{ErrorResponse, ModelList};
+use crate::app::AppState;
+use crate::perspectives::{
+    self, ModelInfo, PerspectiveSettings, PerspectivesRequest, Progress, UsageReport,
+};
 
 /// A prompt may be 100,000 characters of up to 4 bytes each, plus the other arguments.
 const MAX_PERSPECTIVES_BODY: usize = 512 * 1024;
@@ -32,17 +35,18 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/settings", get(settings).put(put_settings))
 }
 
-async fn models(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "models": state.gateway.models() }))
+async fn models(State(state): State<AppState>) -> Json<ModelList<ModelInfo>> {
+    Json(ModelList {
+        models: state.gateway.models(),
+    })
 }
 
 async fn create(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     headers: HeaderMap,
-    body: Result<Json<PerspectivesRequest>, JsonRejection>,
+    ApiJson(request): ApiJson<PerspectivesRequest>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body?;
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -99,28 +103,23 @@ fn event_stream(
             Ok(result) => Event::default()
                 .event("result")
                 .data(serde_json::to_string(&result).unwrap_or_default()),
-            Err(error) => Event::default()
-                .event("error")
-                .data(error_body(error).to_string()),
+            Err(error) => {
+                error.log();
+                Event::default()
+                    .event("error")
+                    .data(serde_json::to_string(&ErrorResponse::from(&error)).unwrap_or_default())
+            }
         };
         let _ = events.send(last);
-    };
+    }
+    // The stream outlives the handler: keep the request's span (and id) on its log lines.
+    .instrument(tracing::Span::current());
     let received = stream::unfold(
         rx,
         |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
     );
     // `select` polls the call alongside the events it sends, and owns it.
     stream::select(received, stream::once(call).filter_map(|()| async { None }))
-}
-
-fn error_body(error: crate::error::Error) -> Value {
-    let code = match &error {
-        crate::error::Error::QuotaExceeded(_) => "quota_exceeded",
-        crate::error::Error::Invalid(_) | crate::error::Error::TooLarge(_) => "invalid_request",
-        crate::error::Error::Conflict(_) => "conflict",
-        _ => "internal",
-    };
-    json!({ "error": { "code": code, "message": error.to_string() } })
 }
 
 fn progress_event(progress: Progress) -> Event {
@@ -135,19 +134,10 @@ fn progress_event(progress: Progress) -> Event {
 async fn usage(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(usage_report(&state, caller.user_id).await?))
-}
-
-/// The caller's quota and usage this month (`GET /v1/usage`, MCP `get_usage`).
-pub async fn usage_report(state: &AppState, user_id: uuid::Uuid) -> crate::error::Result<Value> {
-    let today = chrono::Utc::now().date_naive();
-    let quota = quota::for_user(&state.pool, user_id)
-        .await?
-        .map(|q| q.state(today));
-    let month = quota::month_start(today);
-    let usage = perspectives::month_usage(&state.pool, user_id, month).await?;
-    Ok(json!({ "month_start": month, "quota": quota, "usage": usage }))
+) -> Result<Json<UsageReport>, ApiError> {
+    Ok(Json(
+        perspectives::usage_report(&state.pool, caller.user_id).await?,
+    ))
 }
 
 async fn settings(
@@ -162,9 +152,8 @@ async fn settings(
 async fn put_settings(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-    body: Result<Json<PerspectiveSettings>, JsonRejection>,
+    ApiJson(settings): ApiJson<PerspectiveSettings>,
 ) -> Result<Json<PerspectiveSettings>, ApiError> {
-    let Json(settings) = body?;
     Ok(Json(
         perspectives::put_settings(&state.pool, &state.gateway, caller.user_id, &settings).await?,
     ))

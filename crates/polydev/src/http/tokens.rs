@@ -1,27 +1,20 @@
 //! `/v1/tokens`: the caller lists, creates and revokes their own API tokens.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, Authenticated};
+use super::{ApiError, ApiJson, ApiPath, Authenticated};
 use crate::accounts::{self, ApiToken, CreatedToken};
+use crate::api::CreateToken;
+use crate::app::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/tokens", get(list).post(create))
         .route("/v1/tokens/{id}", delete(revoke))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateToken {
-    name: String,
-    expires_in_days: Option<u32>,
 }
 
 async fn list(
@@ -36,9 +29,8 @@ async fn list(
 async fn create(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-    body: Result<Json<CreateToken>, JsonRejection>,
+    ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    let Json(body) = body?;
     let created = accounts::create_token(
         &state.pool,
         caller.user_id,
@@ -52,9 +44,8 @@ async fn create(
 async fn revoke(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-    id: Result<Path<Uuid>, PathRejection>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<ApiToken>, ApiError> {
-    let Path(id) = id?;
     Ok(Json(
         accounts::revoke_token(&state.pool, Some(caller.user_id), id).await?,
     ))

@@ -10,8 +10,9 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use tokio::sync::mpsc;
 
 use crate::accounts::Caller;
+use crate::api::{ErrorResponse, ModelList};
+use crate::app::AppState;
 use crate::error::Error;
-use crate::http::AppState;
 use crate::perspectives::{self, PerspectivesRequest, Progress, Status};
 
 #[derive(Clone)]
@@ -70,8 +71,6 @@ impl PolydevMcp {
                 out.content = vec![ContentBlock::text(text)];
                 out
             }
-            // Errors the model calling the tool should read (bad arguments, quota) are tool
-            // errors, not protocol errors.
             Err(error) => tool_error(error),
         }
     }
@@ -124,14 +123,16 @@ impl ProgressNotifier {
     }
 }
 
+/// Errors the model calling the tool should read (bad arguments, quota) are tool errors, not
+/// protocol errors: the same code and public message as the REST API, as text and as
+/// structured content.
 fn tool_error(error: Error) -> CallToolResult {
-    if let Error::Database(e) = &error {
-        tracing::error!(error = %e, "database error in an MCP tool");
-        return CallToolResult::error(vec![ContentBlock::text(
-            "the service is temporarily unavailable; try again",
-        )]);
-    }
-    CallToolResult::error(vec![ContentBlock::text(error.to_string())])
+    error.log();
+    let body = ErrorResponse::from(&error);
+    let text = format!("{} ({})", body.error.message, body.error.code);
+    let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
+    result.structured_content = serde_json::to_value(&body).ok();
+    result
 }
 
 fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
@@ -159,10 +160,12 @@ impl ServerHandler for PolydevMcp {
                 self.get_perspectives(&caller, args, &ctx).await
             }
             super::LIST_MODELS => {
-                let models = serde_json::json!({ "models": self.state.gateway.models() });
+                let models = ModelList {
+                    models: self.state.gateway.models(),
+                };
                 let mut text =
                     String::from("model · provider · tier · $/M in · $/M out · available\n");
-                for m in self.state.gateway.models() {
+                for m in &models.models {
                     text.push_str(&format!(
                         "{} · {} · {} · {} · {} · {}\n",
                         m.model.id,
@@ -173,13 +176,16 @@ impl ServerHandler for PolydevMcp {
                         m.available
                     ));
                 }
-                let mut out = CallToolResult::structured(models);
+                let mut out =
+                    CallToolResult::structured(serde_json::to_value(&models).unwrap_or_default());
                 out.content = vec![ContentBlock::text(text)];
                 out
             }
             super::GET_USAGE => {
-                match crate::http::perspectives::usage_report(&self.state, caller.user_id).await {
-                    Ok(report) => CallToolResult::structured(report),
+                match perspectives::usage_report(&self.state.pool, caller.user_id).await {
+                    Ok(report) => {
+                        CallToolResult::structured(serde_json::to_value(report).unwrap_or_default())
+                    }
                     Err(error) => tool_error(error),
                 }
             }

@@ -176,20 +176,20 @@ impl Catalogue {
             None => Catalogue::parse(DEFAULT_CATALOGUE),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    Error::Invalid(format!(
+                    Error::Internal(format!(
                         "cannot read the model catalogue {}: {e}",
                         path.display()
                     ))
                 })?;
                 Catalogue::parse(&text)
-                    .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+                    .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
             }
         }
     }
 
     pub fn parse(text: &str) -> Result<Catalogue> {
         let catalogue: Catalogue = toml::from_str(text)
-            .map_err(|e| Error::Invalid(format!("invalid model catalogue: {e}")))?;
+            .map_err(|e| Error::Internal(format!("invalid model catalogue: {e}")))?;
         catalogue.validate()?;
         Ok(catalogue)
     }
@@ -198,18 +198,18 @@ impl Catalogue {
         let mut seen = std::collections::HashSet::new();
         for model in &self.models {
             if model.id.is_empty() || model.id.len() > 200 {
-                return Err(Error::Invalid(
+                return Err(Error::Internal(
                     "a model id must be 1 to 200 characters".into(),
                 ));
             }
             if !seen.insert(model.id.as_str()) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Internal(format!(
                     "model `{}` is listed twice",
                     model.id
                 )));
             }
             if !self.providers.contains_key(&model.provider) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Internal(format!(
                     "model `{}` names provider `{}`, which is not in [providers]",
                     model.id, model.provider
                 )));
@@ -219,7 +219,7 @@ impl Catalogue {
             if !(provider.base_url.starts_with("http://")
                 || provider.base_url.starts_with("https://"))
             {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Internal(format!(
                     "provider `{name}`: base_url must start with http:// or https://"
                 )));
             }

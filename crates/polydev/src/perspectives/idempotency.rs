@@ -74,8 +74,10 @@ pub async fn claim(
                 ));
             }
             Some((_, Some(response))) => {
-                let mut result: PerspectivesResult = serde_json::from_value(response)
-                    .map_err(|e| Error::Conflict(format!("stored result unreadable: {e}")))?;
+                let mut result: PerspectivesResult =
+                    serde_json::from_value(response).map_err(|e| {
+                        Error::internal(format_args!("stored idempotent result unreadable: {e}"))
+                    })?;
                 result.replayed = true;
                 return Ok(Claim::Replay(Box::new(result)));
             }

@@ -11,7 +11,6 @@ mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
 pub use fanout::{
@@ -19,7 +18,7 @@ pub use fanout::{
 };
 pub use request::{PerspectivesRequest, limits};
 pub use settings::{PerspectiveSettings, get_settings, put_settings};
-pub use usage::{MonthUsage, month_usage};
+pub use usage::{MonthUsage, UsageReport, month_usage, usage_report};
 
 use provider::{HttpProvider, Provider};
 
@@ -30,27 +29,9 @@ pub struct Gateway {
     configured: HashMap<String, bool>,
 }
 
-/// reqwest is built without a default TLS crypto backend; ring is the one we ship. Call before
-/// building any HTTP client (idempotent).
-pub fn install_tls_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// The HTTP client every provider shares (connection pools per upstream host).
-pub fn http_client() -> reqwest::Client {
-    install_tls_provider();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(600))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .user_agent(concat!("polydev/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("the HTTP client configuration is valid")
-}
-
 impl Gateway {
     pub fn new(catalogue: Catalogue) -> Gateway {
-        let client = http_client();
+        let client = crate::net::http_client();
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         let mut configured = HashMap::new();
         for (name, spec) in &catalogue.providers {
@@ -94,22 +75,22 @@ impl Gateway {
     }
 
     /// The catalogue as `GET /v1/models` and `list_available_models` show it.
-    pub fn models(&self) -> Vec<ModelInfo<'_>> {
+    pub fn models(&self) -> Vec<ModelInfo> {
         self.catalogue
             .models
             .iter()
             .map(|model| ModelInfo {
-                model,
+                model: model.clone(),
                 available: self.is_configured(&model.provider),
             })
             .collect()
     }
 }
 
-#[derive(Debug, serde::Serialize)]
-pub struct ModelInfo<'a> {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
     #[serde(flatten)]
-    pub model: &'a ModelSpec,
+    pub model: ModelSpec,
     /// False when the provider has no API key configured.
     pub available: bool,
 }

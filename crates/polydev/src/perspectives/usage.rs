@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::catalogue::{Cost, ModelSpec};
 use crate::error::Result;
+use crate::quota::{self, QuotaState};
 
 pub struct UsageRecord<'a> {
     pub user_id: Uuid,
@@ -43,7 +44,9 @@ pub async fn record(pool: &PgPool, usage: &UsageRecord<'_>) -> Result<()> {
 }
 
 /// What a user's successful model calls added up to since `since` (for `get_usage`).
-#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
+#[derive(
+    Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema, sqlx::FromRow,
+)]
 pub struct MonthUsage {
     pub calls: i64,
     pub input_tokens: i64,
@@ -68,4 +71,26 @@ pub async fn month_usage(
     .bind(since)
     .fetch_one(pool)
     .await?)
+}
+
+/// The caller's quota and usage this month (`GET /v1/usage`, the MCP tool `get_usage`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct UsageReport {
+    pub month_start: chrono::NaiveDate,
+    pub quota: Option<QuotaState>,
+    pub usage: MonthUsage,
+}
+
+pub async fn usage_report(pool: &PgPool, user_id: Uuid) -> Result<UsageReport> {
+    let today = chrono::Utc::now().date_naive();
+    let quota = quota::for_user(pool, user_id)
+        .await?
+        .map(|q| q.state(today));
+    let month_start = quota::month_start(today);
+    let usage = month_usage(pool, user_id, month_start).await?;
+    Ok(UsageReport {
+        month_start,
+        quota,
+        usage,
+    })
 }

@@ -2,7 +2,7 @@
 //! `plan_tiers` table.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -69,7 +69,7 @@ pub async fn for_user(pool: &PgPool, user_id: Uuid) -> Result<Option<Quota>> {
 }
 
 /// Use of one limit this month. `limit` and `remaining` are `None` when unlimited.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub limit: Option<i32>,
     pub used: i32,
@@ -77,7 +77,7 @@ pub struct Usage {
 }
 
 /// The quota as the user sees it in the current calendar month.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaState {
     pub plan_tier: Option<String>,
     pub month_start: NaiveDate,

@@ -58,16 +58,16 @@ impl LegacySecret {
         ciphertext: &[u8],
         tag: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
-        let iv: [u8; 12] = iv.try_into().map_err(|_| {
-            Error::Invalid("a legacy credential has an IV that is not 12 bytes".into())
-        })?;
+        let iv: [u8; 12] = iv
+            .try_into()
+            .map_err(|_| Error::internal("a legacy credential has an IV that is not 12 bytes"))?;
         let key = self.key(salt);
         let cipher = Aes256Gcm::new((&*key).into());
         cipher
             .decrypt(&Nonce::from(iv), [ciphertext, tag].concat().as_slice())
             .map(Zeroizing::new)
             .map_err(|_| {
-                Error::Invalid("a legacy credential does not decrypt with the server secret".into())
+                Error::internal("a legacy credential does not decrypt with the server secret")
             })
     }
 
@@ -150,7 +150,7 @@ pub async fn hand_over(
 ) -> Result<Vec<HandedOver>> {
     let secret = || {
         secret.ok_or_else(|| {
-            Error::Invalid("this server has no POLYDEV_LEGACY_CREDENTIAL_SECRET: it cannot decrypt legacy credentials".into())
+            Error::NotConfigured("this server has no POLYDEV_LEGACY_CREDENTIAL_SECRET: it cannot decrypt legacy credentials".into())
         })
     };
     require_enabled(pool, user_id).await?;
@@ -187,7 +187,7 @@ pub async fn hand_over(
     .await?;
     for (id, provider, iv, ciphertext, tag) in cli_rows {
         let hex = |s: &str| {
-            hex::decode(s).map_err(|_| Error::Invalid("a legacy CLI credential is not hex".into()))
+            hex::decode(s).map_err(|_| Error::internal("a legacy CLI credential is not hex"))
         };
         let plaintext = secret()?.open(
             id.to_string().as_bytes(),

@@ -3,9 +3,6 @@
 //! Tables: `users` (zero_knowledge_enabled, key_derivation_salt, encrypted_master_key_hint,
 //! zk_password_wrapped_key, zk_recovery_wrapped_key).
 
-pub mod client;
-pub mod migration;
-
 use polydev_zk::{Header, KdfParams, Kind, inspect};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -36,6 +33,12 @@ pub struct ZkStatus {
     pub enabled: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub material: Option<KeyMaterial>,
+}
+
+/// What `encryption_metadata_v2` records next to an envelope (the envelope describes itself;
+/// this is for operators and old tools).
+pub fn envelope_metadata() -> serde_json::Value {
+    serde_json::json!({ "format": "pdz", "version": 1, "client_side": true })
 }
 
 /// Checks an envelope's header without a key: its kind, user binding and size, and for items
@@ -152,6 +155,17 @@ pub async fn is_enabled(pool: &PgPool, user_id: Uuid) -> Result<bool> {
         sqlx::query_scalar("SELECT zero_knowledge_enabled FROM users WHERE user_id = $1")
             .bind(user_id)
             .fetch_optional(pool)
+            .await?;
+    Ok(enabled.flatten().unwrap_or(false))
+}
+
+/// `is_enabled` inside a transaction, holding a share lock on the user's row until it ends:
+/// a write that depends on the answer cannot race past a concurrent `enable`.
+pub async fn is_enabled_locked(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<bool> {
+    let enabled: Option<Option<bool>> =
+        sqlx::query_scalar("SELECT zero_knowledge_enabled FROM users WHERE user_id = $1 FOR SHARE")
+            .bind(user_id)
+            .fetch_optional(conn)
             .await?;
     Ok(enabled.flatten().unwrap_or(false))
 }

@@ -229,7 +229,7 @@ pub fn mock_gateway(base: &str) -> polydev::perspectives::Gateway {
     use polydev::perspectives::provider::{HttpProvider, Provider, RetryPolicy};
     let catalogue =
         polydev::perspectives::Catalogue::parse(&mock_catalogue(base)).expect("mock catalogue");
-    let client = polydev::perspectives::http_client();
+    let client = polydev::net::http_client();
     let fast_retry = RetryPolicy {
         max_attempts: 3,
         base_delay: std::time::Duration::from_millis(10),

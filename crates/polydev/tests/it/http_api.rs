@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use polydev::accounts::{self, Plan};
-use polydev::http::{self, AppState};
+use polydev::app::AppState;
+use polydev::http;
 
 use crate::common::{TestDb, eventually};
 
@@ -34,7 +35,7 @@ impl TestServer {
         }));
         TestServer {
             base,
-            client: polydev::perspectives::http_client(),
+            client: polydev::net::http_client(),
             _stop: stop,
         }
     }

@@ -2,6 +2,7 @@
 
 mod accounts;
 mod common;
+mod errors;
 pub mod http_api;
 mod mcp;
 mod migrations;

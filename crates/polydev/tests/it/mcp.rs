@@ -176,7 +176,7 @@ async fn the_bridge_answers_the_handshake_alone_and_explains_a_missing_token() {
 async fn mcp_without_a_token_is_refused_with_a_challenge() {
     let db = TestDb::migrated().await;
     let server = serve(&db).await;
-    let response = polydev::perspectives::http_client()
+    let response = polydev::net::http_client()
         .post(format!("{}/mcp", server.base))
         .header("accept", "application/json, text/event-stream")
         .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {} }))
@@ -250,7 +250,7 @@ async fn protocol_revision_2025_06_18_is_negotiated() {
     let db = TestDb::migrated().await;
     let (_, token) = user_with_token(&db, "rev@example.com", Plan::Pro).await;
     let server = serve(&db).await;
-    let response = polydev::perspectives::http_client()
+    let response = polydev::net::http_client()
         .post(format!("{}/mcp", server.base))
         .bearer_auth(&token)
         .header("accept", "application/json, text/event-stream")

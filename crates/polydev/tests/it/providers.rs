@@ -26,7 +26,7 @@ fn provider(mock: &MockUpstream, kind: ProviderKind, streaming: bool) -> HttpPro
         &base,
         Some("test-key".into()),
         streaming,
-        polydev::perspectives::http_client(),
+        polydev::net::http_client(),
     )
     .with_retry(RetryPolicy {
         max_attempts: 3,
@@ -153,7 +153,7 @@ async fn a_missing_key_is_not_configured_and_calls_nothing() {
         api_key_env: Some("POLYDEV_TEST_UNSET_KEY_VARIABLE".into()),
         streaming: true,
     };
-    let provider = HttpProvider::from_spec("openai", &spec, polydev::perspectives::http_client());
+    let provider = HttpProvider::from_spec("openai", &spec, polydev::net::http_client());
     assert!(!provider.is_configured());
     let err = provider.complete(&request("m"), None).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::NotConfigured);

@@ -92,7 +92,7 @@ fn data_dir() -> tempfile::TempDir {
 async fn serve_on_the_embedded_default_end_to_end() {
     let dir = data_dir();
     let data = dir.path().join("data");
-    let client = polydev::perspectives::http_client();
+    let client = polydev::net::http_client();
 
     let (server, base) = serve(polydev(&data)).await;
     assert_eq!(
@@ -214,7 +214,7 @@ async fn in_flight_requests_finish_before_the_process_exits() {
         .await
         .unwrap();
     let request = tokio::spawn(
-        polydev::perspectives::http_client()
+        polydev::net::http_client()
             .get(format!("{base}/v1/me"))
             .bearer_auth(&token)
             .send(),

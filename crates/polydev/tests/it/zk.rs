@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use polydev::accounts::{self, Plan};
-use polydev::zk::client::{Step, ZkClient};
+use polydev::client::zk::{Step, ZkClient};
 use polydev_zk::{Context, KdfParams, Keyring};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -559,7 +559,7 @@ async fn legacy_credentials_move_to_client_side_keys() {
     .unwrap();
 
     let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
-    let state = polydev::http::AppState::new(
+    let state = polydev::app::AppState::new(
         db.pool.clone(),
         polydev::perspectives::Gateway::new(catalogue),
     )
@@ -702,7 +702,7 @@ async fn the_cli_killed_mid_migration_resumes_and_loses_nothing() {
 /// sealed before still opens; a new recovery key retires the old one.
 #[tokio::test]
 async fn the_recovery_key_resets_a_forgotten_password() {
-    use polydev::zk::client::Unlock;
+    use polydev::client::zk::Unlock;
     let db = TestDb::migrated().await;
     let (user_id, token) = user_with_token(&db, "forgot@example.com", Plan::Pro).await;
     let server = TestServer::start(&db).await;

@@ -6,20 +6,15 @@ use std::ops::ControlFlow;
 
 use anyhow::{Context, bail};
 use polydev_zk::{Context as ZkContext, KdfParams, Keyring, RecoveryKey};
-use reqwest::StatusCode;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
-use super::migration::{EncryptedWrite, Item, Plaintext, Status, Unverified};
-use super::{CHAT_MESSAGE, KeyMaterial, ZkStatus};
+use super::ApiClient;
+use crate::api::{Cleared, MessageBatch, ReplaceKeyMaterial, Reset, Stored, Written};
+use crate::chat::migration::{EncryptedWrite, Item, Plaintext, Status, Unverified};
+use crate::zk::{CHAT_MESSAGE, KeyMaterial, ZkStatus};
 
 pub struct ZkClient {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+    api: ApiClient,
 }
 
 /// What one run of the migration did.
@@ -52,85 +47,20 @@ pub enum Step {
 impl ZkClient {
     pub fn new(base: &str, token: &str) -> ZkClient {
         ZkClient {
-            http: crate::perspectives::http_client(),
-            base: base.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            api: ApiClient::new(base, token),
         }
-    }
-
-    /// Sends a request; over the rate limit (429) it waits as `Retry-After` says (a long
-    /// migration can exceed a plan's requests per minute) and tries again.
-    async fn send<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> anyhow::Result<T> {
-        let mut attempts = 0;
-        let response = loop {
-            let attempt = request.try_clone().context("request cannot be retried")?;
-            let response = attempt
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .context("cannot reach the polydev server")?;
-            attempts += 1;
-            if response.status() != StatusCode::TOO_MANY_REQUESTS || attempts > 5 {
-                break response;
-            }
-            let wait = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(5)
-                .min(60);
-            tracing::info!(wait_s = wait, "rate limited by the server; waiting");
-            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
-        };
-        let status = response.status();
-        if status == StatusCode::NO_CONTENT {
-            return Ok(serde_json::from_value(Value::Null)?);
-        }
-        let body: Value = response
-            .json()
-            .await
-            .context("the server's answer is not JSON")?;
-        if !status.is_success() {
-            let message = body["error"]["message"]
-                .as_str()
-                .unwrap_or("request failed");
-            bail!("{message} ({status})");
-        }
-        Ok(serde_json::from_value(body)?)
-    }
-
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
-    }
-
-    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> anyhow::Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
     }
 
     pub async fn user_id(&self) -> anyhow::Result<String> {
-        let me: Value = self.get("/v1/me").await?;
-        me["user"]["user_id"]
-            .as_str()
-            .map(str::to_string)
-            .context("no user id in /v1/me")
+        Ok(self.api.me().await?.user.user_id.to_string())
     }
 
     pub async fn status(&self) -> anyhow::Result<ZkStatus> {
-        self.get("/v1/zk").await
+        self.api.get("/v1/zk").await
     }
 
     pub async fn migration_status(&self) -> anyhow::Result<Status> {
-        self.get("/v1/zk/migration").await
+        self.api.get("/v1/zk/migration").await
     }
 
     /// Turns zero-knowledge on; returns the keyring and the recovery key to show once.
@@ -146,7 +76,7 @@ impl ZkClient {
             recovery_wrapped: material.recovery_wrapped,
             password_hint: None,
         };
-        let () = self.post("/v1/zk/enable", &material).await?;
+        let () = self.api.post("/v1/zk/enable", &material).await?;
         Ok((keyring, recovery))
     }
 
@@ -177,9 +107,15 @@ impl ZkClient {
         previous: &str,
         material: &polydev_zk::KeyMaterial,
     ) -> anyhow::Result<()> {
-        let body = serde_json::json!({ "previous": previous, "material": material });
-        self.send(self.http.put(format!("{}{path}", self.base)).json(&body))
-            .await
+        let body = ReplaceKeyMaterial {
+            previous: previous.to_string(),
+            material: KeyMaterial {
+                password_wrapped: material.password_wrapped.clone(),
+                recovery_wrapped: material.recovery_wrapped.clone(),
+                password_hint: None,
+            },
+        };
+        self.api.put(path, &body).await
     }
 
     /// A new master password; `unlock` opens the account with the current password or, after a
@@ -226,7 +162,8 @@ impl ZkClient {
             let before = report.clone();
             // 1. Verify what is encrypted but still has its plaintext (this run's last batch, or
             //    an interrupted run's), then clear those plaintexts.
-            let unverified: Wrapped<Unverified> = self
+            let unverified: MessageBatch<Unverified> = self
+                .api
                 .get(&format!("/v1/zk/migration/unverified?limit={batch}"))
                 .await?;
             let (mut good, mut bad) = (Vec::new(), Vec::new());
@@ -246,19 +183,20 @@ impl ZkClient {
                 }
             }
             if !good.is_empty() {
-                let cleared: Value = self.post("/v1/zk/migration/clear", &good).await?;
-                report.verified_and_cleared += cleared["cleared"].as_u64().unwrap_or(0);
+                let cleared: Cleared = self.api.post("/v1/zk/migration/clear", &good).await?;
+                report.verified_and_cleared += cleared.cleared;
             }
             if !bad.is_empty() {
-                let reset: Value = self.post("/v1/zk/migration/reset", &bad).await?;
-                report.reset += reset["reset"].as_u64().unwrap_or(0);
+                let reset: Reset = self.api.post("/v1/zk/migration/reset", &bad).await?;
+                report.reset += reset.reset;
             }
             if !good.is_empty() && stop(Step::Cleared).is_break() {
                 return Ok(report);
             }
 
             // 2. Encrypt the next batch of plaintext locally and write it with compare-and-swap.
-            let plaintext: Wrapped<Plaintext> = self
+            let plaintext: MessageBatch<Plaintext> = self
+                .api
                 .get(&format!("/v1/zk/migration/plaintext?limit={batch}"))
                 .await?;
             if plaintext.messages.is_empty() && unverified.messages.is_empty() {
@@ -291,7 +229,7 @@ impl ZkClient {
                 stalled = 0;
             }
             if !writes.is_empty() {
-                let written: WrittenIds = self.post("/v1/zk/migration/encrypted", &writes).await?;
+                let written: Written = self.api.post("/v1/zk/migration/encrypted", &writes).await?;
                 report.encrypted += written.written.len() as u64;
                 report.retried += (writes.len() - written.written.len()) as u64;
                 progress(&self.migration_status().await?);
@@ -322,6 +260,7 @@ impl ZkClient {
         let mut held = std::collections::HashMap::new();
         loop {
             let handed: Vec<HandedOver> = self
+                .api
                 .post("/v1/zk/credentials/hand-over?limit=50", &())
                 .await?;
             if handed.is_empty() {
@@ -347,11 +286,14 @@ impl ZkClient {
                 });
                 held.insert(h.credential_id, plaintext);
             }
-            let stored: Value = self.post("/v1/zk/credentials/encrypted", &sealed).await?;
-            report.moved += stored["stored"].as_array().map_or(0, |a| a.len() as u64);
+            let stored: Stored = self
+                .api
+                .post("/v1/zk/credentials/encrypted", &sealed)
+                .await?;
+            report.moved += stored.stored.len() as u64;
         }
         let mut verified = Vec::new();
-        for s in self.get::<Vec<Sealed>>("/v1/zk/credentials").await? {
+        for s in self.api.get::<Vec<Sealed>>("/v1/zk/credentials").await? {
             let row = s.credential_id.to_string();
             let ctx = ZkContext {
                 namespace: s.table.namespace(),
@@ -372,19 +314,9 @@ impl ZkClient {
             }
         }
         if !verified.is_empty() {
-            let cleared: Value = self.post("/v1/zk/credentials/clear", &verified).await?;
-            report.verified_and_cleared = cleared["cleared"].as_u64().unwrap_or(0);
+            let cleared: Cleared = self.api.post("/v1/zk/credentials/clear", &verified).await?;
+            report.verified_and_cleared = cleared.cleared;
         }
         Ok(report)
     }
-}
-
-#[derive(serde::Deserialize)]
-struct Wrapped<T> {
-    messages: Vec<T>,
-}
-
-#[derive(serde::Deserialize)]
-struct WrittenIds {
-    written: Vec<Uuid>,
 }

@@ -5,21 +5,15 @@
 //! interrupted and re-run: nothing is lost and nothing is encrypted twice.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::chat::System;
+use super::System;
 use crate::error::{Error, Result};
+use crate::zk;
 
 /// Most rows per batch.
 pub const MAX_BATCH: i64 = 500;
-
-/// What `encryption_metadata_v2` records for an envelope (the envelope describes itself; this
-/// is for operators and old tools).
-pub fn envelope_metadata() -> Value {
-    json!({ "format": "pdz", "version": 1, "client_side": true })
-}
 
 /// A message still in plaintext.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
@@ -85,7 +79,7 @@ fn scoped(system: System) -> String {
 const SYSTEMS: [System; 2] = [System::Chat, System::Sessions];
 
 async fn require_enabled(pool: &PgPool, user_id: Uuid) -> Result<()> {
-    if !super::is_enabled(pool, user_id).await? {
+    if !zk::is_enabled(pool, user_id).await? {
         return Err(Error::Invalid(
             "turn zero-knowledge on (POST /v1/zk/enable) before migrating".into(),
         ));
@@ -191,13 +185,13 @@ pub async fn write_encrypted(
         )));
     }
     for write in writes {
-        super::check_envelope(
+        zk::check_envelope(
             &write.encrypted_content,
             polydev_zk::Kind::Item,
             user_id,
-            Some(super::CHAT_MESSAGE),
+            Some(zk::CHAT_MESSAGE),
             Some(&write.id.to_string()),
-            super::MAX_MESSAGE_ENVELOPE,
+            zk::MAX_MESSAGE_ENVELOPE,
         )?;
     }
     // One statement per chat system for the whole batch.
@@ -224,7 +218,7 @@ pub async fn write_encrypted(
         .bind(&ids)
         .bind(&hashes)
         .bind(&envelopes)
-        .bind(envelope_metadata())
+        .bind(zk::envelope_metadata())
         .fetch_all(pool)
         .await?;
         written.extend(done);

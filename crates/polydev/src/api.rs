@@ -1,0 +1,125 @@
+//! The HTTP API's request and response bodies, shared by the server's handlers and every client
+//! in the repository (`polydev zk`, the bench, the stdio bridge), so both sides read and write
+//! the same typed shapes. Domain types that travel as they are (a chat message, a token) stay in
+//! their domain; this module holds the wrappers around them.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::accounts::{Profile, User};
+use crate::error::Error;
+use crate::quota::QuotaState;
+
+/// Every error body: `{"error": {"code", "message"}}`. Also the `error` SSE event's data and
+/// the structured content of an MCP tool error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<&Error> for ErrorResponse {
+    fn from(error: &Error) -> Self {
+        ErrorResponse {
+            error: ErrorDetail {
+                code: error.code().to_string(),
+                message: error.public_message(),
+            },
+        }
+    }
+}
+
+/// `GET /v1/me`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Me {
+    pub user: User,
+    pub profile: Option<Profile>,
+    pub tier: Option<String>,
+    pub quota: Option<QuotaState>,
+    pub token: TokenInUse,
+}
+
+/// The token that authenticated a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInUse {
+    pub id: Uuid,
+    pub rate_limit_tier: Option<String>,
+}
+
+/// `GET /healthz`, `GET /readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    /// ok, ready, migrations_pending, database_unreachable
+    pub status: String,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    pub expires_in_days: Option<u32>,
+}
+
+/// `POST /v1/chat/sessions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    pub title: Option<String>,
+}
+
+/// `?limit=` of the batch reads (migration, credential hand-over).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct BatchQuery {
+    pub limit: Option<i64>,
+}
+
+/// `PUT /v1/zk/password`, `PUT /v1/zk/recovery`: a compare-and-swap of the key material.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceKeyMaterial {
+    /// The envelope being replaced, exactly as fetched.
+    pub previous: String,
+    pub material: crate::zk::KeyMaterial,
+}
+
+/// A batch of rows read for the migration (`messages`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageBatch<T> {
+    pub messages: Vec<T>,
+}
+
+/// `POST /v1/zk/migration/encrypted`: the ids written (the others changed meanwhile).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Written {
+    pub written: Vec<Uuid>,
+}
+
+/// `POST /v1/zk/migration/clear`, `POST /v1/zk/credentials/clear`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cleared {
+    pub cleared: u64,
+}
+
+/// `POST /v1/zk/migration/reset`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reset {
+    pub reset: u64,
+}
+
+/// `POST /v1/zk/credentials/encrypted`: the credentials stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stored {
+    pub stored: Vec<Uuid>,
+}
+
+/// `GET /v1/models`, the `list_available_models` tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelList<M> {
+    pub models: Vec<M>,
+}

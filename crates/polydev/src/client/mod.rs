@@ -1,0 +1,114 @@
+//! Clients of a polydev server, for the command line (`polydev zk`), the bench and agents:
+//! typed requests and responses ([`crate::api`]) over HTTP with the user's `pd_` token. The
+//! server's own modules never import this one.
+
+pub mod zk;
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{ErrorResponse, Me};
+
+/// Requests refused for the rate limit are tried again this many times.
+const RATE_LIMIT_RETRIES: u32 = 5;
+
+/// A polydev server's HTTP API, called with one token.
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: &str) -> ApiClient {
+        ApiClient {
+            http: crate::net::http_client(),
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    /// Sends a request and reads its typed answer (`()` for 204). An error answer becomes an
+    /// error that carries the server's public message and code. Over the rate limit (429) it
+    /// waits as `Retry-After` says (a long migration can exceed a plan's requests per minute).
+    pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut attempts = 0;
+        let response = loop {
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.token);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request
+                .send()
+                .await
+                .context("cannot reach the polydev server")?;
+            attempts += 1;
+            if response.status() != StatusCode::TOO_MANY_REQUESTS || attempts > RATE_LIMIT_RETRIES {
+                break response;
+            }
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(5)
+                .min(60);
+            tracing::info!(wait_s = wait, "rate limited by the server; waiting");
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        };
+        let status = response.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(serde_json::from_value(serde_json::Value::Null)?);
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .context("the server's answer was cut off")?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ErrorResponse>(&bytes) {
+                Ok(body) => bail!("{} ({status}, {})", body.error.message, body.error.code),
+                Err(_) => bail!("the server answered {status}"),
+            }
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("the server's answer to {method} {path} is not as expected"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
+    /// `GET /v1/me`.
+    pub async fn me(&self) -> anyhow::Result<Me> {
+        self.get("/v1/me").await
+    }
+}
