@@ -21,7 +21,7 @@ use super::usage::{self, UsageRecord};
 use super::{Gateway, PerspectivesRequest, get_settings};
 use crate::db::Pools;
 use crate::error::{Error, Result};
-use crate::quota::{self, Counter, Reservation};
+use crate::quota::{self, Counter, ReservationGuard};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -215,7 +215,7 @@ async fn run(
     }
     // The common case in one atomic statement: the message and a perspective per model.
     let wants: Vec<Counter> = std::iter::once(Counter::Messages)
-        .chain(models.iter().map(|m| counter_for(m.tier)))
+        .chain(models.iter().map(|m| Counter::for_tier(m.tier)))
         .collect();
     let (message, prepaid): (ReservationGuard, Vec<Option<ReservationGuard>>) =
         // Reservations commit without waiting for the WAL flush: the usage row's durable commit
@@ -405,7 +405,7 @@ impl ModelCall<'_> {
                 match quota::reserve(
                     self.relaxed,
                     self.user_id,
-                    counter_for(model.tier),
+                    Counter::for_tier(model.tier),
                     self.today,
                 )
                 .await
@@ -527,58 +527,6 @@ impl ModelCall<'_> {
                         self.request.deadline_ms()
                     ),
                 )
-            }
-        }
-    }
-}
-
-fn counter_for(tier: super::Tier) -> Counter {
-    match tier {
-        super::Tier::Premium => Counter::Premium,
-        super::Tier::Normal => Counter::Normal,
-        super::Tier::Eco => Counter::Eco,
-    }
-}
-
-/// A reservation that is given back unless settled, even when the future holding it is
-/// dropped (client cancellation): then the refund runs in a background task.
-struct ReservationGuard {
-    pool: PgPool,
-    reservation: Option<Reservation>,
-}
-
-impl ReservationGuard {
-    fn new(pool: &PgPool, reservation: Reservation) -> Self {
-        ReservationGuard {
-            pool: pool.clone(),
-            reservation: Some(reservation),
-        }
-    }
-
-    /// The work was done: the unit stays used.
-    fn settle(mut self) {
-        self.reservation = None;
-    }
-
-    async fn refund(mut self) {
-        if let Some(reservation) = self.reservation.take()
-            && let Err(error) = quota::refund(&self.pool, reservation).await
-        {
-            tracing::error!(%error, "quota refund failed");
-        }
-    }
-}
-
-impl Drop for ReservationGuard {
-    fn drop(&mut self) {
-        if let Some(reservation) = self.reservation.take() {
-            let pool = self.pool.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if let Err(error) = quota::refund(&pool, reservation).await {
-                        tracing::error!(%error, "quota refund after cancellation failed");
-                    }
-                });
             }
         }
     }

@@ -1,12 +1,17 @@
 //! Monthly quotas per model tier (`user_perspective_quotas`), with limits per plan from the
 //! `plan_tiers` table.
 
+mod guard;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::perspectives::Tier;
+
+pub use guard::ReservationGuard;
 
 /// A user's quota row. `None` limits are unlimited.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -194,6 +199,15 @@ impl Counter {
             Counter::Premium => ("premium_perspectives_used", "premium_perspectives_limit"),
             Counter::Normal => ("normal_perspectives_used", "normal_perspectives_limit"),
             Counter::Eco => ("eco_perspectives_used", "eco_perspectives_limit"),
+        }
+    }
+
+    /// The counter a model of `tier` draws on.
+    pub fn for_tier(tier: Tier) -> Counter {
+        match tier {
+            Tier::Premium => Counter::Premium,
+            Tier::Normal => Counter::Normal,
+            Tier::Eco => Counter::Eco,
         }
     }
 
