@@ -1,0 +1,135 @@
+//! What `get_perspectives` returns, and the progress events it sends while it runs.
+
+use std::fmt::Write as _;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The model answered.
+    Ok,
+    /// The model call failed (see `error`).
+    Error,
+    /// The deadline passed first.
+    Timeout,
+    /// Not called: no quota left for its tier.
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelError {
+    /// bad_request, auth, rate_limited, upstream, timeout, connection, malformed_response,
+    /// not_configured, quota_exceeded, internal.
+    pub class: String,
+    pub message: String,
+}
+
+/// One model's answer, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelResult {
+    pub model: String,
+    pub provider: String,
+    pub tier: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub latency_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u32>,
+    /// USD, as an exact decimal string.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ModelError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Totals {
+    pub models: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// USD, as an exact decimal string.
+    pub cost_usd: String,
+    /// Wall time of the whole call.
+    pub elapsed_ms: u64,
+}
+
+/// The result of `get_perspectives` (`structuredContent` of the MCP tool, body of the REST call).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PerspectivesResult {
+    /// Also the `session_id` of the call's usage rows.
+    pub request_id: Uuid,
+    pub perspectives: Vec<ModelResult>,
+    pub totals: Totals,
+    /// True when this is the stored result of an earlier call with the same idempotency key.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+impl PerspectivesResult {
+    /// The readable form: a section per model, then the totals.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for p in &self.perspectives {
+            let _ = writeln!(out, "## {} ({}, {})", p.model, p.provider, p.tier);
+            match (&p.text, &p.error) {
+                (Some(text), _) => {
+                    let _ = writeln!(
+                        out,
+                        "_{} ms · {} in / {} out tokens · ${}_\n\n{}\n",
+                        p.latency_ms,
+                        p.input_tokens.unwrap_or(0),
+                        p.output_tokens.unwrap_or(0),
+                        p.cost_usd.as_deref().unwrap_or("0"),
+                        text.trim_end()
+                    );
+                }
+                (None, Some(error)) => {
+                    let _ = writeln!(
+                        out,
+                        "_{:?} after {} ms_: {} ({})\n",
+                        p.status, p.latency_ms, error.message, error.class
+                    );
+                }
+                (None, None) => {
+                    let _ = writeln!(out, "_{:?}_\n", p.status);
+                }
+            }
+        }
+        let t = &self.totals;
+        let _ = write!(
+            out,
+            "---\n{} of {} models answered · {} in / {} out tokens · ${} · {} ms{}",
+            t.succeeded,
+            t.models,
+            t.input_tokens,
+            t.output_tokens,
+            t.cost_usd,
+            t.elapsed_ms,
+            if self.replayed {
+                " · replayed (idempotency key)"
+            } else {
+                ""
+            }
+        );
+        out
+    }
+}
+
+/// Events while a call runs, for progress notifications and SSE.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The models chosen, before any is called.
+    Started { models: Vec<String> },
+    /// Text of one model's answer as it streams in.
+    Delta { model: String, text: String },
+    /// One model is done (answered, failed or timed out).
+    Finished(ModelResult),
+}
