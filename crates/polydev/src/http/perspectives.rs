@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::{ApiError, AppState, Authenticated};
-use crate::perspectives::{self, PerspectiveSettings, PerspectivesRequest, Progress};
+use crate::perspectives::{self, PerspectiveSettings, PerspectivesRequest, Progress, ProgressSink};
 use crate::quota;
 
 /// A prompt may be 100,000 characters of up to 4 bytes each, plus the other arguments.
@@ -53,8 +53,7 @@ async fn create(
             &state.gateway,
             caller.user_id,
             &request,
-            None,
-            false,
+            ProgressSink::none(),
         )
         .await?;
         return Ok(Json(result).into_response());
@@ -81,8 +80,7 @@ fn event_stream(
             &state.gateway,
             user_id,
             &request,
-            Some(progress),
-            true,
+            ProgressSink::new(progress).with_deltas(),
         );
         tokio::pin!(call);
         let result = loop {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::accounts::Caller;
 use crate::error::Error;
 use crate::http::AppState;
-use crate::perspectives::{self, PerspectivesRequest, Progress, Status};
+use crate::perspectives::{self, PerspectivesRequest, Progress, ProgressSink, Status};
 
 #[derive(Clone)]
 pub struct PolydevMcp {
@@ -37,8 +37,11 @@ impl PolydevMcp {
             &self.state.gateway,
             caller.user_id,
             &request,
-            progress_token.is_some().then_some(tx),
-            false,
+            if progress_token.is_some() {
+                ProgressSink::new(tx)
+            } else {
+                ProgressSink::none()
+            },
         );
         tokio::pin!(call);
         let mut notifier = ProgressNotifier {

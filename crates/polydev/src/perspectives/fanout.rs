@@ -7,30 +7,28 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::catalogue::{Cost, ModelSpec};
 use super::idempotency::{self, Claim};
-use super::provider::{CompletionRequest, ErrorClass};
-use super::result::{ModelError, ModelResult, PerspectivesResult, Progress, Status, Totals};
+use super::provider::{CompletionRequest, DeltaSink, ErrorClass};
+use super::result::{ModelError, ModelResult, PerspectivesResult, ProgressSink, Status, Totals};
 use super::usage::{self, UsageRecord};
 use super::{Gateway, PerspectivesRequest, get_settings};
 use crate::db::Pools;
 use crate::error::{Error, Result};
 use crate::quota::{self, Counter, ReservationGuard};
 
-/// Runs `get_perspectives` for `user_id`. Progress events go to `progress` when given
-/// (`deltas` adds streamed text). Dropping the returned future cancels the upstream calls still
-/// running and gives their reservations back.
+/// Runs `get_perspectives` for `user_id`, sending its progress events to `progress`. Dropping
+/// the returned future cancels the upstream calls still running and gives their reservations
+/// back.
 pub async fn get_perspectives(
     pools: Pools<'_>,
     gateway: &Gateway,
     user_id: Uuid,
     request: &PerspectivesRequest,
-    progress: Option<UnboundedSender<Progress>>,
-    deltas: bool,
+    progress: ProgressSink,
 ) -> Result<PerspectivesResult> {
     request.validate(gateway)?;
     let pool = pools.durable;
@@ -46,7 +44,7 @@ pub async fn get_perspectives(
             return Ok(*result);
         }
     }
-    let result = run(pools, gateway, user_id, request, progress, deltas, deadline).await;
+    let result = run(pools, gateway, user_id, request, &progress, deadline).await;
     if let Some(key) = key {
         match &result {
             Ok(result) => idempotency::complete(pool, user_id, key, result).await?,
@@ -61,8 +59,7 @@ async fn run(
     gateway: &Gateway,
     user_id: Uuid,
     request: &PerspectivesRequest,
-    progress: Option<UnboundedSender<Progress>>,
-    deltas: bool,
+    progress: &ProgressSink,
     deadline: Duration,
 ) -> Result<PerspectivesResult> {
     let started = Instant::now();
@@ -109,11 +106,7 @@ async fn run(
             },
         };
 
-    if let Some(tx) = &progress {
-        let _ = tx.send(Progress::Started {
-            models: models.iter().map(|m| m.id.clone()).collect(),
-        });
-    }
+    progress.started(&models);
     let request_id = Uuid::new_v4();
     let session_id = request_id.to_string();
     let cancel = CancellationToken::new();
@@ -125,8 +118,7 @@ async fn run(
         request,
         session_id: &session_id,
         cancel: &cancel,
-        progress: progress.as_ref(),
-        deltas,
+        progress,
         today,
     };
     let mut pending: FuturesUnordered<_> = models
@@ -145,9 +137,7 @@ async fn run(
         tokio::select! {
             next = pending.next() => match next {
                 Some((index, result)) => {
-                    if let Some(tx) = &progress {
-                        let _ = tx.send(Progress::Finished(result.clone()));
-                    }
+                    progress.finished(&result);
                     results[index] = Some(result);
                 }
                 None => break,
@@ -228,8 +218,7 @@ struct ModelCall<'a> {
     request: &'a PerspectivesRequest,
     session_id: &'a str,
     cancel: &'a CancellationToken,
-    progress: Option<&'a UnboundedSender<Progress>>,
-    deltas: bool,
+    progress: &'a ProgressSink,
     today: chrono::NaiveDate,
 }
 
@@ -307,20 +296,9 @@ impl ModelCall<'_> {
             temperature: self.request.temperature,
             max_tokens: self.request.max_tokens(),
         };
-        let sink = |text: &str| {
-            if let Some(tx) = self.progress {
-                let _ = tx.send(Progress::Delta {
-                    model: model.id.clone(),
-                    text: text.to_string(),
-                });
-            }
-        };
-        let deltas: Option<&(dyn Fn(&str) + Send + Sync)> =
-            if self.deltas && self.progress.is_some() {
-                Some(&sink)
-            } else {
-                None
-            };
+        let progress = self.progress;
+        let sink = |text: &str| progress.delta(&model.id, text);
+        let deltas = progress.wants_deltas().then_some(&sink as DeltaSink<'_>);
         let outcome = tokio::select! {
             outcome = provider.complete(&completion_request, deltas) => Some(outcome),
             () = self.cancel.cancelled() => None,

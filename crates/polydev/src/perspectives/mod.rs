@@ -17,7 +17,9 @@ use std::time::Duration;
 pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
 pub use fanout::get_perspectives;
 pub use request::{PerspectivesRequest, limits};
-pub use result::{ModelError, ModelResult, PerspectivesResult, Progress, Status, Totals};
+pub use result::{
+    ModelError, ModelResult, PerspectivesResult, Progress, ProgressSink, Status, Totals,
+};
 pub use settings::{PerspectiveSettings, get_settings, put_settings};
 pub use usage::{MonthUsage, month_usage};
 

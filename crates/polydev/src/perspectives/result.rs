@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
+
+use super::catalogue::ModelSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -132,4 +135,86 @@ pub enum Progress {
     Delta { model: String, text: String },
     /// One model is done (answered, failed or timed out).
     Finished(ModelResult),
+}
+
+/// Where a call's [`Progress`] events go, if anywhere. Sending never fails the call: events for
+/// a receiver that is gone are dropped.
+#[derive(Debug, Clone, Default)]
+pub struct ProgressSink {
+    tx: Option<UnboundedSender<Progress>>,
+    deltas: bool,
+}
+
+impl ProgressSink {
+    /// No events.
+    pub fn none() -> Self {
+        ProgressSink::default()
+    }
+
+    /// `Started` and `Finished` events to `tx`.
+    pub fn new(tx: UnboundedSender<Progress>) -> Self {
+        ProgressSink {
+            tx: Some(tx),
+            deltas: false,
+        }
+    }
+
+    /// `Delta` events too: the text of the answers as it streams in.
+    pub fn with_deltas(self) -> Self {
+        ProgressSink {
+            deltas: true,
+            ..self
+        }
+    }
+
+    /// Whether `delta` sends anything.
+    pub(super) fn wants_deltas(&self) -> bool {
+        self.deltas && self.tx.is_some()
+    }
+
+    pub(super) fn started(&self, models: &[&ModelSpec]) {
+        self.send(|| Progress::Started {
+            models: models.iter().map(|m| m.id.clone()).collect(),
+        });
+    }
+
+    pub(super) fn delta(&self, model: &str, text: &str) {
+        if self.deltas {
+            self.send(|| Progress::Delta {
+                model: model.to_string(),
+                text: text.to_string(),
+            });
+        }
+    }
+
+    pub(super) fn finished(&self, result: &ModelResult) {
+        self.send(|| Progress::Finished(result.clone()));
+    }
+
+    fn send(&self, event: impl FnOnce() -> Progress) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(event());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absent_sink_sends_nothing_and_deltas_need_asking_for() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        ProgressSink::none().delta("m", "text");
+        let events = ProgressSink::new(tx.clone());
+        events.delta("m", "text");
+        assert!(!events.wants_deltas());
+        let deltas = ProgressSink::new(tx).with_deltas();
+        assert!(deltas.wants_deltas());
+        deltas.delta("m", "text");
+        assert!(
+            matches!(rx.try_recv(), Ok(Progress::Delta { model, text }) if model == "m" && text == "text")
+        );
+        assert!(rx.try_recv().is_err());
+    }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use polydev::accounts::{self, Plan};
 use polydev::db::Pools;
 use polydev::error::Error;
-use polydev::perspectives::{Gateway, PerspectivesRequest, Progress, Status, get_perspectives};
+use polydev::perspectives::{
+    Gateway, PerspectivesRequest, Progress, ProgressSink, Status, get_perspectives,
+};
 use polydev_mock::{MockUpstream, answer_for};
 use uuid::Uuid;
 
@@ -61,8 +63,7 @@ impl Fixture {
             &self.gateway,
             self.user,
             request,
-            None,
-            false,
+            ProgressSink::none(),
         )
         .await
     }
@@ -118,8 +119,7 @@ async fn three_providers_answer_in_parallel_and_each_answer_is_billed_exactly() 
         &f.gateway,
         f.user,
         &request,
-        Some(tx),
-        false,
+        ProgressSink::new(tx),
     )
     .await
     .unwrap();
@@ -200,8 +200,7 @@ async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
         &f.gateway,
         f.user,
         &ask(&["broken-premium", "bad-request-normal", "gemini-eco"]),
-        None,
-        false,
+        ProgressSink::none(),
     )
     .await
     .unwrap();
@@ -249,8 +248,7 @@ async fn concurrent_calls_against_a_small_limit_grant_exactly_the_limit() {
                     &gateway,
                     user,
                     &ask(&["gpt-premium"]),
-                    None,
-                    false,
+                    ProgressSink::none(),
                 )
                 .await
             })
@@ -378,9 +376,15 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
                 request.clone(),
             );
             tokio::spawn(async move {
-                get_perspectives(Pools::single(&pool), &gateway, user, &request, None, false)
-                    .await
-                    .unwrap()
+                get_perspectives(
+                    Pools::single(&pool),
+                    &gateway,
+                    user,
+                    &request,
+                    ProgressSink::none(),
+                )
+                .await
+                .unwrap()
             })
         })
         .collect();
