@@ -237,13 +237,10 @@ impl ModelCall<'_> {
             cost_usd: None,
             error: None,
         };
-        let fail = |mut result: ModelResult, status: Status, class: &str, message: String| {
+        let fail = |mut result: ModelResult, status: Status, class: ErrorClass, message: String| {
             result.status = status;
             result.latency_ms = started.elapsed().as_millis() as u64;
-            result.error = Some(ModelError {
-                class: class.to_string(),
-                message,
-            });
+            result.error = Some(ModelError { class, message });
             result
         };
         let provider = match self.gateway.provider(&model.provider) {
@@ -253,7 +250,7 @@ impl ModelCall<'_> {
                     unused.refund().await;
                 }
                 let message = format!("provider `{}` has no API key configured", model.provider);
-                return fail(result, Status::Error, "not_configured", message);
+                return fail(result, Status::Error, ErrorClass::NotConfigured, message);
             }
         };
         // Reserved BEFORE the upstream call (here or with the message): concurrent calls can
@@ -274,7 +271,7 @@ impl ModelCall<'_> {
                         return fail(
                             result,
                             Status::Skipped,
-                            "quota_exceeded",
+                            ErrorClass::QuotaExceeded,
                             exhausted.to_string(),
                         );
                     }
@@ -283,7 +280,7 @@ impl ModelCall<'_> {
                         return fail(
                             result,
                             Status::Error,
-                            "internal",
+                            ErrorClass::Internal,
                             "the quota could not be checked".into(),
                         );
                     }
@@ -341,7 +338,7 @@ impl ModelCall<'_> {
                     return fail(
                         result,
                         Status::Error,
-                        "internal",
+                        ErrorClass::Internal,
                         "the usage could not be recorded".into(),
                     );
                 }
@@ -362,14 +359,14 @@ impl ModelCall<'_> {
                 } else {
                     Status::Error
                 };
-                fail(result, status, error.class.as_str(), error.message)
+                fail(result, status, error.class, error.message)
             }
             None => {
                 reservation.refund().await;
                 fail(
                     result,
                     Status::Timeout,
-                    "timeout",
+                    ErrorClass::Timeout,
                     format!(
                         "no answer within the deadline of {} ms",
                         self.request.deadline_ms()

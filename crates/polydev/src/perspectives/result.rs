@@ -8,6 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 use super::catalogue::ModelSpec;
+use super::provider::ErrorClass;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -24,9 +25,7 @@ pub enum Status {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ModelError {
-    /// bad_request, auth, rate_limited, upstream, timeout, connection, malformed_response,
-    /// not_configured, quota_exceeded, internal.
-    pub class: String,
+    pub class: ErrorClass,
     pub message: String,
 }
 
@@ -98,7 +97,10 @@ impl PerspectivesResult {
                     let _ = writeln!(
                         out,
                         "_{:?} after {} ms_: {} ({})\n",
-                        p.status, p.latency_ms, error.message, error.class
+                        p.status,
+                        p.latency_ms,
+                        error.message,
+                        error.class.as_str()
                     );
                 }
                 (None, None) => {
@@ -201,6 +203,32 @@ impl ProgressSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_classes_keep_their_wire_names() {
+        let classes = [
+            (ErrorClass::BadRequest, "bad_request"),
+            (ErrorClass::Auth, "auth"),
+            (ErrorClass::RateLimited, "rate_limited"),
+            (ErrorClass::Upstream, "upstream"),
+            (ErrorClass::Timeout, "timeout"),
+            (ErrorClass::Connection, "connection"),
+            (ErrorClass::Malformed, "malformed_response"),
+            (ErrorClass::NotConfigured, "not_configured"),
+            (ErrorClass::QuotaExceeded, "quota_exceeded"),
+            (ErrorClass::Internal, "internal"),
+        ];
+        for (class, name) in classes {
+            let error = ModelError {
+                class,
+                message: "m".into(),
+            };
+            let json = serde_json::to_value(&error).unwrap();
+            assert_eq!(json["class"], name);
+            assert_eq!(class.as_str(), name);
+            assert_eq!(serde_json::from_value::<ModelError>(json).unwrap(), error);
+        }
+    }
 
     #[test]
     fn an_absent_sink_sends_nothing_and_deltas_need_asking_for() {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use polydev::accounts::{self, Plan};
 use polydev::db::Pools;
 use polydev::error::Error;
+use polydev::perspectives::provider::ErrorClass;
 use polydev::perspectives::{
     Gateway, PerspectivesRequest, Progress, ProgressSink, Status, get_perspectives,
 };
@@ -213,10 +214,13 @@ async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
             .clone()
     };
     assert_eq!(by_model("gemini-eco").status, Status::Ok);
-    assert_eq!(by_model("broken-premium").error.unwrap().class, "upstream");
+    assert_eq!(
+        by_model("broken-premium").error.unwrap().class,
+        ErrorClass::Upstream
+    );
     assert_eq!(
         by_model("bad-request-normal").error.unwrap().class,
-        "bad_request"
+        ErrorClass::BadRequest
     );
     assert_eq!(
         used(&f.db, f.user).await,
@@ -290,7 +294,7 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
         .find(|p| p.model == "slow-premium")
         .unwrap();
     assert_eq!(slow.status, Status::Timeout);
-    assert_eq!(slow.error.as_ref().unwrap().class, "timeout");
+    assert_eq!(slow.error.as_ref().unwrap().class, ErrorClass::Timeout);
     let fast = result
         .perspectives
         .iter()
