@@ -18,7 +18,7 @@ use super::{ApiError, ApiJson, Authenticated};
 use crate::api::{ErrorResponse, ModelList};
 use crate::app::AppState;
 use crate::perspectives::{
-    self, ModelInfo, PerspectiveSettings, PerspectivesRequest, Progress, UsageReport,
+    self, ModelInfo, PerspectiveSettings, PerspectivesRequest, Progress, ProgressSink, UsageReport,
 };
 
 /// A prompt may be 100,000 characters of up to 4 bytes each, plus the other arguments.
@@ -57,8 +57,7 @@ async fn create(
             &state.gateway,
             caller.user_id,
             &request,
-            None,
-            false,
+            ProgressSink::none(),
         )
         .await?;
         return Ok(Json(result).into_response());
@@ -85,8 +84,7 @@ fn event_stream(
             &state.gateway,
             user_id,
             &request,
-            Some(progress),
-            true,
+            ProgressSink::new(progress).with_deltas(),
         );
         tokio::pin!(call);
         let result = loop {

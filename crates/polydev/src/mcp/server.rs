@@ -13,7 +13,7 @@ use crate::accounts::Caller;
 use crate::api::{ErrorResponse, ModelList};
 use crate::app::AppState;
 use crate::error::Error;
-use crate::perspectives::{self, PerspectivesRequest, Progress, Status};
+use crate::perspectives::{self, PerspectivesRequest, Progress, ProgressSink, Status};
 
 #[derive(Clone)]
 pub struct PolydevMcp {
@@ -38,8 +38,11 @@ impl PolydevMcp {
             &self.state.gateway,
             caller.user_id,
             &request,
-            progress_token.is_some().then_some(tx),
-            false,
+            if progress_token.is_some() {
+                ProgressSink::new(tx)
+            } else {
+                ProgressSink::none()
+            },
         );
         tokio::pin!(call);
         let mut notifier = ProgressNotifier {

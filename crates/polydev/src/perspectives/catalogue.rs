@@ -22,6 +22,16 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// The quota counter a model of this tier draws on.
+    pub fn counter(self) -> crate::quota::Counter {
+        use crate::quota::Counter;
+        match self {
+            Tier::Premium => Counter::Premium,
+            Tier::Normal => Counter::Normal,
+            Tier::Eco => Counter::Eco,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Premium => "premium",

@@ -1,166 +1,37 @@
 //! `get_perspectives`: ask the chosen models in parallel, each paid for by a quota reservation
 //! taken before its upstream call and given back if the call fails, times out or is cancelled.
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use chrono::NaiveDate;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::catalogue::{Cost, ModelSpec};
 use super::idempotency::{self, Claim};
-use super::provider::{CompletionRequest, ErrorClass};
+use super::provider::{
+    Completion, CompletionRequest, DeltaSink, ErrorClass, Provider, ProviderError,
+};
+use super::result::{ModelError, ModelResult, PerspectivesResult, ProgressSink, Status, Totals};
 use super::usage::{self, UsageRecord};
 use super::{Gateway, PerspectivesRequest, get_settings};
 use crate::db::Pools;
 use crate::error::{Error, Result};
-use crate::quota::{self, Counter, Reservation};
+use crate::quota::{self, Counter, ReservationGuard};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// The model answered.
-    Ok,
-    /// The model call failed (see `error`).
-    Error,
-    /// The deadline passed first.
-    Timeout,
-    /// Not called: no quota left for its tier.
-    Skipped,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct ModelError {
-    /// bad_request, auth, rate_limited, upstream, timeout, connection, malformed_response,
-    /// not_configured, quota_exceeded, internal.
-    pub class: String,
-    pub message: String,
-}
-
-/// One model's answer, or why there is none.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct ModelResult {
-    pub model: String,
-    pub provider: String,
-    pub tier: String,
-    pub status: Status,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
-    pub latency_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub input_tokens: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_tokens: Option<u32>,
-    /// USD, as an exact decimal string.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cost_usd: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<ModelError>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct Totals {
-    pub models: usize,
-    pub succeeded: usize,
-    pub failed: usize,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    /// USD, as an exact decimal string.
-    pub cost_usd: String,
-    /// Wall time of the whole call.
-    pub elapsed_ms: u64,
-}
-
-/// The result of `get_perspectives` (`structuredContent` of the MCP tool, body of the REST call).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub struct PerspectivesResult {
-    /// Also the `session_id` of the call's usage rows.
-    pub request_id: Uuid,
-    pub perspectives: Vec<ModelResult>,
-    pub totals: Totals,
-    /// True when this is the stored result of an earlier call with the same idempotency key.
-    #[serde(default)]
-    pub replayed: bool,
-}
-
-/// Events while a call runs, for progress notifications and SSE.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// The models chosen, before any is called.
-    Started { models: Vec<String> },
-    /// Text of one model's answer as it streams in.
-    Delta { model: String, text: String },
-    /// One model is done (answered, failed or timed out).
-    Finished(ModelResult),
-}
-
-impl PerspectivesResult {
-    /// The readable form: a section per model, then the totals.
-    pub fn to_text(&self) -> String {
-        let mut out = String::new();
-        for p in &self.perspectives {
-            let _ = writeln!(out, "## {} ({}, {})", p.model, p.provider, p.tier);
-            match (&p.text, &p.error) {
-                (Some(text), _) => {
-                    let _ = writeln!(
-                        out,
-                        "_{} ms · {} in / {} out tokens · ${}_\n\n{}\n",
-                        p.latency_ms,
-                        p.input_tokens.unwrap_or(0),
-                        p.output_tokens.unwrap_or(0),
-                        p.cost_usd.as_deref().unwrap_or("0"),
-                        text.trim_end()
-                    );
-                }
-                (None, Some(error)) => {
-                    let _ = writeln!(
-                        out,
-                        "_{:?} after {} ms_: {} ({})\n",
-                        p.status, p.latency_ms, error.message, error.class
-                    );
-                }
-                (None, None) => {
-                    let _ = writeln!(out, "_{:?}_\n", p.status);
-                }
-            }
-        }
-        let t = &self.totals;
-        let _ = write!(
-            out,
-            "---\n{} of {} models answered · {} in / {} out tokens · ${} · {} ms{}",
-            t.succeeded,
-            t.models,
-            t.input_tokens,
-            t.output_tokens,
-            t.cost_usd,
-            t.elapsed_ms,
-            if self.replayed {
-                " · replayed (idempotency key)"
-            } else {
-                ""
-            }
-        );
-        out
-    }
-}
-
-/// Runs `get_perspectives` for `user_id`. Progress events go to `progress` when given
-/// (`deltas` adds streamed text). Dropping the returned future cancels the upstream calls still
-/// running and gives their reservations back.
+/// Runs `get_perspectives` for `user_id`, sending its progress events to `progress`. Dropping
+/// the returned future cancels the upstream calls still running and gives their reservations
+/// back.
 pub async fn get_perspectives(
     pools: Pools<'_>,
     gateway: &Gateway,
     user_id: Uuid,
     request: &PerspectivesRequest,
-    progress: Option<UnboundedSender<Progress>>,
-    deltas: bool,
+    progress: ProgressSink,
 ) -> Result<PerspectivesResult> {
     request.validate(gateway)?;
     let pool = pools.durable;
@@ -176,7 +47,7 @@ pub async fn get_perspectives(
             return Ok(*result);
         }
     }
-    let result = run(pools, gateway, user_id, request, progress, deltas, deadline).await;
+    let result = run(pools, gateway, user_id, request, &progress, deadline).await;
     if let Some(key) = key {
         match &result {
             Ok(result) => idempotency::complete(pool, user_id, key, result).await?,
@@ -186,19 +57,52 @@ pub async fn get_perspectives(
     result
 }
 
+/// One call past its idempotency check: choose the models, reserve their quota, fan out until
+/// the deadline, add up.
 async fn run(
     pools: Pools<'_>,
     gateway: &Gateway,
     user_id: Uuid,
     request: &PerspectivesRequest,
-    progress: Option<UnboundedSender<Progress>>,
-    deltas: bool,
+    progress: &ProgressSink,
     deadline: Duration,
 ) -> Result<PerspectivesResult> {
     let started = Instant::now();
-    let pool = pools.durable;
     let today = chrono::Utc::now().date_naive();
-    // Settings and the quota snapshot only matter when polydev chooses the models.
+    let models = choose_models(pools.durable, gateway, user_id, request, today).await?;
+    let reserved = reserve_all(pools, user_id, &models, today).await?;
+    progress.started(&models);
+    let request_id = Uuid::new_v4();
+    let call = ModelCall {
+        pools,
+        gateway,
+        user_id,
+        request,
+        session_id: request_id.to_string(),
+        cancel: CancellationToken::new(),
+        progress,
+        today,
+    };
+    let perspectives = fan_out(&call, &models, reserved.models, deadline).await;
+    charge_message(reserved.message, &perspectives).await?;
+    let totals = totals(gateway, &perspectives, started.elapsed());
+    Ok(PerspectivesResult {
+        request_id,
+        perspectives,
+        totals,
+        replayed: false,
+    })
+}
+
+/// The models to ask; an error when none can run. Settings and the quota snapshot only matter
+/// when polydev chooses the models.
+async fn choose_models<'g>(
+    pool: &PgPool,
+    gateway: &'g Gateway,
+    user_id: Uuid,
+    request: &PerspectivesRequest,
+    today: NaiveDate,
+) -> Result<Vec<&'g ModelSpec>> {
     let models = if request.models.is_some() {
         request.choose(gateway, &Default::default(), None)
     } else {
@@ -213,60 +117,61 @@ async fn run(
             "no model can run: every eligible tier's monthly quota is used up, or no provider is configured (see list_available_models)".into(),
         ));
     }
-    // The common case in one atomic statement: the message and a perspective per model.
-    let wants: Vec<Counter> = std::iter::once(Counter::Messages)
-        .chain(models.iter().map(|m| counter_for(m.tier)))
-        .collect();
-    let (message, prepaid): (ReservationGuard, Vec<Option<ReservationGuard>>) =
-        // Reservations commit without waiting for the WAL flush: the usage row's durable commit
-        // later flushes them too (WAL is flushed in order); concurrency is unaffected.
-        match quota::reserve_all(pools.relaxed, user_id, &wants, today).await? {
-            Some(reservations) => {
-                let mut guards = reservations
-                    .into_iter()
-                    .map(|r| ReservationGuard::new(pool, r));
-                let message = guards.next().expect("the message was reserved");
-                (message, guards.map(Some).collect())
-            }
-            // Some limit is reached: reserve the message alone, then each model on its own, so
-            // the models that can run do and the others say which limit stopped them.
-            None => match quota::reserve(pools.relaxed, user_id, Counter::Messages, today).await? {
-                Ok(reservation) => (
-                    ReservationGuard::new(pool, reservation),
-                    models.iter().map(|_| None).collect(),
-                ),
-                Err(exhausted) => return Err(Error::QuotaExceeded(exhausted.to_string())),
-            },
-        };
+    Ok(models)
+}
 
-    if let Some(tx) = &progress {
-        let _ = tx.send(Progress::Started {
-            models: models.iter().map(|m| m.id.clone()).collect(),
+/// What is reserved before any model is called.
+struct Reserved {
+    message: ReservationGuard,
+    /// One per model, in order; `None` when the model reserves its own unit as it starts.
+    models: Vec<Option<ReservationGuard>>,
+}
+
+/// The common case in one atomic statement: the message and a perspective per model. When some
+/// limit is reached, the message alone, and each model reserves on its own as it starts, so the
+/// models that can run do and the others say which limit stopped them.
+async fn reserve_all(
+    pools: Pools<'_>,
+    user_id: Uuid,
+    models: &[&ModelSpec],
+    today: NaiveDate,
+) -> Result<Reserved> {
+    let wants: Vec<Counter> = std::iter::once(Counter::Messages)
+        .chain(models.iter().map(|m| m.tier.counter()))
+        .collect();
+    let guard = |reservation| ReservationGuard::new(pools.durable, reservation);
+    // Reservations commit without waiting for the WAL flush: the usage row's durable commit
+    // later flushes them too (WAL is flushed in order); concurrency is unaffected.
+    if let Some(reservations) = quota::reserve_all(pools.relaxed, user_id, &wants, today).await? {
+        let mut guards = reservations.into_iter().map(guard);
+        let message = guards.next().expect("the message was reserved");
+        return Ok(Reserved {
+            message,
+            models: guards.map(Some).collect(),
         });
     }
-    let request_id = Uuid::new_v4();
-    let session_id = request_id.to_string();
-    let cancel = CancellationToken::new();
-    let call = ModelCall {
-        pool,
-        relaxed: pools.relaxed,
-        gateway,
-        user_id,
-        request,
-        session_id: &session_id,
-        cancel: &cancel,
-        progress: progress.as_ref(),
-        deltas,
-        today,
-    };
+    match quota::reserve(pools.relaxed, user_id, Counter::Messages, today).await? {
+        Ok(reservation) => Ok(Reserved {
+            message: guard(reservation),
+            models: models.iter().map(|_| None).collect(),
+        }),
+        Err(exhausted) => Err(Error::QuotaExceeded(exhausted.to_string())),
+    }
+}
+
+/// Calls every model at once and reports each as it finishes. At the deadline the calls still
+/// running are cut: they give their quota back and report `timeout`. Results in model order.
+async fn fan_out(
+    call: &ModelCall<'_>,
+    models: &[&ModelSpec],
+    prepaid: Vec<Option<ReservationGuard>>,
+    deadline: Duration,
+) -> Vec<ModelResult> {
     let mut pending: FuturesUnordered<_> = models
         .iter()
         .zip(prepaid)
         .enumerate()
-        .map(|(index, (model, prepaid))| {
-            let call = &call;
-            async move { (index, call.run(model, prepaid).await) }
-        })
+        .map(|(index, (model, prepaid))| async move { (index, call.run(model, prepaid).await) })
         .collect();
     let mut results: Vec<Option<ModelResult>> = vec![None; models.len()];
     let timer = tokio::time::sleep(deadline);
@@ -275,48 +180,46 @@ async fn run(
         tokio::select! {
             next = pending.next() => match next {
                 Some((index, result)) => {
-                    if let Some(tx) = &progress {
-                        let _ = tx.send(Progress::Finished(result.clone()));
-                    }
+                    call.progress.finished(&result);
                     results[index] = Some(result);
                 }
                 None => break,
             },
-            // At the deadline the calls still running are cut; they give their quota back and
-            // report `timeout`, and the loop drains them.
-            () = &mut timer, if !cancel.is_cancelled() => cancel.cancel(),
+            () = &mut timer, if !call.cancel.is_cancelled() => call.cancel.cancel(),
         }
     }
-    drop(pending);
+    results.into_iter().flatten().collect()
+}
 
-    let perspectives: Vec<ModelResult> = results.into_iter().flatten().collect();
-    let succeeded = perspectives
-        .iter()
-        .filter(|p| p.status == Status::Ok)
-        .count();
-    if succeeded > 0 {
+/// The message stays used when some model answered. With no answer it goes back too (no
+/// answer, no charge), and when every model was skipped for its quota the call fails.
+async fn charge_message(message: ReservationGuard, perspectives: &[ModelResult]) -> Result<()> {
+    if perspectives.iter().any(|p| p.status == Status::Ok) {
         message.settle();
-    } else {
-        // No answer, no charge: the message goes back too.
-        message.refund().await;
-        if perspectives.iter().all(|p| p.status == Status::Skipped) {
-            let reasons: Vec<String> = perspectives
-                .iter()
-                .filter_map(|p| {
-                    p.error
-                        .as_ref()
-                        .map(|e| format!("{}: {}", p.model, e.message))
-                })
-                .collect();
-            return Err(Error::QuotaExceeded(format!(
-                "no model could run: {}",
-                reasons.join("; ")
-            )));
-        }
+        return Ok(());
     }
-    let cost = perspectives
+    message.refund().await;
+    if !perspectives.iter().all(|p| p.status == Status::Skipped) {
+        return Ok(());
+    }
+    let reasons: Vec<String> = perspectives
         .iter()
-        .filter(|p| p.status == Status::Ok)
+        .filter_map(|p| {
+            p.error
+                .as_ref()
+                .map(|e| format!("{}: {}", p.model, e.message))
+        })
+        .collect();
+    Err(Error::QuotaExceeded(format!(
+        "no model could run: {}",
+        reasons.join("; ")
+    )))
+}
+
+fn totals(gateway: &Gateway, perspectives: &[ModelResult], elapsed: Duration) -> Totals {
+    let answered = || perspectives.iter().filter(|p| p.status == Status::Ok);
+    let succeeded = answered().count();
+    let cost = answered()
         .filter_map(|p| gateway.catalogue().model(&p.model).map(|m| (m, p)))
         .fold(Cost::default(), |sum, (m, p)| {
             sum + m.cost(
@@ -324,262 +227,282 @@ async fn run(
                 p.output_tokens.unwrap_or(0).into(),
             )
         });
-    let totals = Totals {
+    let tokens = |of: fn(&ModelResult) -> Option<u32>| -> u64 {
+        perspectives.iter().filter_map(of).map(u64::from).sum()
+    };
+    Totals {
         models: perspectives.len(),
         succeeded,
         failed: perspectives.len() - succeeded,
-        input_tokens: perspectives
-            .iter()
-            .filter_map(|p| p.input_tokens)
-            .map(u64::from)
-            .sum(),
-        output_tokens: perspectives
-            .iter()
-            .filter_map(|p| p.output_tokens)
-            .map(u64::from)
-            .sum(),
+        input_tokens: tokens(|p| p.input_tokens),
+        output_tokens: tokens(|p| p.output_tokens),
         cost_usd: cost.to_string(),
-        elapsed_ms: started.elapsed().as_millis() as u64,
-    };
-    Ok(PerspectivesResult {
-        request_id,
-        perspectives,
-        totals,
-        replayed: false,
-    })
+        elapsed_ms: elapsed.as_millis() as u64,
+    }
 }
 
 /// What every model call of one `get_perspectives` shares.
 struct ModelCall<'a> {
-    pool: &'a PgPool,
-    relaxed: &'a PgPool,
+    pools: Pools<'a>,
     gateway: &'a Gateway,
     user_id: Uuid,
     request: &'a PerspectivesRequest,
-    session_id: &'a str,
-    cancel: &'a CancellationToken,
-    progress: Option<&'a UnboundedSender<Progress>>,
-    deltas: bool,
-    today: chrono::NaiveDate,
+    /// The request id, as the usage rows' `session_id`.
+    session_id: String,
+    /// Cancelled at the deadline.
+    cancel: CancellationToken,
+    progress: &'a ProgressSink,
+    today: NaiveDate,
+}
+
+/// A model's answer, recorded in a usage row and paid for.
+struct Answer {
+    completion: Completion,
+    cost: Cost,
+    latency_ms: u64,
+}
+
+/// Why a model has no answer.
+struct Failure {
+    status: Status,
+    error: ModelError,
 }
 
 impl ModelCall<'_> {
+    /// One model's call: reserve → call → record.
     async fn run(&self, model: &ModelSpec, prepaid: Option<ReservationGuard>) -> ModelResult {
         let started = Instant::now();
-        let mut result = ModelResult {
-            model: model.id.clone(),
-            provider: model.provider.clone(),
-            tier: model.tier.as_str().to_string(),
-            status: Status::Error,
-            text: None,
-            latency_ms: 0,
-            input_tokens: None,
-            output_tokens: None,
-            cost_usd: None,
-            error: None,
-        };
-        let fail = |mut result: ModelResult, status: Status, class: &str, message: String| {
-            result.status = status;
-            result.latency_ms = started.elapsed().as_millis() as u64;
-            result.error = Some(ModelError {
-                class: class.to_string(),
-                message,
-            });
-            result
-        };
-        let provider = match self.gateway.provider(&model.provider) {
-            Some(provider) if self.gateway.is_configured(&model.provider) => provider,
-            _ => {
-                if let Some(unused) = prepaid {
-                    unused.refund().await;
-                }
-                let message = format!("provider `{}` has no API key configured", model.provider);
-                return fail(result, Status::Error, "not_configured", message);
+        match self.answer(model, prepaid, started).await {
+            Ok(answer) => answer.into_result(model),
+            Err(failure) => failure.into_result(model, elapsed_ms(started)),
+        }
+    }
+
+    /// The answer, its unit settled; or why there is none, its unit given back.
+    async fn answer(
+        &self,
+        model: &ModelSpec,
+        prepaid: Option<ReservationGuard>,
+        started: Instant,
+    ) -> Result<Answer, Failure> {
+        let Some(provider) = self.configured_provider(model) else {
+            if let Some(unused) = prepaid {
+                unused.refund().await;
             }
+            return Err(Failure::error(
+                ErrorClass::NotConfigured,
+                format!("provider `{}` has no API key configured", model.provider),
+            ));
         };
-        // Reserved BEFORE the upstream call (here or with the message): concurrent calls can
-        // never overspend.
-        let reservation = match prepaid {
-            Some(reservation) => reservation,
-            None => {
-                match quota::reserve(
-                    self.relaxed,
-                    self.user_id,
-                    counter_for(model.tier),
-                    self.today,
-                )
-                .await
-                {
-                    Ok(Ok(reservation)) => ReservationGuard::new(self.pool, reservation),
-                    Ok(Err(exhausted)) => {
-                        return fail(
-                            result,
-                            Status::Skipped,
-                            "quota_exceeded",
-                            exhausted.to_string(),
-                        );
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "quota reservation failed");
-                        return fail(
-                            result,
-                            Status::Error,
-                            "internal",
-                            "the quota could not be checked".into(),
-                        );
-                    }
-                }
+        let reservation = self.reserve(model, prepaid).await?;
+        let request = self.completion_request(model);
+        match self.call(provider, model, &request).await {
+            Ok(completion) => {
+                let latency_ms = elapsed_ms(started);
+                self.record(model, &request, reservation, completion, latency_ms)
+                    .await
             }
-        };
-        let completion_request = CompletionRequest {
+            Err(failure) => {
+                reservation.refund().await;
+                Err(failure)
+            }
+        }
+    }
+
+    fn completion_request(&self, model: &ModelSpec) -> CompletionRequest {
+        CompletionRequest {
             model: model.upstream_name().to_string(),
             prompt: self.request.prompt.clone(),
             temperature: self.request.temperature,
             max_tokens: self.request.max_tokens(),
-        };
-        let sink = |text: &str| {
-            if let Some(tx) = self.progress {
-                let _ = tx.send(Progress::Delta {
-                    model: model.id.clone(),
-                    text: text.to_string(),
-                });
+        }
+    }
+
+    fn configured_provider(&self, model: &ModelSpec) -> Option<&dyn Provider> {
+        let provider = self.gateway.provider(&model.provider)?;
+        self.gateway
+            .is_configured(&model.provider)
+            .then_some(provider.as_ref())
+    }
+
+    /// The unit reserved with the message, or one reserved now: always BEFORE the upstream
+    /// call, so concurrent calls can never overspend. `Skipped` when the tier's quota is out.
+    async fn reserve(
+        &self,
+        model: &ModelSpec,
+        prepaid: Option<ReservationGuard>,
+    ) -> Result<ReservationGuard, Failure> {
+        if let Some(reservation) = prepaid {
+            return Ok(reservation);
+        }
+        let counter = model.tier.counter();
+        match quota::reserve(self.pools.relaxed, self.user_id, counter, self.today).await {
+            Ok(Ok(reservation)) => Ok(ReservationGuard::new(self.pools.durable, reservation)),
+            Ok(Err(exhausted)) => Err(Failure::new(
+                Status::Skipped,
+                ErrorClass::QuotaExceeded,
+                exhausted.to_string(),
+            )),
+            Err(error) => {
+                tracing::error!(%error, "quota reservation failed");
+                Err(Failure::error(
+                    ErrorClass::Internal,
+                    "the quota could not be checked",
+                ))
             }
-        };
-        let deltas: Option<&(dyn Fn(&str) + Send + Sync)> =
-            if self.deltas && self.progress.is_some() {
-                Some(&sink)
-            } else {
-                None
-            };
-        let outcome = tokio::select! {
-            outcome = provider.complete(&completion_request, deltas) => Some(outcome),
-            () = self.cancel.cancelled() => None,
-        };
-        let latency_ms = started.elapsed().as_millis() as u64;
-        let metadata = |status: &str, class: Option<&str>| {
-            json!({
-                "request_id": self.session_id,
-                "status": status,
-                "error_class": class,
-                "latency_ms": latency_ms,
-                "max_tokens": completion_request.max_tokens,
-                "temperature": completion_request.temperature,
-            })
-        };
-        match outcome {
-            Some(Ok(completion)) => {
-                let cost = model.cost(
-                    completion.input_tokens.into(),
-                    completion.output_tokens.into(),
-                );
-                let record = UsageRecord {
-                    user_id: self.user_id,
-                    session_id: self.session_id,
-                    model,
-                    input_tokens: completion.input_tokens,
-                    output_tokens: completion.output_tokens,
-                    cost,
-                    request_metadata: metadata("ok", None),
-                    response_metadata: json!({
-                        "status": "ok",
-                        "latency_ms": latency_ms,
-                        "finish_reason": completion.finish_reason,
-                    }),
-                };
-                if let Err(error) = usage::record(self.pool, &record).await {
-                    // Without its usage row the call is not billable: give the unit back.
-                    tracing::error!(%error, model = %model.id, "usage record failed");
-                    reservation.refund().await;
-                    return fail(
-                        result,
-                        Status::Error,
-                        "internal",
-                        "the usage could not be recorded".into(),
-                    );
-                }
-                reservation.settle();
-                result.status = Status::Ok;
-                result.text = Some(completion.text);
-                result.latency_ms = latency_ms;
-                result.input_tokens = Some(completion.input_tokens);
-                result.output_tokens = Some(completion.output_tokens);
-                result.cost_usd = Some(cost.to_string());
-                result
-            }
-            Some(Err(error)) => {
-                reservation.refund().await;
+        }
+    }
+
+    /// Asks the model, streaming its text to the progress sink when it wants deltas, until it
+    /// answers or the deadline cancels the call.
+    async fn call(
+        &self,
+        provider: &dyn Provider,
+        model: &ModelSpec,
+        request: &CompletionRequest,
+    ) -> Result<Completion, Failure> {
+        let progress = self.progress;
+        let sink = |text: &str| progress.delta(&model.id, text);
+        let deltas = progress.wants_deltas().then_some(&sink as DeltaSink<'_>);
+        tokio::select! {
+            outcome = provider.complete(request, deltas) => outcome.map_err(|error| {
                 tracing::info!(model = %model.id, class = error.class.as_str(), "model call failed");
-                let status = if error.class == ErrorClass::Timeout {
-                    Status::Timeout
-                } else {
-                    Status::Error
-                };
-                fail(result, status, error.class.as_str(), error.message)
-            }
-            None => {
-                reservation.refund().await;
-                fail(
-                    result,
-                    Status::Timeout,
-                    "timeout",
-                    format!(
-                        "no answer within the deadline of {} ms",
-                        self.request.deadline_ms()
-                    ),
-                )
-            }
+                Failure::from(error)
+            }),
+            () = self.cancel.cancelled() => Err(Failure::new(
+                Status::Timeout,
+                ErrorClass::Timeout,
+                format!("no answer within the deadline of {} ms", self.request.deadline_ms()),
+            )),
+        }
+    }
+
+    /// The answer's usage row, then its unit settled; without the row the unit goes back.
+    async fn record(
+        &self,
+        model: &ModelSpec,
+        request: &CompletionRequest,
+        reservation: ReservationGuard,
+        completion: Completion,
+        latency_ms: u64,
+    ) -> Result<Answer, Failure> {
+        let cost = model.cost(
+            completion.input_tokens.into(),
+            completion.output_tokens.into(),
+        );
+        let record = self.usage_record(model, request, &completion, cost, latency_ms);
+        if let Err(error) = usage::record(self.pools.durable, &record).await {
+            // Without its usage row the call is not billable: give the unit back.
+            tracing::error!(%error, model = %model.id, "usage record failed");
+            reservation.refund().await;
+            return Err(Failure::error(
+                ErrorClass::Internal,
+                "the usage could not be recorded",
+            ));
+        }
+        reservation.settle();
+        Ok(Answer {
+            completion,
+            cost,
+            latency_ms,
+        })
+    }
+
+    fn usage_record<'r>(
+        &'r self,
+        model: &'r ModelSpec,
+        request: &CompletionRequest,
+        completion: &Completion,
+        cost: Cost,
+        latency_ms: u64,
+    ) -> UsageRecord<'r> {
+        UsageRecord {
+            user_id: self.user_id,
+            session_id: &self.session_id,
+            model,
+            input_tokens: completion.input_tokens,
+            output_tokens: completion.output_tokens,
+            cost,
+            request_metadata: json!({
+                "request_id": self.session_id,
+                "status": "ok",
+                "error_class": null,
+                "latency_ms": latency_ms,
+                "max_tokens": request.max_tokens,
+                "temperature": request.temperature,
+            }),
+            response_metadata: json!({
+                "status": "ok",
+                "latency_ms": latency_ms,
+                "finish_reason": completion.finish_reason,
+            }),
         }
     }
 }
 
-fn counter_for(tier: super::Tier) -> Counter {
-    match tier {
-        super::Tier::Premium => Counter::Premium,
-        super::Tier::Normal => Counter::Normal,
-        super::Tier::Eco => Counter::Eco,
-    }
-}
-
-/// A reservation that is given back unless settled, even when the future holding it is
-/// dropped (client cancellation): then the refund runs in a background task.
-struct ReservationGuard {
-    pool: PgPool,
-    reservation: Option<Reservation>,
-}
-
-impl ReservationGuard {
-    fn new(pool: &PgPool, reservation: Reservation) -> Self {
-        ReservationGuard {
-            pool: pool.clone(),
-            reservation: Some(reservation),
-        }
-    }
-
-    /// The work was done: the unit stays used.
-    fn settle(mut self) {
-        self.reservation = None;
-    }
-
-    async fn refund(mut self) {
-        if let Some(reservation) = self.reservation.take()
-            && let Err(error) = quota::refund(&self.pool, reservation).await
-        {
-            tracing::error!(%error, "quota refund failed");
+impl Answer {
+    fn into_result(self, model: &ModelSpec) -> ModelResult {
+        ModelResult {
+            text: Some(self.completion.text),
+            input_tokens: Some(self.completion.input_tokens),
+            output_tokens: Some(self.completion.output_tokens),
+            cost_usd: Some(self.cost.to_string()),
+            ..model_result(model, Status::Ok, self.latency_ms)
         }
     }
 }
 
-impl Drop for ReservationGuard {
-    fn drop(&mut self) {
-        if let Some(reservation) = self.reservation.take() {
-            let pool = self.pool.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if let Err(error) = quota::refund(&pool, reservation).await {
-                        tracing::error!(%error, "quota refund after cancellation failed");
-                    }
-                });
-            }
+impl Failure {
+    fn new(status: Status, class: ErrorClass, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            error: ModelError {
+                class,
+                message: message.into(),
+            },
         }
     }
+
+    fn error(class: ErrorClass, message: impl Into<String>) -> Self {
+        Failure::new(Status::Error, class, message)
+    }
+
+    fn into_result(self, model: &ModelSpec, latency_ms: u64) -> ModelResult {
+        ModelResult {
+            error: Some(self.error),
+            ..model_result(model, self.status, latency_ms)
+        }
+    }
+}
+
+impl From<ProviderError> for Failure {
+    /// A provider's own timeout reads as `timeout`, like the deadline's.
+    fn from(error: ProviderError) -> Self {
+        let status = if error.class == ErrorClass::Timeout {
+            Status::Timeout
+        } else {
+            Status::Error
+        };
+        Failure::new(status, error.class, error.message)
+    }
+}
+
+/// A result for `model` with nothing but its status and latency.
+fn model_result(model: &ModelSpec, status: Status, latency_ms: u64) -> ModelResult {
+    ModelResult {
+        model: model.id.clone(),
+        provider: model.provider.clone(),
+        tier: model.tier.as_str().to_string(),
+        status,
+        text: None,
+        latency_ms,
+        input_tokens: None,
+        output_tokens: None,
+        cost_usd: None,
+        error: None,
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
 }

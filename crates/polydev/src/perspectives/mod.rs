@@ -6,6 +6,7 @@ mod fanout;
 mod idempotency;
 pub mod provider;
 mod request;
+mod result;
 mod settings;
 mod usage;
 
@@ -13,10 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
-pub use fanout::{
-    ModelError, ModelResult, PerspectivesResult, Progress, Status, Totals, get_perspectives,
-};
+pub use fanout::get_perspectives;
 pub use request::{PerspectivesRequest, limits};
+pub use result::{
+    ModelError, ModelResult, PerspectivesResult, Progress, ProgressSink, Status, Totals,
+};
 pub use settings::{PerspectiveSettings, get_settings, put_settings};
 pub use usage::{MonthUsage, UsageReport, month_usage, usage_report};
 

@@ -1,12 +1,16 @@
 //! Monthly quotas per model tier (`user_perspective_quotas`), with limits per plan from the
 //! `plan_tiers` table.
 
+mod guard;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+
+pub use guard::ReservationGuard;
 
 /// A user's quota row. `None` limits are unlimited.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

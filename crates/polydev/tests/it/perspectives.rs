@@ -7,7 +7,10 @@ use std::time::Duration;
 use polydev::accounts::{self, Plan};
 use polydev::db::Pools;
 use polydev::error::Error;
-use polydev::perspectives::{Gateway, PerspectivesRequest, Progress, Status, get_perspectives};
+use polydev::perspectives::provider::ErrorClass;
+use polydev::perspectives::{
+    Gateway, PerspectivesRequest, Progress, ProgressSink, Status, get_perspectives,
+};
 use polydev_mock::{MockUpstream, answer_for};
 use uuid::Uuid;
 
@@ -61,8 +64,7 @@ impl Fixture {
             &self.gateway,
             self.user,
             request,
-            None,
-            false,
+            ProgressSink::none(),
         )
         .await
     }
@@ -118,8 +120,7 @@ async fn three_providers_answer_in_parallel_and_each_answer_is_billed_exactly() 
         &f.gateway,
         f.user,
         &request,
-        Some(tx),
-        false,
+        ProgressSink::new(tx),
     )
     .await
     .unwrap();
@@ -200,8 +201,7 @@ async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
         &f.gateway,
         f.user,
         &ask(&["broken-premium", "bad-request-normal", "gemini-eco"]),
-        None,
-        false,
+        ProgressSink::none(),
     )
     .await
     .unwrap();
@@ -214,10 +214,13 @@ async fn one_failing_model_never_fails_the_others_and_costs_nothing() {
             .clone()
     };
     assert_eq!(by_model("gemini-eco").status, Status::Ok);
-    assert_eq!(by_model("broken-premium").error.unwrap().class, "upstream");
+    assert_eq!(
+        by_model("broken-premium").error.unwrap().class,
+        ErrorClass::Upstream
+    );
     assert_eq!(
         by_model("bad-request-normal").error.unwrap().class,
-        "bad_request"
+        ErrorClass::BadRequest
     );
     assert_eq!(
         used(&f.db, f.user).await,
@@ -249,8 +252,7 @@ async fn concurrent_calls_against_a_small_limit_grant_exactly_the_limit() {
                     &gateway,
                     user,
                     &ask(&["gpt-premium"]),
-                    None,
-                    false,
+                    ProgressSink::none(),
                 )
                 .await
             })
@@ -292,7 +294,7 @@ async fn at_the_deadline_finished_answers_return_and_the_rest_time_out_uncharged
         .find(|p| p.model == "slow-premium")
         .unwrap();
     assert_eq!(slow.status, Status::Timeout);
-    assert_eq!(slow.error.as_ref().unwrap().class, "timeout");
+    assert_eq!(slow.error.as_ref().unwrap().class, ErrorClass::Timeout);
     let fast = result
         .perspectives
         .iter()
@@ -378,9 +380,15 @@ async fn the_same_idempotency_key_returns_the_first_result_and_charges_once() {
                 request.clone(),
             );
             tokio::spawn(async move {
-                get_perspectives(Pools::single(&pool), &gateway, user, &request, None, false)
-                    .await
-                    .unwrap()
+                get_perspectives(
+                    Pools::single(&pool),
+                    &gateway,
+                    user,
+                    &request,
+                    ProgressSink::none(),
+                )
+                .await
+                .unwrap()
             })
         })
         .collect();

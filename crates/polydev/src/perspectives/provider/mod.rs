@@ -40,7 +40,9 @@ pub struct Completion {
 }
 
 /// The classes of failure, which decide retrying and what users are told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
     BadRequest,
@@ -49,8 +51,13 @@ pub enum ErrorClass {
     Upstream,
     Timeout,
     Connection,
+    #[serde(rename = "malformed_response")]
     Malformed,
     NotConfigured,
+    // Not a provider's: the model was not called, its tier's monthly quota is used up.
+    QuotaExceeded,
+    // Not a provider's: polydev itself failed (the quota or the usage row).
+    Internal,
 }
 
 impl ErrorClass {
@@ -64,6 +71,8 @@ impl ErrorClass {
             ErrorClass::Connection => "connection",
             ErrorClass::Malformed => "malformed_response",
             ErrorClass::NotConfigured => "not_configured",
+            ErrorClass::QuotaExceeded => "quota_exceeded",
+            ErrorClass::Internal => "internal",
         }
     }
 
