@@ -12,5 +12,6 @@ pub mod http;
 pub mod mcp;
 pub mod perspectives;
 pub mod quota;
+pub mod retry;
 pub mod vault;
 pub mod zk;

@@ -13,6 +13,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::retry::{RetryPolicy, Verdict, retry_after};
+
 use super::migration::{EncryptedWrite, Item, Plaintext, Status, Unverified};
 use super::{CHAT_MESSAGE, KeyMaterial, ZkStatus};
 
@@ -64,28 +66,39 @@ impl ZkClient {
         &self,
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<T> {
-        let mut attempts = 0;
-        let response = loop {
-            let attempt = request.try_clone().context("request cannot be retried")?;
-            let response = attempt
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .context("cannot reach the polydev server")?;
-            attempts += 1;
-            if response.status() != StatusCode::TOO_MANY_REQUESTS || attempts > 5 {
-                break response;
-            }
-            let wait = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(5)
-                .min(60);
-            tracing::info!(wait_s = wait, "rate limited by the server; waiting");
-            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        // Six attempts; waits as long as `Retry-After` says, up to a minute (the server's window).
+        const RATE_LIMITED: RetryPolicy = RetryPolicy {
+            max_attempts: 6,
+            base_delay: std::time::Duration::from_secs(5),
+            max_wait: std::time::Duration::from_secs(60),
         };
+        let (request, token) = (&request, &self.token);
+        let response = RATE_LIMITED
+            .run(
+                move || async move {
+                    let attempt = request.try_clone().context("request cannot be retried")?;
+                    attempt
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                        .context("cannot reach the polydev server")
+                },
+                |outcome| match outcome {
+                    Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                        Verdict::Retry {
+                            after: retry_after(response.headers()),
+                        }
+                    }
+                    _ => Verdict::Done,
+                },
+                |_, _, wait| {
+                    tracing::info!(
+                        wait_s = wait.as_secs(),
+                        "rate limited by the server; waiting"
+                    );
+                },
+            )
+            .await?;
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return Ok(serde_json::from_value(Value::Null)?);

@@ -17,6 +17,8 @@ use serde_json::Value;
 use sse_stream::SseStream;
 
 use super::catalogue::{ProviderKind, ProviderSpec};
+pub use crate::retry::RetryPolicy;
+use crate::retry::Verdict;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -171,40 +173,13 @@ fn usage_field(value: &Value) -> Option<u32> {
     value.as_u64().and_then(|v| u32::try_from(v).ok())
 }
 
-/// Retry policy: at most `max_attempts`, exponential backoff with jitter, honouring
-/// `Retry-After` up to `max_wait`.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub base_delay: Duration,
-    pub max_wait: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 3,
-            base_delay: Duration::from_millis(200),
-            max_wait: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// How long to wait before attempt `attempt + 1`, or `None` to give up.
-    fn backoff(&self, attempt: u32, error: &ProviderError) -> Option<Duration> {
-        if !error.class.retryable() || attempt >= self.max_attempts {
-            return None;
-        }
-        if let Some(wait) = error.retry_after {
-            return (wait <= self.max_wait).then_some(wait);
-        }
-        let exp = self.base_delay * 2u32.saturating_pow(attempt - 1);
-        // Full jitter in [exp/2, exp]: replicas retrying together do not stampede.
-        let jitter = getrandom::u32().unwrap_or(0) % 1000;
-        Some((exp / 2 + exp / 2 * jitter / 1000).min(self.max_wait))
-    }
-}
+/// Provider calls: three attempts, from 200 ms apart, and never a wait over 5 s (a fan-out
+/// waiting on one slow provider is worse than its error).
+pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    base_delay: Duration::from_millis(200),
+    max_wait: Duration::from_secs(5),
+};
 
 /// A provider reached over HTTP.
 pub struct HttpProvider {
@@ -271,7 +246,7 @@ impl HttpProvider {
             streaming,
             format,
             client,
-            retry: RetryPolicy::default(),
+            retry: DEFAULT_RETRY,
         }
     }
 
@@ -413,23 +388,29 @@ impl Provider for HttpProvider {
                     format!("provider `{}` has no API key configured", self.name),
                 ));
             }
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let mut streamed = false;
-                match self.attempt(request, deltas, &mut streamed).await {
-                    Ok(completion) => return Ok(completion),
-                    // Text already passed on cannot be taken back: no retry after it.
-                    Err(error) if streamed => return Err(error),
-                    Err(error) => match self.retry.backoff(attempt, &error) {
-                        Some(wait) => {
-                            tracing::debug!(provider = %self.name, attempt, ?wait, %error, "retrying");
-                            tokio::time::sleep(wait).await;
-                        }
-                        None => return Err(error),
+            let (result, _) = self
+                .retry
+                .run(
+                    move || async move {
+                        let mut streamed = false;
+                        let result = self.attempt(request, deltas, &mut streamed).await;
+                        (result, streamed)
                     },
-                }
-            }
+                    |(result, streamed)| match result {
+                        // Text already passed on cannot be taken back: no retry after it.
+                        Err(error) if !streamed && error.class.retryable() => Verdict::Retry {
+                            after: error.retry_after,
+                        },
+                        _ => Verdict::Done,
+                    },
+                    |(result, _), attempt, wait| {
+                        if let Err(error) = result {
+                            tracing::debug!(provider = %self.name, attempt, ?wait, %error, "retrying");
+                        }
+                    },
+                )
+                .await;
+            result
         })
     }
 }
@@ -439,34 +420,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_transient_failures_are_retried_and_within_bounds() {
-        let policy = RetryPolicy::default();
-        let err = |class| ProviderError::new(class, "x");
+    fn only_transient_failures_are_retried() {
         for class in [
             ErrorClass::BadRequest,
             ErrorClass::Auth,
             ErrorClass::Malformed,
             ErrorClass::Timeout,
+            ErrorClass::NotConfigured,
         ] {
-            assert_eq!(policy.backoff(1, &err(class)), None, "{class:?}");
+            assert!(!class.retryable(), "{class:?}");
         }
         for class in [
             ErrorClass::RateLimited,
             ErrorClass::Upstream,
             ErrorClass::Connection,
         ] {
-            let wait = policy.backoff(1, &err(class)).expect("retried");
-            assert!(wait <= policy.base_delay, "{wait:?}");
-            assert_eq!(policy.backoff(policy.max_attempts, &err(class)), None);
+            assert!(class.retryable(), "{class:?}");
         }
-        let mut limited = err(ErrorClass::RateLimited);
-        limited.retry_after = Some(Duration::from_secs(2));
-        assert_eq!(policy.backoff(1, &limited), Some(Duration::from_secs(2)));
-        limited.retry_after = Some(Duration::from_secs(60));
-        assert_eq!(
-            policy.backoff(1, &limited),
-            None,
-            "too long a wait is a failure"
-        );
     }
 }
