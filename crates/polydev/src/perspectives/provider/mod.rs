@@ -216,7 +216,7 @@ where
 
 /// Provider calls: three attempts, from 200 ms apart, and never a wait over 5 s (a fan-out
 /// waiting on one slow provider is worse than its error).
-pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
     max_attempts: 3,
     base_delay: Duration::from_millis(200),
     max_wait: Duration::from_secs(5),
@@ -294,10 +294,6 @@ impl HttpProvider {
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     pub fn is_configured(&self) -> bool {
