@@ -16,5 +16,6 @@ pub mod mcp;
 pub mod net;
 pub mod perspectives;
 pub mod quota;
+pub mod retry;
 pub mod vault;
 pub mod zk;

@@ -12,9 +12,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::{ErrorResponse, Me};
+use crate::retry::{RetryPolicy, Verdict, retry_after};
 
-/// Requests refused for the rate limit are tried again this many times.
-const RATE_LIMIT_RETRIES: u32 = 5;
+/// Requests refused for the rate limit (429) are tried again, waiting as `Retry-After` says,
+/// up to a minute (the server's window): a long migration can exceed a plan's requests per
+/// minute.
+const RATE_LIMITED: RetryPolicy = RetryPolicy {
+    max_attempts: 6,
+    base_delay: Duration::from_secs(5),
+    max_wait: Duration::from_secs(60),
+};
 
 /// A polydev server's HTTP API, called with one token.
 pub struct ApiClient {
@@ -33,8 +40,8 @@ impl ApiClient {
     }
 
     /// Sends a request and reads its typed answer (`()` for 204). An error answer becomes an
-    /// error that carries the server's public message and code. Over the rate limit (429) it
-    /// waits as `Retry-After` says (a long migration can exceed a plan's requests per minute).
+    /// error that carries the server's public message and code. Over the rate limit it waits
+    /// and tries again ([`RATE_LIMITED`]).
     pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -42,33 +49,38 @@ impl ApiClient {
         body: Option<&B>,
     ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let mut attempts = 0;
-        let response = loop {
-            let mut request = self
-                .http
-                .request(method.clone(), &url)
-                .bearer_auth(&self.token);
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request
-                .send()
-                .await
-                .context("cannot reach the polydev server")?;
-            attempts += 1;
-            if response.status() != StatusCode::TOO_MANY_REQUESTS || attempts > RATE_LIMIT_RETRIES {
-                break response;
-            }
-            let wait = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(5)
-                .min(60);
-            tracing::info!(wait_s = wait, "rate limited by the server; waiting");
-            tokio::time::sleep(Duration::from_secs(wait)).await;
-        };
+        let (url, method_ref) = (&url, &method);
+        let response = RATE_LIMITED
+            .run(
+                move || async move {
+                    let mut request = self
+                        .http
+                        .request(method_ref.clone(), url)
+                        .bearer_auth(&self.token);
+                    if let Some(body) = body {
+                        request = request.json(body);
+                    }
+                    request
+                        .send()
+                        .await
+                        .context("cannot reach the polydev server")
+                },
+                |outcome| match outcome {
+                    Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                        Verdict::Retry {
+                            after: retry_after(response.headers()),
+                        }
+                    }
+                    _ => Verdict::Done,
+                },
+                |_, _, wait| {
+                    tracing::info!(
+                        wait_s = wait.as_secs(),
+                        "rate limited by the server; waiting"
+                    );
+                },
+            )
+            .await?;
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return Ok(serde_json::from_value(serde_json::Value::Null)?);

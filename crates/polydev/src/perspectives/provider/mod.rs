@@ -6,17 +6,19 @@ mod anthropic;
 mod gemini;
 mod openai;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use serde::Serialize;
-use serde_json::Value;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Deserializer, Serialize};
 use sse_stream::SseStream;
 
 use super::catalogue::{ProviderKind, ProviderSpec};
+pub use crate::retry::RetryPolicy;
+use crate::retry::Verdict;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -117,27 +119,27 @@ pub trait Provider: Send + Sync {
     ) -> BoxFuture<'a, Result<Completion, ProviderError>>;
 }
 
-/// How a provider's API looks on the wire: request shape, response and stream parsing.
+/// How a provider's API looks on the wire: request shape, response and stream parsing. Each
+/// adapter keeps its shapes as serde types; what they do not name is ignored.
 trait WireFormat: Send + Sync {
     /// The URL (relative to the base URL) and JSON body of a call.
-    fn request(&self, request: &CompletionRequest, stream: bool) -> (String, Value);
+    fn request(&self, request: &CompletionRequest, stream: bool) -> (String, Vec<u8>);
     /// Headers that carry the API key (and any fixed headers).
     fn auth_headers(&self, key: &str) -> Vec<(HeaderName, String)>;
-    fn parse_response(&self, body: &Value) -> Result<Completion, String>;
-    /// Folds one SSE event into `state`; returns text to pass on.
-    fn parse_event(
+    /// A non-streaming response body.
+    fn parse_response(&self, body: &[u8]) -> Result<Completion, String>;
+    /// Folds one SSE event's data into `state`; returns text to pass on, borrowed from `data`
+    /// when it can be.
+    fn parse_event<'d>(
         &self,
-        event: Option<&str>,
-        data: &str,
+        data: &'d str,
         state: &mut StreamState,
-    ) -> Result<Option<String>, ProviderError>;
-    /// The human message inside a provider's error body.
-    fn error_message(&self, body: &Value) -> Option<String>;
+    ) -> Result<Option<Cow<'d, str>>, ProviderError>;
 }
 
 /// What a stream has said so far.
 #[derive(Debug, Default)]
-pub struct StreamState {
+struct StreamState {
     text: String,
     input_tokens: Option<u32>,
     output_tokens: Option<u32>,
@@ -162,58 +164,72 @@ impl StreamState {
     }
 }
 
-/// A JSON stream chunk; an error object inside it is the upstream's failure.
-fn stream_chunk(
-    data: &str,
-    error_message: impl Fn(&Value) -> Option<String>,
-) -> Result<Value, ProviderError> {
-    let chunk: Value = serde_json::from_str(data).map_err(|e| {
-        ProviderError::new(ErrorClass::Malformed, format!("invalid stream chunk: {e}"))
-    })?;
-    match error_message(&chunk) {
-        Some(message) => Err(ProviderError::new(ErrorClass::Upstream, message)),
-        None => Ok(chunk),
+/// The error body the three APIs share, `{"error": {"message": ..., ...}}` (Anthropic's also
+/// has a top-level `"type": "error"`, Gemini's a `code` and `status`): as a failed call's
+/// body, and inside a stream.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ErrorDetail {
+    message: Option<String>,
+    /// OpenAI's and Anthropic's error type (`rate_limit_error`, `server_error`, ...).
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+impl ErrorDetail {
+    /// A failure reported inside a stream that had started well.
+    fn into_stream_error(self, class: ErrorClass) -> ProviderError {
+        let message = self
+            .message
+            .or(self.kind)
+            .unwrap_or_else(|| "the stream reported an error".into());
+        ProviderError::new(class, message)
     }
 }
 
-fn usage_field(value: &Value) -> Option<u32> {
-    value.as_u64().and_then(|v| u32::try_from(v).ok())
+/// A JSON body or stream chunk into its wire type.
+fn parse_json<'a, T: Deserialize<'a>>(json: &'a [u8], what: &str) -> Result<T, String> {
+    serde_json::from_slice(json).map_err(|e| format!("invalid {what}: {e}"))
 }
 
-/// Retry policy: at most `max_attempts`, exponential backoff with jitter, honouring
-/// `Retry-After` up to `max_wait`.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub base_delay: Duration,
-    pub max_wait: Duration,
+/// A stream chunk; its error is `Malformed`.
+fn parse_chunk<'a, T: Deserialize<'a>>(data: &'a str) -> Result<T, ProviderError> {
+    parse_json(data.as_bytes(), "stream chunk")
+        .map_err(|message| ProviderError::new(ErrorClass::Malformed, message))
 }
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 3,
-            base_delay: Duration::from_millis(200),
-            max_wait: Duration::from_secs(5),
-        }
-    }
+/// For `#[serde(deserialize_with)]`: `null` as the type's default, as absence already is with
+/// `#[serde(default)]` (some OpenAI-compatible servers send `"choices": null`).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
-impl RetryPolicy {
-    /// How long to wait before attempt `attempt + 1`, or `None` to give up.
-    fn backoff(&self, attempt: u32, error: &ProviderError) -> Option<Duration> {
-        if !error.class.retryable() || attempt >= self.max_attempts {
-            return None;
-        }
-        if let Some(wait) = error.retry_after {
-            return (wait <= self.max_wait).then_some(wait);
-        }
-        let exp = self.base_delay * 2u32.saturating_pow(attempt - 1);
-        // Full jitter in [exp/2, exp]: replicas retrying together do not stampede.
-        let jitter = getrandom::u32().unwrap_or(0) % 1000;
-        Some((exp / 2 + exp / 2 * jitter / 1000).min(self.max_wait))
-    }
+/// For `#[serde(deserialize_with)]`: an optional string borrowed from the input when it has
+/// no escapes (stream deltas are then not copied before being passed on).
+fn borrowed_str<'de, D>(deserializer: D) -> Result<Option<Cow<'de, str>>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Borrowed<'de>>::deserialize(deserializer)?.map(|b| b.0))
 }
+
+/// Provider calls: three attempts, from 200 ms apart, and never a wait over 5 s (a fan-out
+/// waiting on one slow provider is worse than its error).
+const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 3,
+    base_delay: Duration::from_millis(200),
+    max_wait: Duration::from_secs(5),
+};
 
 /// A provider reached over HTTP.
 pub struct HttpProvider {
@@ -280,17 +296,13 @@ impl HttpProvider {
             streaming,
             format,
             client,
-            retry: RetryPolicy::default(),
+            retry: DEFAULT_RETRY,
         }
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     pub fn is_configured(&self) -> bool {
@@ -306,6 +318,7 @@ impl HttpProvider {
         let stream = self.streaming;
         let (path, body) = self.format.request(request, stream);
         let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, value) in self
             .format
             .auth_headers(self.api_key.as_deref().unwrap_or(""))
@@ -322,22 +335,17 @@ impl HttpProvider {
             .client
             .post(format!("{}{path}", self.base_url))
             .headers(headers)
-            .json(&body)
+            .body(body)
             .send()
             .await
             .map_err(transport_error)?;
         let status = response.status();
         if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::retry::retry_after(response.headers());
             let text = response.text().await.unwrap_or_default();
-            let detail = serde_json::from_str::<Value>(&text)
+            let detail = serde_json::from_str::<ErrorBody>(&text)
                 .ok()
-                .and_then(|body| self.format.error_message(&body))
+                .and_then(|body| body.error.message)
                 .unwrap_or_else(|| text.chars().take(300).collect());
             let class = match status.as_u16() {
                 401 | 403 => ErrorClass::Auth,
@@ -354,13 +362,7 @@ impl HttpProvider {
         }
         if !stream {
             let bytes = response.bytes().await.map_err(transport_error)?;
-            let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                ProviderError::new(
-                    ErrorClass::Malformed,
-                    format!("{} sent invalid JSON: {e}", self.name),
-                )
-            })?;
-            return self.format.parse_response(&body).map_err(|e| {
+            return self.format.parse_response(&bytes).map_err(|e| {
                 ProviderError::new(ErrorClass::Malformed, format!("{}: {e}", self.name))
             });
         }
@@ -378,7 +380,8 @@ impl HttpProvider {
             };
             if let Some(text) = self
                 .format
-                .parse_event(event.event.as_deref(), data, &mut state)?
+                .parse_event(data, &mut state)?
+                .filter(|text| !text.is_empty())
             {
                 state.text.push_str(&text);
                 if let Some(sink) = deltas {
@@ -422,23 +425,29 @@ impl Provider for HttpProvider {
                     format!("provider `{}` has no API key configured", self.name),
                 ));
             }
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let mut streamed = false;
-                match self.attempt(request, deltas, &mut streamed).await {
-                    Ok(completion) => return Ok(completion),
-                    // Text already passed on cannot be taken back: no retry after it.
-                    Err(error) if streamed => return Err(error),
-                    Err(error) => match self.retry.backoff(attempt, &error) {
-                        Some(wait) => {
-                            tracing::debug!(provider = %self.name, attempt, ?wait, %error, "retrying");
-                            tokio::time::sleep(wait).await;
-                        }
-                        None => return Err(error),
+            let (result, _) = self
+                .retry
+                .run(
+                    move || async move {
+                        let mut streamed = false;
+                        let result = self.attempt(request, deltas, &mut streamed).await;
+                        (result, streamed)
                     },
-                }
-            }
+                    |(result, streamed)| match result {
+                        // Text already passed on cannot be taken back: no retry after it.
+                        Err(error) if !streamed && error.class.retryable() => Verdict::Retry {
+                            after: error.retry_after,
+                        },
+                        _ => Verdict::Done,
+                    },
+                    |(result, _), attempt, wait| {
+                        if let Err(error) = result {
+                            tracing::debug!(provider = %self.name, attempt, ?wait, %error, "retrying");
+                        }
+                    },
+                )
+                .await;
+            result
         })
     }
 }
@@ -448,34 +457,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_transient_failures_are_retried_and_within_bounds() {
-        let policy = RetryPolicy::default();
-        let err = |class| ProviderError::new(class, "x");
+    fn only_transient_failures_are_retried() {
         for class in [
             ErrorClass::BadRequest,
             ErrorClass::Auth,
             ErrorClass::Malformed,
             ErrorClass::Timeout,
+            ErrorClass::NotConfigured,
         ] {
-            assert_eq!(policy.backoff(1, &err(class)), None, "{class:?}");
+            assert!(!class.retryable(), "{class:?}");
         }
         for class in [
             ErrorClass::RateLimited,
             ErrorClass::Upstream,
             ErrorClass::Connection,
         ] {
-            let wait = policy.backoff(1, &err(class)).expect("retried");
-            assert!(wait <= policy.base_delay, "{wait:?}");
-            assert_eq!(policy.backoff(policy.max_attempts, &err(class)), None);
+            assert!(class.retryable(), "{class:?}");
         }
-        let mut limited = err(ErrorClass::RateLimited);
-        limited.retry_after = Some(Duration::from_secs(2));
-        assert_eq!(policy.backoff(1, &limited), Some(Duration::from_secs(2)));
-        limited.retry_after = Some(Duration::from_secs(60));
-        assert_eq!(
-            policy.backoff(1, &limited),
-            None,
-            "too long a wait is a failure"
-        );
     }
 }
