@@ -70,17 +70,6 @@ impl LegacySecret {
                 Error::internal("a legacy credential does not decrypt with the server secret")
             })
     }
-
-    /// Encrypts as the legacy code did: `(ciphertext, tag)`. For fixtures and tests.
-    pub fn seal(&self, salt: &[u8], iv: [u8; 12], plaintext: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let key = self.key(salt);
-        let cipher = Aes256Gcm::new((&*key).into());
-        let mut sealed = cipher
-            .encrypt(&Nonce::from(iv), plaintext)
-            .expect("AES-GCM encrypts");
-        let tag = sealed.split_off(sealed.len() - 16);
-        (sealed, tag)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

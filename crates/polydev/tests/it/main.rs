@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL (one binary, so the suite links once).
 
 mod accounts;
+mod architecture;
 mod common;
 mod errors;
 pub mod http_api;

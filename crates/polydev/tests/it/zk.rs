@@ -501,6 +501,22 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
     );
 }
 
+/// Encrypts as the legacy production code did: AES-256-GCM under scrypt(N=2^14, r=8, p=1) of
+/// the server master secret and a salt; returns `(ciphertext, tag)`. Written here, apart from
+/// the server's decryption, so the two check each other.
+fn legacy_seal(master: &[u8], salt: &[u8], iv: [u8; 12], plaintext: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    use aes_gcm::aead::{Aead, KeyInit};
+    let params = scrypt::Params::new(14, 8, 1).unwrap();
+    let mut key = [0u8; 32];
+    scrypt::scrypt(master, salt, &params, &mut key).unwrap();
+    let cipher = aes_gcm::Aes256Gcm::new((&key).into());
+    let mut sealed = cipher
+        .encrypt(&aes_gcm::Nonce::from(iv), plaintext)
+        .unwrap();
+    let tag = sealed.split_off(sealed.len() - 16);
+    (sealed, tag)
+}
+
 /// Legacy credentials (AES-256-GCM under a server key from scrypt) move to client-side keys:
 /// handed over once, sealed by the client, stored, verified, and the legacy ciphertext cleared.
 #[tokio::test]
@@ -509,13 +525,14 @@ async fn legacy_credentials_move_to_client_side_keys() {
     let db = TestDb::migrated().await;
     let (user_id, token) = user_with_token(&db, "vault@example.com", Plan::Pro).await;
     let (other_id, _) = user_with_token(&db, "vault-other@example.com", Plan::Pro).await;
-    let secret = LegacySecret::new(b"the old server master secret");
+    const MASTER: &[u8] = b"the old server master secret";
+    let secret = LegacySecret::new(MASTER);
 
     // As the legacy code stored them.
     let provider_secret = br#"{"access_token":"sk-live-123","refresh_token":"rt-456"}"#;
     let salt = [7u8; 16];
     let iv = [1u8; 12];
-    let (ct, tag) = secret.seal(&salt, iv, provider_secret);
+    let (ct, tag) = legacy_seal(MASTER, &salt, iv, provider_secret);
     let provider_id: Uuid = sqlx::query_scalar(
         "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
          VALUES ($1, 'openai', $2, $3, $4, $5) RETURNING credential_id",
@@ -530,7 +547,7 @@ async fn legacy_credentials_move_to_client_side_keys() {
     .unwrap();
     let cli_id = Uuid::new_v4();
     let cli_secret = b"claude-code oauth token: abc.def.ghi";
-    let (ct, tag) = secret.seal(cli_id.to_string().as_bytes(), [2u8; 12], cli_secret);
+    let (ct, tag) = legacy_seal(MASTER, cli_id.to_string().as_bytes(), [2u8; 12], cli_secret);
     sqlx::query(
         "INSERT INTO cli_credentials (credential_id, user_id, provider, encrypted_data, encryption_iv, encryption_auth_tag)
          VALUES ($1, $2, 'anthropic', $3, $4, $5)",
@@ -544,7 +561,7 @@ async fn legacy_credentials_move_to_client_side_keys() {
     .await
     .unwrap();
     // Another user's credential is never handed over.
-    let (ct, tag) = secret.seal(&salt, iv, b"not yours");
+    let (ct, tag) = legacy_seal(MASTER, &salt, iv, b"not yours");
     sqlx::query(
         "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
          VALUES ($1, 'google', $2, $3, $4, $5)",
