@@ -16,7 +16,7 @@ mod error;
 #[doc(hidden)]
 pub mod kat;
 mod kdf;
-mod keys;
+mod keyring;
 mod pad;
 #[cfg(feature = "wasm")]
 mod wasm;
@@ -24,4 +24,4 @@ mod wasm;
 pub use envelope::{Context, Header, Kind, MAX_PLAINTEXT, inspect};
 pub use error::Error;
 pub use kdf::KdfParams;
-pub use keys::{KeyMaterial, Keyring, RecoveryKey};
+pub use keyring::{KeyMaterial, Keyring, RecoveryKey};
