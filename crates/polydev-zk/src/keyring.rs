@@ -1,81 +1,33 @@
-//! The key hierarchy: master password and recovery key wrap one account key; the account key
-//! wraps a fresh data key per item.
+//! The unlocked account: master password and recovery key wrap one account key; the account key
+//! wraps a fresh data key per item. Builds and reads the envelopes; the keys themselves and what
+//! each may do are in `crate::keys`.
 
-use hkdf::Hkdf;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
-use crate::envelope::{self, CHECK, Context, KEY, Kind, MAX_PLAINTEXT, Parsed, VERSION};
+use crate::envelope::{self, Context, Kind, MAX_PLAINTEXT, Parsed, VERSION};
+use crate::keys::{AccountKey, DataKey, PasswordKey, RecoveryKey};
 use crate::{Error, KdfParams, pad};
 
 const SALT: usize = 16;
 
 /// What the server stores for a user: two envelopes of the same account key, one under the
-/// password, one under the recovery key. Both are opaque to the server; the password envelope
-/// carries its KDF parameters and salt in its authenticated header.
+/// password, one under the recovery key, and optionally an encrypted password hint. All are
+/// opaque to the server; the password envelope carries its KDF parameters and salt in its
+/// authenticated header. The one definition for the server, the CLI and the browser.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyMaterial {
     pub password_wrapped: String,
     pub recovery_wrapped: String,
+    /// An item envelope (namespace `user.password_hint`, row = the user id), if the user set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hint: Option<String>,
 }
 
-/// The recovery key, shown to the user once: 64 hex digits in 8 groups.
-pub struct RecoveryKey(Zeroizing<[u8; KEY]>);
-
-impl std::fmt::Debug for RecoveryKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RecoveryKey([redacted])")
-    }
-}
-
-impl RecoveryKey {
-    pub fn display(&self) -> String {
-        hex::encode(self.0.as_ref())
-            .as_bytes()
-            .chunks(8)
-            .map(|c| std::str::from_utf8(c).expect("hex is ASCII"))
-            .collect::<Vec<_>>()
-            .join("-")
-    }
-
-    pub fn parse(text: &str) -> Result<RecoveryKey, Error> {
-        let digits: Zeroizing<String> = Zeroizing::new(
-            text.chars()
-                .filter(|c| !c.is_whitespace() && *c != '-')
-                .collect::<String>()
-                .to_ascii_lowercase(),
-        );
-        let mut key = Zeroizing::new([0u8; KEY]);
-        hex::decode_to_slice(digits.as_bytes(), key.as_mut())
-            .map_err(|_| Error::InvalidRecoveryKey)?;
-        Ok(RecoveryKey(key))
-    }
-}
-
-/// An unlocked account: holds the account key in memory (zeroed on drop).
+/// An unlocked account: holds the account key in memory (wiped on drop).
 pub struct Keyring {
     user_id: String,
-    account_key: Zeroizing<[u8; KEY]>,
-}
-
-/// HKDF-SHA256 expansions of a root secret: a key-encryption key and a check value.
-fn expand(root: &[u8], purpose: &str) -> (Zeroizing<[u8; KEY]>, [u8; CHECK]) {
-    let hk = Hkdf::<Sha256>::new(None, root);
-    let mut kek = Zeroizing::new([0u8; KEY]);
-    let mut check = [0u8; CHECK];
-    hk.expand(
-        format!("polydev-zk v1 {purpose} kek").as_bytes(),
-        kek.as_mut(),
-    )
-    .expect("32 bytes is a valid HKDF length");
-    hk.expand(
-        format!("polydev-zk v1 {purpose} check").as_bytes(),
-        &mut check,
-    )
-    .expect("16 bytes is a valid HKDF length");
-    (kek, check)
+    account_key: AccountKey,
 }
 
 fn text_field(h: &mut Vec<u8>, s: &str) -> Result<(), Error> {
@@ -88,7 +40,7 @@ fn text_field(h: &mut Vec<u8>, s: &str) -> Result<(), Error> {
 }
 
 fn wrap_with_password(
-    account_key: &[u8; KEY],
+    account_key: &AccountKey,
     password: &str,
     user_id: &str,
     params: KdfParams,
@@ -97,8 +49,7 @@ fn wrap_with_password(
         return Err(Error::InvalidInput("password (empty)"));
     }
     let salt: [u8; SALT] = envelope::random()?;
-    let root = params.derive(password.as_bytes(), &salt)?;
-    let (kek, check) = expand(root.as_ref(), "password");
+    let kek = PasswordKey::derive(&params, password, &salt)?.into_key_encryption_key();
     let mut h = vec![VERSION, Kind::PasswordWrappedKey as u8];
     for v in [params.memory_kib, params.iterations, params.parallelism] {
         h.extend_from_slice(&v.to_be_bytes());
@@ -106,38 +57,22 @@ fn wrap_with_password(
     h.push(SALT as u8);
     h.extend_from_slice(&salt);
     text_field(&mut h, user_id)?;
-    h.extend_from_slice(&check);
-    let sealed = envelope::seal(&kek, &h, b"account-key", account_key)?;
+    h.extend_from_slice(kek.check());
+    let sealed = kek.wrap_account_key(&h, account_key)?;
     Ok(envelope::encode(&[h, sealed].concat()))
 }
 
 fn wrap_with_recovery(
-    account_key: &[u8; KEY],
+    account_key: &AccountKey,
     recovery: &RecoveryKey,
     user_id: &str,
 ) -> Result<String, Error> {
-    let (kek, check) = expand(recovery.0.as_ref(), "recovery");
+    let kek = recovery.key_encryption_key();
     let mut h = vec![VERSION, Kind::RecoveryWrappedKey as u8];
     text_field(&mut h, user_id)?;
-    h.extend_from_slice(&check);
-    let sealed = envelope::seal(&kek, &h, b"account-key", account_key)?;
+    h.extend_from_slice(kek.check());
+    let sealed = kek.wrap_account_key(&h, account_key)?;
     Ok(envelope::encode(&[h, sealed].concat()))
-}
-
-fn unwrap_account_key(
-    parsed: &Parsed<'_>,
-    kek: &[u8; KEY],
-    check: &[u8; CHECK],
-    wrong: Error,
-) -> Result<Zeroizing<[u8; KEY]>, Error> {
-    let stored = parsed.check.ok_or(Error::Malformed("no check value"))?;
-    if !bool::from(stored.ct_eq(check)) {
-        return Err(wrong);
-    }
-    let mut key = envelope::open(kek, parsed.header_bytes, b"account-key", parsed.sealed)?;
-    let out: [u8; KEY] = key.as_slice().try_into().map_err(|_| Error::Tampered)?;
-    key.zeroize();
-    Ok(Zeroizing::new(out))
 }
 
 fn parse_kind<'a>(bytes: &'a [u8], kind: Kind, user_id: &str) -> Result<Parsed<'a>, Error> {
@@ -167,11 +102,12 @@ impl Keyring {
         user_id: &str,
         params: KdfParams,
     ) -> Result<(Keyring, KeyMaterial, RecoveryKey), Error> {
-        let account_key = Zeroizing::new(envelope::random::<KEY>()?);
-        let recovery = RecoveryKey(Zeroizing::new(envelope::random::<KEY>()?));
+        let account_key = AccountKey::generate()?;
+        let recovery = RecoveryKey::generate()?;
         let material = KeyMaterial {
             password_wrapped: wrap_with_password(&account_key, password, user_id, params)?,
             recovery_wrapped: wrap_with_recovery(&account_key, &recovery, user_id)?,
+            password_hint: None,
         };
         let keyring = Keyring {
             user_id: user_id.to_string(),
@@ -186,12 +122,10 @@ impl Keyring {
         let bytes = envelope::decode(&material.password_wrapped)?;
         let parsed = parse_kind(&bytes, Kind::PasswordWrappedKey, user_id)?;
         let (params, salt) = parsed.kdf.ok_or(Error::Malformed("no KDF parameters"))?;
-        let root = params.derive(password.as_bytes(), salt)?;
-        let (kek, check) = expand(root.as_ref(), "password");
-        let account_key = unwrap_account_key(&parsed, &kek, &check, Error::WrongPassword)?;
+        let kek = PasswordKey::derive(&params, password, salt)?.into_key_encryption_key();
         Ok(Keyring {
             user_id: user_id.to_string(),
-            account_key,
+            account_key: kek.unwrap_account_key(&parsed)?,
         })
     }
 
@@ -204,15 +138,14 @@ impl Keyring {
         let recovery = RecoveryKey::parse(recovery_key)?;
         let bytes = envelope::decode(&material.recovery_wrapped)?;
         let parsed = parse_kind(&bytes, Kind::RecoveryWrappedKey, user_id)?;
-        let (kek, check) = expand(recovery.0.as_ref(), "recovery");
-        let account_key = unwrap_account_key(&parsed, &kek, &check, Error::WrongRecoveryKey)?;
         Ok(Keyring {
             user_id: user_id.to_string(),
-            account_key,
+            account_key: recovery.key_encryption_key().unwrap_account_key(&parsed)?,
         })
     }
 
-    /// A new password re-wraps the account key; no data is re-encrypted.
+    /// A new password re-wraps the account key; no data is re-encrypted. The password hint is
+    /// dropped: it was a hint for the old password (the caller may add one for the new).
     pub fn change_password(
         &self,
         material: &KeyMaterial,
@@ -227,6 +160,7 @@ impl Keyring {
                 params,
             )?,
             recovery_wrapped: material.recovery_wrapped.clone(),
+            password_hint: None,
         })
     }
 
@@ -235,11 +169,11 @@ impl Keyring {
         &self,
         material: &KeyMaterial,
     ) -> Result<(KeyMaterial, RecoveryKey), Error> {
-        let recovery = RecoveryKey(Zeroizing::new(envelope::random::<KEY>()?));
+        let recovery = RecoveryKey::generate()?;
         Ok((
             KeyMaterial {
-                password_wrapped: material.password_wrapped.clone(),
                 recovery_wrapped: wrap_with_recovery(&self.account_key, &recovery, &self.user_id)?,
+                ..material.clone()
             },
             recovery,
         ))
@@ -258,10 +192,10 @@ impl Keyring {
             return Err(Error::WrongContext("user"));
         }
         let header = envelope::item_header(ctx)?;
-        let dek = Zeroizing::new(envelope::random::<KEY>()?);
-        let wrapped_dek = envelope::seal(&self.account_key, &header, b"data-key", dek.as_ref())?;
+        let data_key = DataKey::generate()?;
+        let wrapped_dek = self.account_key.wrap_data_key(&header, &data_key)?;
         let padded = Zeroizing::new(pad::pad(plaintext));
-        let sealed = envelope::seal(&dek, &header, b"item", &padded)?;
+        let sealed = data_key.seal_item(&header, &padded)?;
         Ok(envelope::encode(&[header, wrapped_dek, sealed].concat()))
     }
 
@@ -283,21 +217,10 @@ impl Keyring {
             return Err(Error::WrongContext("row"));
         }
         let wrapped = parsed.wrapped_dek.ok_or(Error::Malformed("no data key"))?;
-        let mut dek_bytes =
-            envelope::open(&self.account_key, parsed.header_bytes, b"data-key", wrapped)?;
-        let dek: Zeroizing<[u8; KEY]> = Zeroizing::new(
-            dek_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Tampered)?,
-        );
-        dek_bytes.zeroize();
-        let padded = Zeroizing::new(envelope::open(
-            &dek,
-            parsed.header_bytes,
-            b"item",
-            parsed.sealed,
-        )?);
+        let data_key = self
+            .account_key
+            .unwrap_data_key(parsed.header_bytes, wrapped)?;
+        let padded = data_key.open_item(parsed.header_bytes, parsed.sealed)?;
         Ok(pad::unpad(&padded)?.to_vec())
     }
 }

@@ -1,0 +1,251 @@
+//! One type per key of the hierarchy (docs/crypto.md), each with only the operations its role
+//! allows: a [`KeyEncryptionKey`] wraps and unwraps the account key and nothing else, the
+//! [`AccountKey`] wraps and unwraps data keys, a [`DataKey`] seals and opens one item. The bytes
+//! never leave this module, so code elsewhere cannot, say, seal an item under a key-encryption
+//! key: there is no such method. Every key is wiped on drop, is not `Clone`, and its `Debug`
+//! prints `[redacted]`.
+//!
+//! The AEAD purpose labels (`account-key`, `data-key`, `item`) are fixed here by the key's type,
+//! so they cannot be mixed up by a caller either.
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::envelope::{self, CHECK, KEY, Parsed};
+use crate::{Error, KdfParams};
+
+/// 32 secret bytes: wiped on drop, never cloned, never printed.
+struct Secret(Zeroizing<[u8; KEY]>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Secret {
+    fn random() -> Result<Secret, Error> {
+        Ok(Secret(Zeroizing::new(envelope::random()?)))
+    }
+
+    /// A key that was just decrypted (its buffer is wiped when dropped).
+    fn from_opened(opened: Zeroizing<Vec<u8>>) -> Result<Secret, Error> {
+        if opened.len() != KEY {
+            return Err(Error::Tampered);
+        }
+        let mut key = Zeroizing::new([0u8; KEY]);
+        key.copy_from_slice(&opened);
+        Ok(Secret(key))
+    }
+
+    fn seal(&self, header: &[u8], purpose: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        envelope::seal(&self.0, header, purpose, plaintext)
+    }
+
+    fn open(
+        &self,
+        header: &[u8],
+        purpose: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
+        envelope::open(&self.0, header, purpose, sealed).map(Zeroizing::new)
+    }
+}
+
+/// Argon2id of the master password and the envelope's salt (the "root"). Its one use is to
+/// derive the password's [`KeyEncryptionKey`].
+#[derive(Debug)]
+pub(crate) struct PasswordKey(Secret);
+
+impl PasswordKey {
+    /// Checks `params` against the floors first ([`KdfParams::check`]).
+    pub(crate) fn derive(
+        params: &KdfParams,
+        password: &str,
+        salt: &[u8],
+    ) -> Result<PasswordKey, Error> {
+        Ok(PasswordKey(Secret(
+            params.derive(password.as_bytes(), salt)?,
+        )))
+    }
+
+    pub(crate) fn into_key_encryption_key(self) -> KeyEncryptionKey {
+        KeyEncryptionKey::expand(&self.0, "password", Error::WrongPassword)
+    }
+}
+
+/// The recovery key, shown to the user once: 64 hex digits in 8 groups. Its one use is to
+/// derive the recovery [`KeyEncryptionKey`]. Like every key, it cannot be copied:
+///
+/// ```compile_fail
+/// fn copy(key: &polydev_zk::RecoveryKey) -> polydev_zk::RecoveryKey {
+///     Clone::clone(key)
+/// }
+/// ```
+#[derive(Debug)]
+pub struct RecoveryKey(Secret);
+
+impl RecoveryKey {
+    pub(crate) fn generate() -> Result<RecoveryKey, Error> {
+        Secret::random().map(RecoveryKey)
+    }
+
+    pub fn display(&self) -> String {
+        hex::encode(self.0.0.as_ref())
+            .as_bytes()
+            .chunks(8)
+            .map(|c| std::str::from_utf8(c).expect("hex is ASCII"))
+            .collect::<Vec<_>>()
+            .join("-")
+    }
+
+    pub fn parse(text: &str) -> Result<RecoveryKey, Error> {
+        let digits: Zeroizing<String> = Zeroizing::new(
+            text.chars()
+                .filter(|c| !c.is_whitespace() && *c != '-')
+                .collect::<String>()
+                .to_ascii_lowercase(),
+        );
+        let mut key = Zeroizing::new([0u8; KEY]);
+        hex::decode_to_slice(digits.as_bytes(), key.as_mut())
+            .map_err(|_| Error::InvalidRecoveryKey)?;
+        Ok(RecoveryKey(Secret(key)))
+    }
+
+    pub(crate) fn key_encryption_key(&self) -> KeyEncryptionKey {
+        KeyEncryptionKey::expand(&self.0, "recovery", Error::WrongRecoveryKey)
+    }
+}
+
+/// Derived from the password or the recovery key; wraps and unwraps the account key only.
+/// Carries the check value stored next to the wrapped key, which tells a wrong password or
+/// recovery key (`wrong`) apart from a tampered envelope.
+pub(crate) struct KeyEncryptionKey {
+    key: Secret,
+    check: [u8; CHECK],
+    wrong: Error,
+}
+
+impl std::fmt::Debug for KeyEncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyEncryptionKey([redacted])")
+    }
+}
+
+impl KeyEncryptionKey {
+    /// HKDF-SHA256 expansions of a root secret: the key and the check value.
+    fn expand(root: &Secret, purpose: &str, wrong: Error) -> KeyEncryptionKey {
+        let hk = Hkdf::<Sha256>::new(None, root.0.as_ref());
+        let mut key = Zeroizing::new([0u8; KEY]);
+        let mut check = [0u8; CHECK];
+        hk.expand(
+            format!("polydev-zk v1 {purpose} kek").as_bytes(),
+            key.as_mut(),
+        )
+        .expect("32 bytes is a valid HKDF length");
+        hk.expand(
+            format!("polydev-zk v1 {purpose} check").as_bytes(),
+            &mut check,
+        )
+        .expect("16 bytes is a valid HKDF length");
+        KeyEncryptionKey {
+            key: Secret(key),
+            check,
+            wrong,
+        }
+    }
+
+    /// Goes in the envelope's header, in the clear.
+    pub(crate) fn check(&self) -> &[u8; CHECK] {
+        &self.check
+    }
+
+    pub(crate) fn wrap_account_key(
+        &self,
+        header: &[u8],
+        account_key: &AccountKey,
+    ) -> Result<Vec<u8>, Error> {
+        self.key
+            .seal(header, b"account-key", account_key.0.0.as_ref())
+    }
+
+    /// The check value is compared first, in constant time: a mismatch is a wrong password or
+    /// recovery key, a match followed by a failed AEAD is tampering.
+    pub(crate) fn unwrap_account_key(&self, parsed: &Parsed<'_>) -> Result<AccountKey, Error> {
+        let stored = parsed.check.ok_or(Error::Malformed("no check value"))?;
+        if !bool::from(stored.ct_eq(&self.check)) {
+            return Err(self.wrong.clone());
+        }
+        let opened = self
+            .key
+            .open(parsed.header_bytes, b"account-key", parsed.sealed)?;
+        Secret::from_opened(opened).map(AccountKey)
+    }
+}
+
+/// The account's key (random): wraps and unwraps the per-item data keys.
+#[derive(Debug)]
+pub(crate) struct AccountKey(Secret);
+
+impl AccountKey {
+    pub(crate) fn generate() -> Result<AccountKey, Error> {
+        Secret::random().map(AccountKey)
+    }
+
+    pub(crate) fn wrap_data_key(
+        &self,
+        header: &[u8],
+        data_key: &DataKey,
+    ) -> Result<Vec<u8>, Error> {
+        self.0.seal(header, b"data-key", data_key.0.0.as_ref())
+    }
+
+    pub(crate) fn unwrap_data_key(&self, header: &[u8], wrapped: &[u8]) -> Result<DataKey, Error> {
+        Secret::from_opened(self.0.open(header, b"data-key", wrapped)?).map(DataKey)
+    }
+}
+
+/// A fresh key per item: seals and opens that item's (padded) plaintext.
+#[derive(Debug)]
+pub(crate) struct DataKey(Secret);
+
+impl DataKey {
+    pub(crate) fn generate() -> Result<DataKey, Error> {
+        Secret::random().map(DataKey)
+    }
+
+    pub(crate) fn seal_item(&self, header: &[u8], padded: &[u8]) -> Result<Vec<u8>, Error> {
+        self.0.seal(header, b"item", padded)
+    }
+
+    pub(crate) fn open_item(
+        &self,
+        header: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
+        self.0.open(header, b"item", sealed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_key_bytes() {
+        let recovery = RecoveryKey::parse(&"ab".repeat(32)).unwrap();
+        let account = AccountKey::generate().unwrap();
+        let kek = recovery.key_encryption_key();
+        for shown in [
+            format!("{recovery:?}"),
+            format!("{account:?}"),
+            format!("{:?}", DataKey::generate().unwrap()),
+            format!("{kek:?}"),
+        ] {
+            assert!(shown.ends_with("([redacted])"), "{shown}");
+        }
+        assert!(!format!("{recovery:?}").contains("abab"));
+    }
+}
