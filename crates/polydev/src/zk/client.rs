@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 
 use anyhow::{Context, bail};
-use polydev_zk::{Context as ZkContext, KdfParams, Keyring, RecoveryKey};
+use polydev_zk::{Context as ZkContext, KdfParams, KeyMaterial, Keyring, RecoveryKey};
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::migration::{EncryptedWrite, Item, Plaintext, Status, Unverified};
-use super::{CHAT_MESSAGE, KeyMaterial, ZkStatus};
+use super::{CHAT_MESSAGE, ZkStatus};
 
 pub struct ZkClient {
     http: reqwest::Client,
@@ -141,27 +141,18 @@ impl ZkClient {
     ) -> anyhow::Result<(Keyring, RecoveryKey)> {
         let user_id = self.user_id().await?;
         let (keyring, material, recovery) = Keyring::setup(password, &user_id, params)?;
-        let material = KeyMaterial {
-            password_wrapped: material.password_wrapped,
-            recovery_wrapped: material.recovery_wrapped,
-            password_hint: None,
-        };
         let () = self.post("/v1/zk/enable", &material).await?;
         Ok((keyring, recovery))
     }
 
     /// The stored key material and the caller's user id.
-    async fn material(&self) -> anyhow::Result<(polydev_zk::KeyMaterial, String)> {
+    async fn material(&self) -> anyhow::Result<(KeyMaterial, String)> {
         let user_id = self.user_id().await?;
         let material = self
             .status()
             .await?
             .material
             .context("zero-knowledge is not enabled for this account")?;
-        let material = polydev_zk::KeyMaterial {
-            password_wrapped: material.password_wrapped,
-            recovery_wrapped: material.recovery_wrapped,
-        };
         Ok((material, user_id))
     }
 
@@ -175,7 +166,7 @@ impl ZkClient {
         &self,
         path: &str,
         previous: &str,
-        material: &polydev_zk::KeyMaterial,
+        material: &KeyMaterial,
     ) -> anyhow::Result<()> {
         let body = serde_json::json!({ "previous": previous, "material": material });
         self.send(self.http.put(format!("{}{path}", self.base)).json(&body))
