@@ -3,12 +3,13 @@
 //! in the browser (the `wasm` feature's wasm-bindgen API): there is no second implementation.
 //!
 //! ```text
-//! master password ──Argon2id(salt, params)──▶ root ──HKDF──▶ key-encryption key (wraps keys only)
-//!                                                      └─HKDF──▶ check value (tells a wrong password)
-//! recovery key (256 random bits) ──HKDF──▶ recovery key-encryption key
-//! KEK / recovery KEK ──wrap──▶ account key (random, 256 bits)
-//! account key ──wrap──▶ data key (fresh per item) ──XChaCha20-Poly1305──▶ item
+//! master password ──Argon2id(salt, params)──▶ PasswordKey ──HKDF──▶ KeyEncryptionKey, check value
+//! RecoveryKey (256 random bits) ─────────────────────────────HKDF──▶ KeyEncryptionKey, check value
+//! KeyEncryptionKey ──wrap──▶ AccountKey (random, 256 bits; held by an unlocked Keyring)
+//! AccountKey ──wrap──▶ DataKey (fresh per item) ──XChaCha20-Poly1305──▶ item
 //! ```
+//! Each key is its own type with only its role's operations (`keys`), so a key-encryption key
+//! cannot seal an item, nor the account key be sealed under a data key: it does not compile.
 #![forbid(unsafe_code)]
 
 mod envelope;
@@ -16,6 +17,7 @@ mod error;
 #[doc(hidden)]
 pub mod kat;
 mod kdf;
+mod keyring;
 mod keys;
 mod pad;
 #[cfg(feature = "wasm")]
@@ -24,4 +26,5 @@ mod wasm;
 pub use envelope::{Context, Header, Kind, MAX_PLAINTEXT, inspect};
 pub use error::Error;
 pub use kdf::KdfParams;
-pub use keys::{KeyMaterial, Keyring, RecoveryKey};
+pub use keyring::{KeyMaterial, Keyring};
+pub use keys::RecoveryKey;

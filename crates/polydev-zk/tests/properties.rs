@@ -211,3 +211,30 @@ fn ciphertext_length_reveals_only_the_bucket() {
     assert_eq!(a.len(), b.len());
     assert_eq!(inspect(&a).unwrap().ciphertext_len, 128 + 16);
 }
+
+#[test]
+fn the_hint_survives_a_new_recovery_key_but_not_a_new_password() {
+    let (keyring, material, _) = account();
+    let hint_ctx = Context {
+        namespace: "user.password_hint",
+        user_id: USER,
+        row_id: USER,
+    };
+    let with_hint = polydev_zk::KeyMaterial {
+        password_hint: Some(keyring.seal(&hint_ctx, b"the horse").unwrap()),
+        ..material.clone()
+    };
+    let (replaced, _) = keyring.replace_recovery_key(&with_hint).unwrap();
+    assert_eq!(replaced.password_hint, with_hint.password_hint);
+    assert_eq!(replaced.password_wrapped, with_hint.password_wrapped);
+    // The hint was for the old password.
+    let changed = keyring
+        .change_password(&with_hint, "a new password", KdfParams::MINIMUM)
+        .unwrap();
+    assert_eq!(changed.password_hint, None);
+    // Without a hint the JSON has the two envelopes only, as stored before the hint was shared.
+    let json = serde_json::to_value(material).unwrap();
+    assert_eq!(json.as_object().unwrap().len(), 2);
+    let back: polydev_zk::KeyMaterial = serde_json::from_value(json).unwrap();
+    assert_eq!(&back, material);
+}

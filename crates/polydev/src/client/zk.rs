@@ -5,13 +5,13 @@
 use std::ops::ControlFlow;
 
 use anyhow::{Context, bail};
-use polydev_zk::{Context as ZkContext, KdfParams, Keyring, RecoveryKey};
+use polydev_zk::{Context as ZkContext, KdfParams, KeyMaterial, Keyring, RecoveryKey};
 use sha2::{Digest, Sha256};
 
 use super::ApiClient;
 use crate::api::{Cleared, MessageBatch, ReplaceKeyMaterial, Reset, Stored, Written};
 use crate::chat::migration::{EncryptedWrite, Item, Plaintext, Status, Unverified};
-use crate::zk::{CHAT_MESSAGE, KeyMaterial, ZkStatus};
+use crate::zk::{CHAT_MESSAGE, ZkStatus};
 
 pub struct ZkClient {
     api: ApiClient,
@@ -71,27 +71,18 @@ impl ZkClient {
     ) -> anyhow::Result<(Keyring, RecoveryKey)> {
         let user_id = self.user_id().await?;
         let (keyring, material, recovery) = Keyring::setup(password, &user_id, params)?;
-        let material = KeyMaterial {
-            password_wrapped: material.password_wrapped,
-            recovery_wrapped: material.recovery_wrapped,
-            password_hint: None,
-        };
         let () = self.api.post("/v1/zk/enable", &material).await?;
         Ok((keyring, recovery))
     }
 
     /// The stored key material and the caller's user id.
-    async fn material(&self) -> anyhow::Result<(polydev_zk::KeyMaterial, String)> {
+    async fn material(&self) -> anyhow::Result<(KeyMaterial, String)> {
         let user_id = self.user_id().await?;
         let material = self
             .status()
             .await?
             .material
             .context("zero-knowledge is not enabled for this account")?;
-        let material = polydev_zk::KeyMaterial {
-            password_wrapped: material.password_wrapped,
-            recovery_wrapped: material.recovery_wrapped,
-        };
         Ok((material, user_id))
     }
 
@@ -105,15 +96,11 @@ impl ZkClient {
         &self,
         path: &str,
         previous: &str,
-        material: &polydev_zk::KeyMaterial,
+        material: &KeyMaterial,
     ) -> anyhow::Result<()> {
         let body = ReplaceKeyMaterial {
             previous: previous.to_string(),
-            material: KeyMaterial {
-                password_wrapped: material.password_wrapped.clone(),
-                recovery_wrapped: material.recovery_wrapped.clone(),
-                password_hint: None,
-            },
+            material: material.clone(),
         };
         self.api.put(path, &body).await
     }

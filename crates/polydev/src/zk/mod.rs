@@ -3,6 +3,8 @@
 //! Tables: `users` (zero_knowledge_enabled, key_derivation_salt, encrypted_master_key_hint,
 //! zk_password_wrapped_key, zk_recovery_wrapped_key).
 
+/// The same definition as the clients' (the CLI here, the browser through WASM).
+pub use polydev_zk::KeyMaterial;
 use polydev_zk::{Header, KdfParams, Kind, inspect};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -18,15 +20,6 @@ pub const PASSWORD_HINT: &str = "user.password_hint";
 /// to its bucket, base64url-encoded, with headers).
 pub const MAX_MESSAGE_ENVELOPE: usize = 1024 * 1024;
 const MAX_KEY_ENVELOPE: usize = 4096;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeyMaterial {
-    pub password_wrapped: String,
-    pub recovery_wrapped: String,
-    /// An item envelope (namespace `user.password_hint`, row = the user id), if the user set one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub password_hint: Option<String>,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ZkStatus {
