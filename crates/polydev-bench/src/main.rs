@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use polydev::perspectives::PerspectivesRequest;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -348,7 +349,13 @@ async fn main() -> anyhow::Result<()> {
                 format!("{}/v1/perspectives", polydev.url),
                 polydev.tokens.clone(),
             );
-            let body = json!({ "prompt": "Summarise the trade-offs of optimistic locking in one paragraph.", "models": ["bench"], "max_tokens": 64 });
+            let body = PerspectivesRequest {
+                max_tokens: Some(64),
+                ..PerspectivesRequest::to_models(
+                    "Summarise the trade-offs of optimistic locking in one paragraph.",
+                    &["bench"],
+                )
+            };
             let next = AtomicUsize::new(0);
             Arc::new(move || {
                 let token = &tokens[next.fetch_add(1, Ordering::Relaxed) % tokens.len()];
@@ -426,11 +433,21 @@ async fn main() -> anyhow::Result<()> {
         })
         .await;
         let fanout = load(1, rounds, {
-        let (client, url, token) = (client.clone(), format!("{}/v1/perspectives", polydev.url), polydev.tokens[0].clone());
-        let body = json!({ "prompt": "Compare three queueing designs.", "models": ["delay-100", "delay-300", "delay-900"], "max_tokens": 64 });
-        Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
-    })
-    .await;
+            let (client, url, token) = (
+                client.clone(),
+                format!("{}/v1/perspectives", polydev.url),
+                polydev.tokens[0].clone(),
+            );
+            let body = PerspectivesRequest {
+                max_tokens: Some(64),
+                ..PerspectivesRequest::to_models(
+                    "Compare three queueing designs.",
+                    &["delay-100", "delay-300", "delay-900"],
+                )
+            };
+            Arc::new(move || client.post(&url).bearer_auth(&token).json(&body))
+        })
+        .await;
         println!(
             "fan-out of 3: p50 {} p99 {} | slowest model alone p50 {} p99 {} | overhead p50 {} p99 {}",
             ms(fanout.percentile(0.5)),

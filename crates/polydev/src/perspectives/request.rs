@@ -28,7 +28,7 @@ pub mod limits {
 use limits::*;
 
 /// Ask several models the same question in parallel.
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PerspectivesRequest {
     /// The question or task, in full (1 to 100,000 characters).
@@ -60,6 +60,15 @@ pub struct PerspectivesRequest {
 }
 
 impl PerspectivesRequest {
+    /// A request for `prompt` to the given models, every other argument at its default.
+    pub fn to_models(prompt: &str, models: &[&str]) -> Self {
+        PerspectivesRequest {
+            prompt: prompt.to_string(),
+            models: Some(models.iter().map(|m| m.to_string()).collect()),
+            ..Default::default()
+        }
+    }
+
     pub fn validate(&self, gateway: &Gateway) -> Result<()> {
         let chars = self.prompt.chars().count();
         if self.prompt.trim().is_empty() {
