@@ -1,8 +1,10 @@
 // Drives polydev with the official MCP TypeScript SDK client and prints what happened as JSON.
 //   node client.mjs http  <server-url> <token> <args-json>
 //   node client.mjs stdio <polydev-binary> <server-url> <token|-> <args-json>
-// With CANCEL_AFTER_MS=N the call is cancelled after N ms.
+// With CANCEL_AFTER_MS=N the call is cancelled after N ms; with LOG_LEVEL=L it first sends
+// logging/setLevel L and reports the log notifications it receives in `logs`.
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { LoggingMessageNotificationSchema } from "@modelcontextprotocol/sdk/types.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
 
@@ -26,11 +28,13 @@ if (mode === "http") {
   throw new Error(`unknown mode ${mode}`);
 }
 
-const out = { progress: [] };
+const out = { progress: [], logs: [] };
 let stderr = "";
 if (transport.stderr) transport.stderr.on("data", (d) => (stderr += d));
 const client = new Client({ name: "polydev-sdk-test", version: "1.0.0" });
+client.setNotificationHandler(LoggingMessageNotificationSchema, (n) => out.logs.push(n.params));
 await client.connect(transport);
+if (process.env.LOG_LEVEL) await client.setLoggingLevel(process.env.LOG_LEVEL);
 out.server = client.getServerVersion();
 out.protocol = transport.protocolVersion ?? null;
 out.tools = (await client.listTools()).tools.map((t) => t.name);
@@ -52,6 +56,8 @@ try {
   out.error = { code: error.code ?? null, message: String(error.message ?? error) };
 }
 if (cancelAfter) await new Promise((r) => setTimeout(r, 300));
+// Log notifications travel apart from the response: give the last ones a moment.
+if (process.env.LOG_LEVEL) await new Promise((r) => setTimeout(r, 200));
 await client.close();
 out.stderr = stderr;
 console.log(JSON.stringify(out));

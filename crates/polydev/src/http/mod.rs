@@ -41,12 +41,13 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// `/mcp`: streamable HTTP (stateful sessions for 2025-06-18 and 2025-11-25; rmcp serves
 /// 2026-07-28 requests statelessly), behind the same token check as the REST API.
 fn mcp_routes(state: &AppState) -> Router<AppState> {
-    let server = PolydevMcp::new(state.clone());
+    let mcp_state = state.clone();
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(state.allowed_hosts.clone())
         .with_cancellation_token(state.shutdown.child_token());
     let service = StreamableHttpService::new(
-        move || Ok(server.clone()),
+        // A handler per session: each keeps its own log level.
+        move || Ok(PolydevMcp::new(mcp_state.clone())),
         Arc::new(LocalSessionManager::default()),
         config,
     );

@@ -1,26 +1,34 @@
 //! `polydev mcp`: a stdio MCP server for IDEs that launch servers as processes. It answers
 //! `initialize` and `tools/list` itself, at once and without any network call, and forwards
 //! tool calls to a polydev server over streamable HTTP with the token from
-//! `POLYDEV_USER_TOKEN`, relaying progress notifications and cancellation.
+//! `POLYDEV_USER_TOKEN`, relaying progress notifications, log notifications and cancellation.
+
+// MCP logging is deprecated in rmcp (SEP-2577); see server.rs.
+#![allow(deprecated)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CancelledNotificationParam, ClientRequest,
-    ProgressNotificationParam, ProgressToken, Request, ServerResult,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken, Request,
+    ServerResult, SetLevelRequestParams,
 };
-use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext, RunningService};
+use rmcp::service::{
+    NotificationContext, Peer, PeerRequestOptions, RequestContext, RunningService,
+};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::{ClientHandler, ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt};
 use tokio::sync::{OnceCell, mpsc};
 
 /// Routes progress notifications of forwarded calls back to the IDE. Notifications that arrive
-/// before their call is registered are kept until it is.
+/// before their call is registered are kept until it is. Log notifications go to the IDE that
+/// asked for them with `logging/setLevel`.
 #[derive(Clone, Default)]
 struct ProgressRelay {
     routes: Arc<Mutex<Relay>>,
+    logs_to: Arc<Mutex<Option<Peer<RoleServer>>>>,
 }
 
 #[derive(Default)]
@@ -48,6 +56,19 @@ impl ProgressRelay {
 }
 
 impl ClientHandler for ProgressRelay {
+    async fn on_logging_message(
+        &self,
+        param: LoggingMessageNotificationParam,
+        _ctx: NotificationContext<RoleClient>,
+    ) {
+        let ide = self.logs_to.lock().expect("relay lock").clone();
+        if let Some(ide) = ide
+            && let Err(error) = ide.notify_logging_message(param).await
+        {
+            tracing::debug!(%error, "log notification not delivered");
+        }
+    }
+
     async fn on_progress(
         &self,
         param: ProgressNotificationParam,
@@ -125,6 +146,20 @@ impl Bridge {
 
 impl ServerHandler for Bridge {
     super::static_tool_handlers!();
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let upstream = self.upstream().await?;
+        *self.relay.logs_to.lock().expect("relay lock") = Some(ctx.peer.clone());
+        upstream
+            .peer()
+            .set_level(request)
+            .await
+            .map_err(|e| ErrorData::internal_error(format!("the polydev server failed: {e}"), None))
+    }
 
     async fn call_tool(
         &self,

@@ -41,13 +41,19 @@ pub const LIST_MODELS: &str = "list_available_models";
 pub const GET_USAGE: &str = "get_usage";
 
 /// The server's identity and capabilities, the same over HTTP and stdio.
+#[allow(deprecated)] // logging: see server.rs
 pub fn server_info() -> ServerConfig {
-    ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-        .with_server_info(Implementation::new("polydev", env!("CARGO_PKG_VERSION")))
-        .with_instructions(
-            "Ask several frontier models the same question in parallel with get_perspectives; \
+    ServerConfig::new(
+        ServerCapabilities::builder()
+            .enable_tools()
+            .enable_logging()
+            .build(),
+    )
+    .with_server_info(Implementation::new("polydev", env!("CARGO_PKG_VERSION")))
+    .with_instructions(
+        "Ask several frontier models the same question in parallel with get_perspectives; \
              each answer comes back with its model, latency, tokens and cost.",
-        )
+    )
 }
 
 fn no_arguments() -> Arc<JsonObject> {

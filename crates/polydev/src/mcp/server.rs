@@ -1,9 +1,16 @@
 //! The MCP server over streamable HTTP (`/mcp`), authenticated with the `pd_` token by the
 //! HTTP layer, which puts the [`Caller`] into the request's extensions.
 
+// MCP logging (`logging/setLevel`, `notifications/message`) is deprecated in rmcp by SEP-2577
+// but is part of the 2025-06-18 and 2025-11-25 revisions that IDEs speak today.
+#![allow(deprecated)]
+
+use std::sync::{Arc, Mutex};
+
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock,
-    ProgressNotificationParam, ProgressToken,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, LoggingLevel,
+    LoggingMessageNotificationParam, ProgressNotificationParam, ProgressToken,
+    SetLevelRequestParams,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -15,14 +22,25 @@ use crate::app::AppState;
 use crate::error::Error;
 use crate::perspectives::{self, PerspectivesRequest, Progress, ProgressSink, Status};
 
+/// One per MCP session (the transport's factory makes a new one for each).
 #[derive(Clone)]
 pub struct PolydevMcp {
     state: AppState,
+    /// The least severe level the client asked for with `logging/setLevel`; `None` (the
+    /// default) sends no log notifications.
+    log_level: Arc<Mutex<Option<LoggingLevel>>>,
 }
 
 impl PolydevMcp {
     pub fn new(state: AppState) -> Self {
-        PolydevMcp { state }
+        PolydevMcp {
+            state,
+            log_level: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn log_level(&self) -> Option<LoggingLevel> {
+        *self.log_level.lock().expect("log level lock")
     }
 
     async fn get_perspectives(
@@ -33,12 +51,13 @@ impl PolydevMcp {
     ) -> CallToolResult {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let progress_token = ctx.meta.get_progress_token();
+        let log_level = self.log_level();
         let call = perspectives::get_perspectives(
             self.state.pools(),
             &self.state.gateway,
             caller.user_id,
             &request,
-            if progress_token.is_some() {
+            if progress_token.is_some() || log_level.is_some() {
                 ProgressSink::new(tx)
             } else {
                 ProgressSink::none()
@@ -47,6 +66,7 @@ impl PolydevMcp {
         tokio::pin!(call);
         let mut notifier = ProgressNotifier {
             token: progress_token,
+            log_level,
             finished: 0,
             total: None,
         };
@@ -81,14 +101,17 @@ impl PolydevMcp {
 
 /// Turns fan-out events into `notifications/progress`: one when the models are chosen, then one
 /// per model as it finishes, carrying its answer.
+/// With a log level set, each event is also a `notifications/message` (logger `polydev`).
 struct ProgressNotifier {
     token: Option<ProgressToken>,
+    log_level: Option<LoggingLevel>,
     finished: u32,
     total: Option<f64>,
 }
 
 impl ProgressNotifier {
     async fn send(&mut self, update: Progress, ctx: &RequestContext<RoleServer>) {
+        self.log(&update, ctx).await;
         let Some(token) = &self.token else { return };
         let message = match update {
             Progress::Started { models } => {
@@ -138,6 +161,58 @@ fn tool_error(error: Error) -> CallToolResult {
     result
 }
 
+impl ProgressNotifier {
+    /// A log notification per event at or above the session's level: `debug` for the models
+    /// chosen, `info` for an answer, `warning` for a model that failed or timed out.
+    async fn log(&self, update: &Progress, ctx: &RequestContext<RoleServer>) {
+        let Some(threshold) = self.log_level else {
+            return;
+        };
+        let (level, data) = match update {
+            Progress::Started { models } => (
+                LoggingLevel::Debug,
+                serde_json::json!({ "event": "started", "models": models }),
+            ),
+            Progress::Finished(model) => (
+                if model.status == Status::Ok {
+                    LoggingLevel::Info
+                } else {
+                    LoggingLevel::Warning
+                },
+                serde_json::json!({
+                    "event": "model_finished",
+                    "model": model.model,
+                    "status": model.status,
+                    "latency_ms": model.latency_ms,
+                    "error": model.error,
+                }),
+            ),
+            Progress::Delta { .. } => return,
+        };
+        if severity(level) < severity(threshold) {
+            return;
+        }
+        let param = LoggingMessageNotificationParam::new(level, data).with_logger("polydev");
+        if let Err(error) = ctx.peer.notify_logging_message(param).await {
+            tracing::debug!(%error, "log notification not delivered");
+        }
+    }
+}
+
+/// RFC 5424's order, least severe first (rmcp's `LoggingLevel` has no `Ord`).
+fn severity(level: LoggingLevel) -> u8 {
+    match level {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        LoggingLevel::Critical => 5,
+        LoggingLevel::Alert => 6,
+        LoggingLevel::Emergency => 7,
+    }
+}
+
 fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
     ctx.extensions
         .get::<axum::http::request::Parts>()
@@ -148,6 +223,15 @@ fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
 
 impl ServerHandler for PolydevMcp {
     super::static_tool_handlers!();
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        *self.log_level.lock().expect("log level lock") = Some(request.level);
+        Ok(())
+    }
 
     async fn call_tool(
         &self,

