@@ -5,6 +5,7 @@
 mod anthropic;
 mod gemini;
 mod openai;
+mod redact;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -186,6 +187,7 @@ impl ErrorDetail {
         let message = self
             .message
             .or(self.kind)
+            .map(|text| redact::redact(&text))
             .unwrap_or_else(|| "the stream reported an error".into());
         ProviderError::new(class, message)
     }
@@ -343,10 +345,15 @@ impl HttpProvider {
         if !status.is_success() {
             let retry_after = crate::retry::retry_after(response.headers());
             let text = response.text().await.unwrap_or_default();
-            let detail = serde_json::from_str::<ErrorBody>(&text)
+            // The provider's own words, masked; a body that is not its error JSON (a proxy's
+            // HTML page) is not shown at all.
+            let detail = match serde_json::from_str::<ErrorBody>(&text)
                 .ok()
                 .and_then(|body| body.error.message)
-                .unwrap_or_else(|| text.chars().take(300).collect());
+            {
+                Some(message) => redact::redact(&message),
+                None => format!("a body of {} bytes that is not an error JSON", text.len()),
+            };
             let class = match status.as_u16() {
                 401 | 403 => ErrorClass::Auth,
                 408 => ErrorClass::Timeout,
