@@ -78,6 +78,13 @@ if $check; then
     echo "==> .sqlx/ is up to date"
   else
     head -200 "$work/diff" >&2
+    # A query whose SQL changed has a new hash: name the SQL of files on one side only.
+    only() {
+      comm -23 <(ls "$work/$1") <(ls "$work/$2") | while read -r file; do
+        echo "  only in $1: $(sed -n 's/^  "query": "//p' "$work/$1/$file" | sed 's/",$//' | cut -c1-100)"
+      done
+    }
+    { only committed needed; only needed committed; } >&2
     echo "==> .sqlx/ is out of date: run scripts/sqlx-prepare.sh and commit .sqlx/" >&2
     exit 1
   fi
