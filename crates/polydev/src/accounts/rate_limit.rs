@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 /// refuses it with `Error::RateLimited` when the tier's limit is exceeded. Unknown tiers get the
 /// `free` limit.
 pub async fn check_rate_limit(pool: &PgPool, token_id: Uuid, tier: Option<&str>) -> Result<()> {
-    let (count, limit, retry_after): (i32, i32, f64) = sqlx::query_as(
-        "WITH lim AS (
+    let row = sqlx::query!(
+        r#"WITH lim AS (
              SELECT coalesce((SELECT requests_per_minute FROM rate_limit_tiers WHERE tier = $2),
                              (SELECT requests_per_minute FROM rate_limit_tiers WHERE tier = 'free'),
                              30) AS rpm)
@@ -22,17 +22,18 @@ pub async fn check_rate_limit(pool: &PgPool, token_id: Uuid, tier: Option<&str>)
          ON CONFLICT (token_id) DO UPDATE SET
              count = CASE WHEN w.window_start = EXCLUDED.window_start THEN w.count + 1 ELSE 1 END,
              window_start = EXCLUDED.window_start
-         RETURNING count, (SELECT rpm FROM lim),
-                   extract(epoch FROM window_start + interval '1 minute' - clock_timestamp())::float8",
+         RETURNING count, (SELECT rpm FROM lim) AS "limit!",
+                   extract(epoch FROM window_start + interval '1 minute' - clock_timestamp())::float8
+                     AS "retry_after!""#,
+        token_id,
+        tier
     )
-    .bind(token_id)
-    .bind(tier)
     .fetch_one(pool)
     .await?;
-    if count > limit {
+    if row.count > row.limit {
         return Err(Error::RateLimited {
-            limit,
-            retry_after: Duration::from_secs(retry_after.ceil().max(1.0) as u64),
+            limit: row.limit,
+            retry_after: Duration::from_secs(row.retry_after.ceil().max(1.0) as u64),
         });
     }
     Ok(())

@@ -18,7 +18,7 @@ pub const MAX_TOKEN_NAME_LEN: usize = 100;
 const MAX_EXPIRY_DAYS: u32 = 3650;
 
 /// A token as listed: never the secret, only its last 4 characters.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ApiToken {
     pub id: Uuid,
     pub token_name: Option<String>,
@@ -29,9 +29,6 @@ pub struct ApiToken {
     pub last_used_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
 }
-
-const TOKEN_COLUMNS: &str =
-    "id, token_name, token_preview, active, rate_limit_tier, created_at, last_used_at, expires_at";
 
 /// A newly created token: the only time the secret exists outside the caller's hands.
 #[derive(Debug, Serialize)]
@@ -73,19 +70,21 @@ pub async fn create_token(
     let token = generate();
     let mut tx = pool.begin().await?;
     // The rate-limit tier follows the user's plan.
-    let info: ApiToken = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let info = sqlx::query_as!(
+        ApiToken,
         "INSERT INTO mcp_user_tokens (user_id, token_name, token_hash, token_preview, active,
                                       rate_limit_tier, expires_at)
          SELECT u.user_id, $2, $3, $4, true, coalesce(u.tier, 'free'),
                 now() + make_interval(days => $5)
            FROM users u WHERE u.user_id = $1
-         RETURNING {TOKEN_COLUMNS}"
-    )))
-    .bind(user_id)
-    .bind(name)
-    .bind(hash(&token))
-    .bind(&token[TOKEN_LEN - 4..])
-    .bind(expires_in_days.map(|d| d as i32))
+         RETURNING id, token_name, token_preview, active, rate_limit_tier, created_at,
+                   last_used_at, expires_at",
+        user_id,
+        name,
+        hash(&token),
+        &token[TOKEN_LEN - 4..],
+        expires_in_days.map(|d| d as i32)
+    )
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(Error::NotFound("user"))?;
@@ -96,10 +95,13 @@ pub async fn create_token(
 }
 
 pub async fn list_tokens(pool: &PgPool, user_id: Uuid) -> Result<Vec<ApiToken>> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TOKEN_COLUMNS} FROM mcp_user_tokens WHERE user_id = $1 ORDER BY created_at, id"
-    )))
-    .bind(user_id)
+    Ok(sqlx::query_as!(
+        ApiToken,
+        "SELECT id, token_name, token_preview, active, rate_limit_tier, created_at, last_used_at,
+                expires_at
+           FROM mcp_user_tokens WHERE user_id = $1 ORDER BY created_at, id",
+        user_id
+    )
     .fetch_all(pool)
     .await?)
 }
@@ -108,20 +110,24 @@ pub async fn list_tokens(pool: &PgPool, user_id: Uuid) -> Result<Vec<ApiToken>> 
 /// Revoking an already revoked token is not an error.
 pub async fn revoke_token(pool: &PgPool, owner: Option<Uuid>, token_id: Uuid) -> Result<ApiToken> {
     let mut tx = pool.begin().await?;
-    let token: ApiToken = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let token = sqlx::query_as!(
+        ApiToken,
         "UPDATE mcp_user_tokens SET active = false, updated_at = now()
           WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)
-         RETURNING {TOKEN_COLUMNS}"
-    )))
-    .bind(token_id)
-    .bind(owner)
+         RETURNING id, token_name, token_preview, active, rate_limit_tier, created_at,
+                   last_used_at, expires_at",
+        token_id,
+        owner
+    )
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(Error::NotFound("token"))?;
-    let user_id: Uuid = sqlx::query_scalar("SELECT user_id FROM mcp_user_tokens WHERE id = $1")
-        .bind(token_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let user_id = sqlx::query_scalar!(
+        r#"SELECT user_id AS "user_id!" FROM mcp_user_tokens WHERE id = $1"#,
+        token_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     refresh_key_count(&mut tx, user_id).await?;
     tx.commit().await?;
     tracing::info!(%token_id, "API token revoked");
@@ -132,43 +138,36 @@ pub async fn revoke_token(pool: &PgPool, owner: Option<Uuid>, token_id: Uuid) ->
 pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller> {
     let presented = parse_bearer(header)?;
     let presented_hash = hash(presented);
-    let row: Option<TokenRow> = sqlx::query_as(
-        "SELECT id, user_id, token_hash, active, expires_at, rate_limit_tier
-           FROM mcp_user_tokens WHERE token_hash = $1
-          ORDER BY active DESC NULLS LAST LIMIT 1",
+    // The legacy columns are nullable: a token row without a user fails to decode (an error,
+    // never a caller); token_hash is the one the WHERE clause matched.
+    let row = sqlx::query!(
+        r#"SELECT id, user_id AS "user_id!", token_hash AS "token_hash!", active, expires_at,
+                  rate_limit_tier
+             FROM mcp_user_tokens WHERE token_hash = $1
+            ORDER BY active DESC NULLS LAST LIMIT 1"#,
+        &presented_hash
     )
-    .bind(&presented_hash)
     .fetch_optional(pool)
     .await?;
-    let Some((token_id, user_id, stored_hash, active, expires_at, rate_limit_tier)) = row else {
+    let Some(row) = row else {
         return Err(Error::Unauthorized(AuthFailure::Unknown));
     };
     // The index lookup already matched; compare again in constant time as defence in depth.
-    if !bool::from(stored_hash.as_bytes().ct_eq(presented_hash.as_bytes())) {
+    if !bool::from(row.token_hash.as_bytes().ct_eq(presented_hash.as_bytes())) {
         return Err(Error::Unauthorized(AuthFailure::Unknown));
     }
-    if active != Some(true) {
+    if row.active != Some(true) {
         return Err(Error::Unauthorized(AuthFailure::Revoked));
     }
-    if expires_at.is_some_and(|at| at <= Utc::now()) {
+    if row.expires_at.is_some_and(|at| at <= Utc::now()) {
         return Err(Error::Unauthorized(AuthFailure::Expired));
     }
     Ok(Caller {
-        user_id,
-        token_id,
-        rate_limit_tier,
+        user_id: row.user_id,
+        token_id: row.id,
+        rate_limit_tier: row.rate_limit_tier,
     })
 }
-
-/// id, user_id, token_hash, active, expires_at, rate_limit_tier
-type TokenRow = (
-    Uuid,
-    Uuid,
-    String,
-    Option<bool>,
-    Option<DateTime<Utc>>,
-    Option<String>,
-);
 
 fn parse_bearer(header: Option<&str>) -> Result<&str> {
     let value = header.ok_or(Error::Unauthorized(AuthFailure::Missing))?;
@@ -199,12 +198,12 @@ fn hash(token: &str) -> String {
 
 /// Keeps the legacy `profiles.api_keys_count` equal to the user's active tokens.
 async fn refresh_key_count(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE profiles SET api_keys_count =
             (SELECT count(*) FROM mcp_user_tokens WHERE user_id = $1 AND active), updated_at = now()
           WHERE id = $1",
+        user_id
     )
-    .bind(user_id)
     .execute(conn)
     .await?;
     Ok(())
@@ -245,11 +244,12 @@ impl LastUsedTracker {
         }
         let pool = pool.clone();
         tokio::spawn(async move {
-            let result =
-                sqlx::query("UPDATE mcp_user_tokens SET last_used_at = now() WHERE id = $1")
-                    .bind(token_id)
-                    .execute(&pool)
-                    .await;
+            let result = sqlx::query!(
+                "UPDATE mcp_user_tokens SET last_used_at = now() WHERE id = $1",
+                token_id
+            )
+            .execute(&pool)
+            .await;
             if let Err(error) = result {
                 tracing::warn!(%token_id, %error, "could not record token use");
             }

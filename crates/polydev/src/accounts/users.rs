@@ -29,7 +29,7 @@ impl Plan {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct User {
     pub user_id: Uuid,
     pub email: Option<String>,
@@ -38,47 +38,49 @@ pub struct User {
     pub created_at: Option<DateTime<Utc>>,
 }
 
-const USER_COLUMNS: &str = "user_id, email, tier, status, created_at";
-
 /// Creates a user with its profile and its quota row for `plan`, in one transaction.
 pub async fn create_user(pool: &PgPool, email: &str, plan: Plan) -> Result<User> {
     let email = normalize_email(email)?;
     let mut tx = pool.begin().await?;
     // Serialises concurrent creates of the same address (there is no unique index on legacy data).
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(&email)
-        .execute(&mut *tx)
-        .await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE lower(email) = $1)")
-            .bind(&email)
-            .fetch_one(&mut *tx)
-            .await?;
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &email
+    )
+    .execute(&mut *tx)
+    .await?;
+    let exists = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM users WHERE lower(email) = $1) AS "exists!""#,
+        &email
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     if exists {
         return Err(Error::Conflict(format!(
             "a user with e-mail {email} already exists"
         )));
     }
-    let user: User = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let user = sqlx::query_as!(
+        User,
         "INSERT INTO users (email, tier, status, subscription_plan, last_active_at)
          VALUES ($1, $2, 'active', $2, now())
-         RETURNING {USER_COLUMNS}"
-    )))
-    .bind(&email)
-    .bind(plan.as_str())
+         RETURNING user_id, email, tier, status, created_at",
+        &email,
+        plan.as_str()
+    )
     .fetch_one(&mut *tx)
     .await?;
     let quota = quota::create_for_user(&mut tx, user.user_id, plan.as_str()).await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO profiles (id, email, subscription_tier, current_plan_tier, perspective_quota_id,
                                is_admin, monthly_queries, queries_used, api_keys_count)
          VALUES ($1, $2, $3, $3, $4, false, $5, 0, 0)",
+        user.user_id,
+        &email,
+        plan.as_str(),
+        quota.id,
+        quota.messages_per_month
     )
-    .bind(user.user_id)
-    .bind(&email)
-    .bind(plan.as_str())
-    .bind(quota.id)
-    .bind(quota.messages_per_month)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -88,17 +90,19 @@ pub async fn create_user(pool: &PgPool, email: &str, plan: Plan) -> Result<User>
 
 pub async fn find_user_by_email(pool: &PgPool, email: &str) -> Result<User> {
     let email = normalize_email(email)?;
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_COLUMNS} FROM users WHERE lower(email) = $1 ORDER BY created_at LIMIT 1"
-    )))
-    .bind(&email)
+    sqlx::query_as!(
+        User,
+        "SELECT user_id, email, tier, status, created_at
+           FROM users WHERE lower(email) = $1 ORDER BY created_at LIMIT 1",
+        &email
+    )
     .fetch_optional(pool)
     .await?
     .ok_or(Error::NotFound("user"))
 }
 
 /// The legacy `profiles` row (users created outside polydev may have none).
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Profile {
     pub email: Option<String>,
     pub full_name: Option<String>,
@@ -112,21 +116,23 @@ pub struct Profile {
 }
 
 pub async fn find_profile(pool: &PgPool, user_id: Uuid) -> Result<Option<Profile>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        Profile,
         "SELECT email, full_name, display_name, company, subscription_tier, current_plan_tier,
                 is_admin, timezone, api_keys_count
            FROM profiles WHERE id = $1",
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(pool)
     .await?)
 }
 
 pub async fn find_user(pool: &PgPool, user_id: Uuid) -> Result<User> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_COLUMNS} FROM users WHERE user_id = $1"
-    )))
-    .bind(user_id)
+    sqlx::query_as!(
+        User,
+        "SELECT user_id, email, tier, status, created_at FROM users WHERE user_id = $1",
+        user_id
+    )
     .fetch_optional(pool)
     .await?
     .ok_or(Error::NotFound("user"))

@@ -67,7 +67,8 @@ impl Status {
 }
 
 /// `FROM {messages} m JOIN {sessions} s ... WHERE s.user_id = $1`: every query is scoped to
-/// the caller's own sessions.
+/// the caller's own sessions. The queries of this module stay dynamic (not `query!`): each
+/// splices the legacy tables of a chat system.
 fn scoped(system: System) -> String {
     format!(
         "{} m JOIN {} s ON s.id = m.session_id WHERE s.user_id = $1",

@@ -8,6 +8,7 @@ pub mod migration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use sqlx::error::BoxDynError;
 use uuid::Uuid;
 
 use crate::error::{Error, Result, reject_nul};
@@ -42,10 +43,9 @@ impl System {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ChatSession {
     pub id: Uuid,
-    #[sqlx(try_from = "String")]
     pub system: SystemName,
     pub title: Option<String>,
     pub archived: Option<bool>,
@@ -66,6 +66,23 @@ impl TryFrom<String> for SystemName {
             "sessions" => Ok(SystemName(System::Sessions)),
             other => Err(format!("unknown chat system {other}")),
         }
+    }
+}
+
+/// Decoded from SQL text through `TryFrom<String>` (the query macros' `"system!: _"`).
+impl sqlx::Type<sqlx::Postgres> for SystemName {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <String as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for SystemName {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> std::result::Result<Self, BoxDynError> {
+        let text = <String as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        Ok(SystemName::try_from(text)?)
     }
 }
 
@@ -91,15 +108,17 @@ pub struct NewMessage {
 }
 
 pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSession>> {
-    Ok(sqlx::query_as(
-        "SELECT id, 'chat' AS system, title, archived, created_at, updated_at
-           FROM chat_sessions WHERE user_id = $1
-         UNION ALL
-         SELECT id, 'sessions', name, NOT coalesce(is_active, true), created_at, updated_at
-           FROM sessions WHERE user_id = $1
-         ORDER BY updated_at DESC NULLS LAST, id LIMIT 1000",
+    // A UNION's columns come from no one table: `id` and `system` are declared non-NULL.
+    Ok(sqlx::query_as!(
+        ChatSession,
+        r#"SELECT id AS "id!", 'chat' AS "system!: _", title, archived, created_at, updated_at
+             FROM chat_sessions WHERE user_id = $1
+           UNION ALL
+           SELECT id, 'sessions', name, NOT coalesce(is_active, true), created_at, updated_at
+             FROM sessions WHERE user_id = $1
+           ORDER BY updated_at DESC NULLS LAST, "id!" LIMIT 1000"#,
+        user_id
     )
-    .bind(user_id)
     .fetch_all(pool)
     .await?)
 }
@@ -107,6 +126,7 @@ pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSessi
 /// The system holding `session_id`, if it is the caller's (404 otherwise, whoever owns it).
 async fn owning_system(pool: &PgPool, user_id: Uuid, session_id: Uuid) -> Result<System> {
     for system in [System::Chat, System::Sessions] {
+        // Dynamic: the legacy sessions table of `system` is spliced in.
         let owned: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1 AND user_id = $2)",
             system.sessions_table()
@@ -133,6 +153,7 @@ pub async fn list_messages(
     session_id: Uuid,
 ) -> Result<Vec<ChatMessage>> {
     let system = owning_system(pool, user_id, session_id).await?;
+    // Dynamic: the legacy messages table of `system` is spliced in.
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM {} WHERE session_id = $1 ORDER BY created_at, id",
         system.messages_table()
@@ -158,6 +179,7 @@ pub async fn add_message(
     }
     let system = owning_system(pool, user_id, session_id).await?;
     let id = message.id.unwrap_or_else(Uuid::new_v4);
+    // Dynamic below: the legacy messages table of `system` is spliced into both INSERTs.
     let table = system.messages_table();
     let mut tx = pool.begin().await?;
     // Read under a share lock on the user's row, so a plaintext write cannot race past a
@@ -234,11 +256,11 @@ pub async fn add_message(
     };
     if system == System::Sessions {
         // Keep the legacy counters that the old code shows.
-        sqlx::query(
+        sqlx::query!(
             "UPDATE sessions SET message_count = coalesce(message_count, 0) + 1,
                     last_activity_at = now(), updated_at = now() WHERE id = $1",
+            session_id
         )
-        .bind(session_id)
         .execute(&mut *tx)
         .await?;
     }
@@ -255,7 +277,8 @@ async fn same_message_again(
     id: Uuid,
     message: &NewMessage,
 ) -> Result<(ChatMessage, bool)> {
-    // Only a message of the same session can be the same message.
+    // Only a message of the same session can be the same message. Dynamic: the legacy messages
+    // table of `system` is spliced in.
     let stored: Option<ChatMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM {} WHERE id = $1 AND session_id = $2",
         system.messages_table()
@@ -292,12 +315,13 @@ pub async fn create_session(
             "a title may be at most 500 characters".into(),
         ));
     }
-    Ok(sqlx::query_as(
-        "INSERT INTO chat_sessions (user_id, title, archived) VALUES ($1, $2, false)
-         RETURNING id, 'chat' AS system, title, archived, created_at, updated_at",
+    Ok(sqlx::query_as!(
+        ChatSession,
+        r#"INSERT INTO chat_sessions (user_id, title, archived) VALUES ($1, $2, false)
+           RETURNING id, 'chat' AS "system!: _", title, archived, created_at, updated_at"#,
+        user_id,
+        title
     )
-    .bind(user_id)
-    .bind(title)
     .fetch_one(pool)
     .await?)
 }

@@ -228,13 +228,15 @@ impl EmbeddedPostgres {
             sqlx::PgConnection::connect_with(&self.connect_options().database("postgres"))
                 .await
                 .map_err(sql_err)?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(DATABASE_NAME)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(sql_err)?;
+        let exists = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "exists!""#,
+            DATABASE_NAME
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(sql_err)?;
         if !exists {
+            // raw_sql, not the query macros: DDL with no result columns (a const name).
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "CREATE DATABASE {DATABASE_NAME}"
             )))

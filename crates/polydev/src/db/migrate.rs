@@ -164,8 +164,7 @@ pub async fn run(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
     // Poll rather than block: a session blocked in pg_advisory_lock holds a transaction, and
     // the holder's CREATE INDEX CONCURRENTLY waits for every open transaction: a deadlock.
     let mut logged = false;
-    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-        .bind(LOCK_KEY)
+    while !sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "locked!""#, LOCK_KEY)
         .fetch_one(&mut *conn)
         .await?
     {
@@ -175,9 +174,8 @@ pub async fn run(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let result = run_locked(conn).await;
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *conn)
+    sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+        .fetch_one(&mut *conn)
         .await?;
     result
 }
@@ -218,6 +216,8 @@ async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Err
     if !table_exists(conn, HISTORY_TABLE).await? {
         return Ok(Vec::new());
     }
+    // Dynamic: sqlx's own history table is created by the migrator at run time, not by
+    // migrations/, so it is not in the schema the query macros are checked against.
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT version FROM {HISTORY_TABLE} WHERE success ORDER BY version"
     )))
@@ -226,8 +226,7 @@ async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Err
 }
 
 async fn table_exists(conn: &mut PgConnection, table: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(table)
+    sqlx::query_scalar!(r#"SELECT to_regclass($1) IS NOT NULL AS "exists!""#, table)
         .fetch_one(conn)
         .await
 }
@@ -240,9 +239,10 @@ async fn compare_with_baseline(conn: &mut PgConnection) -> Result<SchemaReport, 
         .find(|m| m.version == BASELINE_VERSION)
         .expect("the baseline migration is shipped");
     let mut tx = conn.begin().await?;
-    let live_schema: String = sqlx::query_scalar("SELECT current_schema()")
+    let live_schema = sqlx::query_scalar!(r#"SELECT current_schema() AS "schema!""#)
         .fetch_one(&mut *tx)
         .await?;
+    // raw_sql, not the query macros: several statements (DDL) in one string, no result columns.
     sqlx::raw_sql(
         "CREATE SCHEMA polydev_baseline_check; SET LOCAL search_path = polydev_baseline_check",
     )
@@ -288,18 +288,19 @@ async fn compare_with_baseline(conn: &mut PgConnection) -> Result<SchemaReport, 
 type Columns = BTreeMap<(String, String), String>;
 
 async fn columns(conn: &mut PgConnection, schema: &str) -> Result<Columns, sqlx::Error> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
-           FROM pg_attribute a
-           JOIN pg_class c ON c.oid = a.attrelid
-           JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped",
+    let rows = sqlx::query!(
+        r#"SELECT c.relname::text AS "table!", a.attname::text AS "column!",
+                  format_type(a.atttypid, a.atttypmod) AS "type!"
+             FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped"#,
+        schema
     )
-    .bind(schema)
     .fetch_all(conn)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(table, column, ty)| ((table, column), ty))
+        .map(|row| ((row.table, row.column), row.r#type))
         .collect())
 }

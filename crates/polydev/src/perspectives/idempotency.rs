@@ -35,38 +35,39 @@ pub async fn claim(
     running_for: Duration,
 ) -> Result<Claim> {
     loop {
-        sqlx::query(
+        sqlx::query!(
             "DELETE FROM perspective_idempotency
               WHERE user_id = $1 AND idempotency_key = $2
                 AND (created_at < now() - interval '24 hours'
                      OR (response IS NULL AND running_until < now()))",
+            user_id,
+            key
         )
-        .bind(user_id)
-        .bind(key)
         .execute(pool)
         .await?;
-        let claimed: Option<bool> = sqlx::query_scalar(
-            "INSERT INTO perspective_idempotency (user_id, idempotency_key, request_hash, running_until)
-             VALUES ($1, $2, $3, now() + make_interval(secs => $4))
-             ON CONFLICT DO NOTHING RETURNING true",
+        let claimed = sqlx::query_scalar!(
+            r#"INSERT INTO perspective_idempotency (user_id, idempotency_key, request_hash, running_until)
+               VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+               ON CONFLICT DO NOTHING RETURNING true AS "claimed!""#,
+            user_id,
+            key,
+            hash,
+            running_for.as_secs_f64()
         )
-        .bind(user_id)
-        .bind(key)
-        .bind(hash)
-        .bind(running_for.as_secs_f64())
         .fetch_optional(pool)
         .await?;
         if claimed.is_some() {
             return Ok(Claim::Owner);
         }
-        let existing: Option<(String, Option<serde_json::Value>)> = sqlx::query_as(
+        let existing = sqlx::query!(
             "SELECT request_hash, response FROM perspective_idempotency
               WHERE user_id = $1 AND idempotency_key = $2",
+            user_id,
+            key
         )
-        .bind(user_id)
-        .bind(key)
         .fetch_optional(pool)
-        .await?;
+        .await?
+        .map(|row| (row.request_hash, row.response));
         match existing {
             Some((first_hash, _)) if first_hash != hash => {
                 return Err(Error::Conflict(
@@ -93,12 +94,12 @@ pub async fn complete(
     key: &str,
     result: &PerspectivesResult,
 ) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE perspective_idempotency SET response = $3 WHERE user_id = $1 AND idempotency_key = $2",
+        user_id,
+        key,
+        serde_json::to_value(result).expect("a result serializes")
     )
-    .bind(user_id)
-    .bind(key)
-    .bind(serde_json::to_value(result).expect("a result serializes"))
     .execute(pool)
     .await?;
     Ok(())
@@ -106,12 +107,12 @@ pub async fn complete(
 
 /// Frees the key of a call that failed as a whole, so a retry runs afresh.
 pub async fn release(pool: &PgPool, user_id: Uuid, key: &str) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "DELETE FROM perspective_idempotency
           WHERE user_id = $1 AND idempotency_key = $2 AND response IS NULL",
+        user_id,
+        key
     )
-    .bind(user_id)
-    .bind(key)
     .execute(pool)
     .await?;
     Ok(())

@@ -9,7 +9,7 @@ use super::Gateway;
 use super::request::limits::{MAX_MODELS, MAX_PERSPECTIVES};
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PerspectiveSettings {
     /// Models to ask, in order, when a call names none.
@@ -21,10 +21,11 @@ pub struct PerspectiveSettings {
 }
 
 pub async fn get_settings(pool: &PgPool, user_id: Uuid) -> Result<PerspectiveSettings> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        PerspectiveSettings,
         "SELECT preferred_models, max_perspectives FROM user_perspective_settings WHERE user_id = $1",
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(pool)
     .await?
     .unwrap_or_default())
@@ -55,17 +56,18 @@ pub async fn put_settings(
             "`max_perspectives` must be 1 to {MAX_PERSPECTIVES}"
         )));
     }
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        PerspectiveSettings,
         "INSERT INTO user_perspective_settings (user_id, preferred_models, max_perspectives)
          VALUES ($1, $2, $3)
          ON CONFLICT (user_id) DO UPDATE
             SET preferred_models = EXCLUDED.preferred_models,
                 max_perspectives = EXCLUDED.max_perspectives, updated_at = now()
          RETURNING preferred_models, max_perspectives",
+        user_id,
+        &settings.preferred_models,
+        settings.max_perspectives
     )
-    .bind(user_id)
-    .bind(&settings.preferred_models)
-    .bind(settings.max_perspectives)
     .fetch_one(pool)
     .await?)
 }

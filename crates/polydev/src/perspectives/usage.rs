@@ -21,32 +21,31 @@ pub struct UsageRecord<'a> {
 }
 
 pub async fn record(pool: &PgPool, usage: &UsageRecord<'_>) -> Result<()> {
-    sqlx::query(
+    // The cost travels as exact decimal text (`$9::text`); sqlx has no decimal type enabled here.
+    sqlx::query!(
         "INSERT INTO perspective_usage
              (user_id, session_id, model_name, model_tier, provider, input_tokens, output_tokens,
               total_tokens, estimated_cost, perspectives_deducted, request_metadata, response_metadata)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::numeric, 1, $10, $11)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::numeric, 1, $10, $11)",
+        usage.user_id,
+        usage.session_id,
+        &usage.model.id,
+        usage.model.tier.as_str(),
+        &usage.model.provider,
+        usage.input_tokens as i32,
+        usage.output_tokens as i32,
+        (usage.input_tokens + usage.output_tokens) as i32,
+        usage.cost.to_string(),
+        &usage.request_metadata,
+        &usage.response_metadata
     )
-    .bind(usage.user_id)
-    .bind(usage.session_id)
-    .bind(&usage.model.id)
-    .bind(usage.model.tier.as_str())
-    .bind(&usage.model.provider)
-    .bind(usage.input_tokens as i32)
-    .bind(usage.output_tokens as i32)
-    .bind((usage.input_tokens + usage.output_tokens) as i32)
-    .bind(usage.cost.to_string())
-    .bind(&usage.request_metadata)
-    .bind(&usage.response_metadata)
     .execute(pool)
     .await?;
     Ok(())
 }
 
 /// What a user's successful model calls added up to since `since` (for `get_usage`).
-#[derive(
-    Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema, sqlx::FromRow,
-)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct MonthUsage {
     pub calls: i64,
     pub input_tokens: i64,
@@ -60,15 +59,16 @@ pub async fn month_usage(
     user_id: Uuid,
     since: chrono::NaiveDate,
 ) -> Result<MonthUsage> {
-    Ok(sqlx::query_as(
-        "SELECT count(*) AS calls,
-                coalesce(sum(input_tokens), 0)::int8 AS input_tokens,
-                coalesce(sum(output_tokens), 0)::int8 AS output_tokens,
-                coalesce(sum(estimated_cost), 0)::text AS cost_usd
-           FROM perspective_usage WHERE user_id = $1 AND created_at >= $2::date",
+    Ok(sqlx::query_as!(
+        MonthUsage,
+        r#"SELECT count(*) AS "calls!",
+                  coalesce(sum(input_tokens), 0)::int8 AS "input_tokens!",
+                  coalesce(sum(output_tokens), 0)::int8 AS "output_tokens!",
+                  coalesce(sum(estimated_cost), 0)::text AS "cost_usd!"
+             FROM perspective_usage WHERE user_id = $1 AND created_at >= $2::date"#,
+        user_id,
+        since
     )
-    .bind(user_id)
-    .bind(since)
     .fetch_one(pool)
     .await?)
 }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 pub use guard::ReservationGuard;
 
 /// A user's quota row. `None` limits are unlimited.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Quota {
     pub id: Uuid,
     pub plan_tier: Option<String>,
@@ -30,15 +30,11 @@ pub struct Quota {
     pub updated_at: Option<DateTime<Utc>>,
 }
 
-const QUOTA_COLUMNS: &str = "id, plan_tier, messages_per_month, premium_perspectives_limit,
-    normal_perspectives_limit, eco_perspectives_limit, current_month_start, messages_used,
-    premium_perspectives_used, normal_perspectives_used, eco_perspectives_used, last_reset_date,
-    updated_at";
-
 /// Creates the quota row of a new user with the limits of `plan` (inside the caller's
 /// transaction), starting in the current calendar month.
 pub async fn create_for_user(conn: &mut PgConnection, user_id: Uuid, plan: &str) -> Result<Quota> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    sqlx::query_as!(
+        Quota,
         "INSERT INTO user_perspective_quotas
              (user_id, plan_tier, messages_per_month, premium_perspectives_limit,
               normal_perspectives_limit, eco_perspectives_limit, current_month_start,
@@ -48,10 +44,13 @@ pub async fn create_for_user(conn: &mut PgConnection, user_id: Uuid, plan: &str)
                 normal_perspectives_limit, eco_perspectives_limit,
                 date_trunc('month', current_date)::date, 0, 0, 0, 0, current_date
            FROM plan_tiers WHERE tier = $2
-         RETURNING {QUOTA_COLUMNS}"
-    )))
-    .bind(user_id)
-    .bind(plan)
+         RETURNING id, plan_tier, messages_per_month, premium_perspectives_limit,
+                   normal_perspectives_limit, eco_perspectives_limit, current_month_start,
+                   messages_used, premium_perspectives_used, normal_perspectives_used,
+                   eco_perspectives_used, last_reset_date, updated_at",
+        user_id,
+        plan
+    )
     .fetch_optional(conn)
     .await?
     .ok_or_else(|| {
@@ -63,11 +62,16 @@ pub async fn create_for_user(conn: &mut PgConnection, user_id: Uuid, plan: &str)
 
 /// The user's quota row, if they have one (legacy users may not).
 pub async fn for_user(pool: &PgPool, user_id: Uuid) -> Result<Option<Quota>> {
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {QUOTA_COLUMNS} FROM user_perspective_quotas
-          WHERE user_id = $1 ORDER BY created_at DESC LIMIT 1"
-    )))
-    .bind(user_id)
+    Ok(sqlx::query_as!(
+        Quota,
+        "SELECT id, plan_tier, messages_per_month, premium_perspectives_limit,
+                normal_perspectives_limit, eco_perspectives_limit, current_month_start,
+                messages_used, premium_perspectives_used, normal_perspectives_used,
+                eco_perspectives_used, last_reset_date, updated_at
+           FROM user_perspective_quotas
+          WHERE user_id = $1 ORDER BY created_at DESC LIMIT 1",
+        user_id
+    )
     .fetch_optional(pool)
     .await?)
 }
@@ -289,6 +293,7 @@ pub async fn reserve_all(
          RETURNING id"
     );
     for _ in 0..2 {
+        // Dynamic: the SET list and the limit checks depend on which counters are wanted.
         let reserved: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
             .bind(user_id)
             .bind(month)
@@ -343,6 +348,7 @@ pub async fn reserve(
 /// a month that has since rolled over has nothing to give back.
 pub async fn refund(pool: &PgPool, reservation: Reservation) -> Result<()> {
     let (used, _) = reservation.counter.columns();
+    // Dynamic: the counter's column is spliced in.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE user_perspective_quotas SET {used} = greatest(coalesce({used}, 0) - 1, 0), updated_at = now()
           WHERE id = $1 AND current_month_start = $2"
@@ -356,22 +362,24 @@ pub async fn refund(pool: &PgPool, reservation: Reservation) -> Result<()> {
 
 async fn ensure_row(pool: &PgPool, user_id: Uuid) -> Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 1))")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM user_perspective_quotas WHERE user_id = $1)",
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 1))",
+        user_id
     )
-    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    let exists = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM user_perspective_quotas WHERE user_id = $1) AS "exists!""#,
+        user_id
+    )
     .fetch_one(&mut *tx)
     .await?;
     if !exists {
-        let plan: Option<String> = sqlx::query_scalar(
-            "SELECT coalesce(u.tier, 'free') FROM users u WHERE u.user_id = $1
-               AND EXISTS (SELECT 1 FROM plan_tiers p WHERE p.tier = coalesce(u.tier, 'free'))",
+        let plan = sqlx::query_scalar!(
+            r#"SELECT coalesce(u.tier, 'free') AS "tier!" FROM users u WHERE u.user_id = $1
+                 AND EXISTS (SELECT 1 FROM plan_tiers p WHERE p.tier = coalesce(u.tier, 'free'))"#,
+            user_id
         )
-        .bind(user_id)
         .fetch_optional(&mut *tx)
         .await?;
         create_for_user(&mut tx, user_id, plan.as_deref().unwrap_or("free")).await?;

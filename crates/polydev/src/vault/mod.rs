@@ -127,9 +127,6 @@ pub struct CredentialRef {
 }
 
 /// Decrypts up to `limit` of the caller's credentials that have not moved yet.
-/// credential_id, provider, salt, iv, ciphertext, tag
-type LegacyProviderRow = (Uuid, Option<String>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
-
 /// Without a configured `secret`, any row to decrypt is an error that says so.
 pub async fn hand_over(
     pool: &PgPool,
@@ -145,49 +142,61 @@ pub async fn hand_over(
     require_enabled(pool, user_id).await?;
     let limit = limit.clamp(1, MAX_BATCH);
     let mut out = Vec::new();
-    let provider_rows: Vec<LegacyProviderRow> = sqlx::query_as(
-        "SELECT credential_id, provider, encryption_salt, encryption_iv, encrypted_credentials, encryption_tag
-           FROM provider_credentials
-          WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_credentials IS NOT NULL
-          ORDER BY credential_id LIMIT $2",
+    // The legacy columns are nullable; a row with ciphertext but no salt, IV or tag fails to
+    // decode (an error: it cannot be opened).
+    let provider_rows = sqlx::query!(
+        r#"SELECT credential_id, provider, encryption_salt AS "encryption_salt!",
+                  encryption_iv AS "encryption_iv!",
+                  encrypted_credentials AS "encrypted_credentials!",
+                  encryption_tag AS "encryption_tag!"
+             FROM provider_credentials
+            WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_credentials IS NOT NULL
+            ORDER BY credential_id LIMIT $2"#,
+        user_id,
+        limit
     )
-    .bind(user_id)
-    .bind(limit)
     .fetch_all(pool)
     .await?;
-    for (id, provider, salt, iv, ciphertext, tag) in provider_rows {
-        let plaintext = secret()?.open(&salt, &iv, &ciphertext, &tag)?;
+    for row in provider_rows {
+        let plaintext = secret()?.open(
+            &row.encryption_salt,
+            &row.encryption_iv,
+            &row.encrypted_credentials,
+            &row.encryption_tag,
+        )?;
         out.push(HandedOver {
             table: Table::ProviderCredentials,
-            credential_id: id,
-            provider,
+            credential_id: row.credential_id,
+            provider: row.provider,
             plaintext: STANDARD.encode(&*plaintext),
         });
     }
-    let cli_rows: Vec<(Uuid, Option<String>, String, String, String)> = sqlx::query_as(
-        "SELECT credential_id, provider, encryption_iv, encrypted_data, encryption_auth_tag
-           FROM cli_credentials
-          WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_data IS NOT NULL
-          ORDER BY credential_id LIMIT $2",
+    let cli_rows = sqlx::query!(
+        r#"SELECT credential_id, provider, encryption_iv AS "encryption_iv!",
+                  encrypted_data AS "encrypted_data!",
+                  encryption_auth_tag AS "encryption_auth_tag!"
+             FROM cli_credentials
+            WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_data IS NOT NULL
+            ORDER BY credential_id LIMIT $2"#,
+        user_id,
+        limit - out.len() as i64
     )
-    .bind(user_id)
-    .bind(limit - out.len() as i64)
     .fetch_all(pool)
     .await?;
-    for (id, provider, iv, ciphertext, tag) in cli_rows {
+    for row in cli_rows {
         let hex = |s: &str| {
             hex::decode(s).map_err(|_| Error::internal("a legacy CLI credential is not hex"))
         };
         let plaintext = secret()?.open(
-            id.to_string().as_bytes(),
-            &hex(&iv)?,
-            &hex(&ciphertext)?,
-            &hex(&tag)?,
+            row.credential_id.to_string().as_bytes(),
+            &hex(&row.encryption_iv)?,
+            &hex(&row.encrypted_data)?,
+            &hex(&row.encryption_auth_tag)?,
         )?;
         out.push(HandedOver {
             table: Table::CliCredentials,
-            credential_id: id,
-            provider,
+            credential_id: row.credential_id,
+            provider: row.provider,
             plaintext: STANDARD.encode(&*plaintext),
         });
     }
@@ -210,6 +219,7 @@ pub async fn store(pool: &PgPool, user_id: Uuid, sealed: &[Sealed]) -> Result<Ve
             MAX_ENVELOPE,
         )?;
         let (table, column, _) = item.table.sql();
+        // Dynamic: the credential table and its envelope column are spliced in.
         let done: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} SET {column} = $3, migrated_to_zk = true, updated_at = now()
               WHERE credential_id = $2 AND user_id = $1 AND NOT coalesce(migrated_to_zk, false)
@@ -230,6 +240,7 @@ pub async fn envelopes(pool: &PgPool, user_id: Uuid) -> Result<Vec<Sealed>> {
     let mut out = Vec::new();
     for table in [Table::ProviderCredentials, Table::CliCredentials] {
         let (name, column, _) = table.sql();
+        // Dynamic: the credential table and its envelope column are spliced in.
         let rows: Vec<(Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT credential_id, {column} FROM {name}
               WHERE user_id = $1 AND coalesce(migrated_to_zk, false) AND {column} IS NOT NULL
@@ -252,6 +263,7 @@ pub async fn clear_legacy(pool: &PgPool, user_id: Uuid, items: &[CredentialRef])
     let mut cleared = 0;
     for item in items {
         let (table, column, legacy) = item.table.sql();
+        // Dynamic: the credential table and its columns are spliced in.
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} SET {legacy}, updated_at = now()
               WHERE credential_id = $2 AND user_id = $1 AND coalesce(migrated_to_zk, false)

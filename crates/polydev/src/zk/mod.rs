@@ -117,66 +117,65 @@ fn check_material(material: &KeyMaterial, user_id: Uuid) -> Result<String> {
         .ok_or_else(|| Error::Invalid("the password envelope has no salt".into()))
 }
 
-/// zero_knowledge_enabled, password envelope, recovery envelope, hint envelope
-type StatusRow = (Option<bool>, Option<String>, Option<String>, Option<String>);
-
 pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<ZkStatus> {
-    let row: Option<StatusRow> = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT zero_knowledge_enabled, zk_password_wrapped_key, zk_recovery_wrapped_key, encrypted_master_key_hint
            FROM users WHERE user_id = $1",
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(pool)
-    .await?;
-    let (enabled, password, recovery, hint) = row.ok_or(Error::NotFound("user"))?;
-    let material = match (password, recovery) {
+    .await?
+    .ok_or(Error::NotFound("user"))?;
+    let material = match (row.zk_password_wrapped_key, row.zk_recovery_wrapped_key) {
         (Some(password_wrapped), Some(recovery_wrapped)) => Some(KeyMaterial {
             password_wrapped,
             recovery_wrapped,
-            password_hint: hint,
+            password_hint: row.encrypted_master_key_hint,
         }),
         _ => None,
     };
     Ok(ZkStatus {
-        enabled: enabled.unwrap_or(false),
+        enabled: row.zero_knowledge_enabled.unwrap_or(false),
         material,
     })
 }
 
 pub async fn is_enabled(pool: &PgPool, user_id: Uuid) -> Result<bool> {
-    let enabled: Option<Option<bool>> =
-        sqlx::query_scalar("SELECT zero_knowledge_enabled FROM users WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(pool)
-            .await?;
+    let enabled = sqlx::query_scalar!(
+        "SELECT zero_knowledge_enabled FROM users WHERE user_id = $1",
+        user_id
+    )
+    .fetch_optional(pool)
+    .await?;
     Ok(enabled.flatten().unwrap_or(false))
 }
 
 /// `is_enabled` inside a transaction, holding a share lock on the user's row until it ends:
 /// a write that depends on the answer cannot race past a concurrent `enable`.
 pub async fn is_enabled_locked(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<bool> {
-    let enabled: Option<Option<bool>> =
-        sqlx::query_scalar("SELECT zero_knowledge_enabled FROM users WHERE user_id = $1 FOR SHARE")
-            .bind(user_id)
-            .fetch_optional(conn)
-            .await?;
+    let enabled = sqlx::query_scalar!(
+        "SELECT zero_knowledge_enabled FROM users WHERE user_id = $1 FOR SHARE",
+        user_id
+    )
+    .fetch_optional(conn)
+    .await?;
     Ok(enabled.flatten().unwrap_or(false))
 }
 
 /// Turns zero-knowledge on for `user_id` with key material made by the client.
 pub async fn enable(pool: &PgPool, user_id: Uuid, material: &KeyMaterial) -> Result<()> {
     let salt = check_material(material, user_id)?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zero_knowledge_enabled = true, zk_password_wrapped_key = $2,
                 zk_recovery_wrapped_key = $3, encrypted_master_key_hint = $4,
                 key_derivation_salt = $5, updated_at = now()
           WHERE user_id = $1 AND NOT coalesce(zero_knowledge_enabled, false)",
+        user_id,
+        &material.password_wrapped,
+        &material.recovery_wrapped,
+        material.password_hint.as_deref(),
+        salt
     )
-    .bind(user_id)
-    .bind(&material.password_wrapped)
-    .bind(&material.recovery_wrapped)
-    .bind(&material.password_hint)
-    .bind(salt)
     .execute(pool)
     .await?;
     if updated.rows_affected() == 0 {
@@ -197,18 +196,18 @@ pub async fn replace_password_envelope(
     material: &KeyMaterial,
 ) -> Result<()> {
     let salt = check_material(material, user_id)?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zk_password_wrapped_key = $3, key_derivation_salt = $4,
                 encrypted_master_key_hint = $5, updated_at = now()
           WHERE user_id = $1 AND zero_knowledge_enabled AND zk_password_wrapped_key = $2
             AND zk_recovery_wrapped_key = $6",
+        user_id,
+        previous,
+        &material.password_wrapped,
+        salt,
+        material.password_hint.as_deref(),
+        &material.recovery_wrapped
     )
-    .bind(user_id)
-    .bind(previous)
-    .bind(&material.password_wrapped)
-    .bind(salt)
-    .bind(&material.password_hint)
-    .bind(&material.recovery_wrapped)
     .execute(pool)
     .await?;
     ensure_swapped(updated.rows_affected())
@@ -222,15 +221,15 @@ pub async fn replace_recovery_envelope(
     material: &KeyMaterial,
 ) -> Result<()> {
     check_material(material, user_id)?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zk_recovery_wrapped_key = $3, updated_at = now()
           WHERE user_id = $1 AND zero_knowledge_enabled AND zk_recovery_wrapped_key = $2
             AND zk_password_wrapped_key = $4",
+        user_id,
+        previous,
+        &material.recovery_wrapped,
+        &material.password_wrapped
     )
-    .bind(user_id)
-    .bind(previous)
-    .bind(&material.recovery_wrapped)
-    .bind(&material.password_wrapped)
     .execute(pool)
     .await?;
     ensure_swapped(updated.rows_affected())
