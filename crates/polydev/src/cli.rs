@@ -273,7 +273,10 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
                 .map(|s| crate::vault::LegacySecret::new(s.as_bytes())),
         );
-    http::serve(listener, state, shutdown_signal()).await?;
+    tokio::select! {
+        served = http::serve(listener, state, shutdown_signal()) => served?,
+        () = db.supervise(std::time::Duration::from_secs(2)) => unreachable!("supervise never returns"),
+    }
     tracing::info!("in-flight requests finished; shutting down");
     Ok(())
 }

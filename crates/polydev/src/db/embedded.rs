@@ -5,9 +5,12 @@
 //! never collides with another server). `initdb` and `postgres` refuse to run as root, so when
 //! polydev runs as root the cluster runs as the unprivileged `postgres` system user.
 //!
-//! Several polydev processes may share one data directory (`serve` plus CLI commands): a file
-//! lock serialises start-up, and a process that finds the cluster already running attaches to it
-//! without taking ownership, so only the process that started it stops it.
+//! Several polydev processes may share one data directory (two `serve`s, CLI commands): an
+//! exclusive file lock (`postgres.lock`) serialises starting and stopping, and every process
+//! using the cluster holds a shared lock on `postgres.users` for as long as it does. Whoever
+//! finishes last (its exclusive try-lock on `postgres.users` succeeds) stops the cluster, so one
+//! process leaving never stops it under another. A process killed outright drops its locks
+//! with it. [`EmbeddedPostgres::restart_if_down`] starts a cluster that died.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -73,8 +76,8 @@ pub struct EmbeddedPostgres {
     bin_dir: PathBuf,
     cluster_dir: PathBuf,
     run_as: Option<(u32, u32)>,
-    /// True when this process started the cluster (and so must stop it).
-    owned: bool,
+    /// `postgres.users`, share-locked while this process uses the cluster.
+    in_use: std::fs::File,
 }
 
 impl EmbeddedPostgres {
@@ -96,20 +99,19 @@ impl EmbeddedPostgres {
             make_reachable(&data_dir)?;
         }
 
-        // One process at a time decides whether to init/start; the lock is released on drop.
-        let lock_path = data_dir.join("postgres.lock");
-        let lock = std::fs::File::create(&lock_path)
-            .map_err(io_err(format!("creating {}", lock_path.display())))?;
-        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
-            .await
-            .expect("lock task panicked")
-            .map_err(io_err(format!("locking {}", lock_path.display())))?;
-
-        let mut cluster = EmbeddedPostgres {
+        let lock = startup_lock(&data_dir).await?;
+        let users_path = data_dir.join("postgres.users");
+        let in_use = std::fs::File::create(&users_path)
+            .map_err(io_err(format!("creating {}", users_path.display())))?;
+        // Never blocks: the exclusive lock is only taken under the startup lock, which we hold.
+        in_use
+            .lock_shared()
+            .map_err(io_err(format!("locking {}", users_path.display())))?;
+        let cluster = EmbeddedPostgres {
             bin_dir,
             cluster_dir,
             run_as,
-            owned: false,
+            in_use,
         };
         if !cluster.cluster_dir.join("PG_VERSION").exists() {
             cluster.init().await?;
@@ -118,12 +120,36 @@ impl EmbeddedPostgres {
             tracing::info!(dir = %cluster.cluster_dir.display(), "attached to running embedded PostgreSQL");
         } else {
             cluster.start_server().await?;
-            cluster.owned = true;
             tracing::info!(dir = %cluster.cluster_dir.display(), "started embedded PostgreSQL");
         }
         cluster.ensure_database().await?;
         drop(lock);
         Ok(cluster)
+    }
+
+    /// Starts the cluster again if it is not running (its postmaster crashed or was killed).
+    /// Returns true when it had to.
+    pub async fn restart_if_down(&self) -> Result<bool, EmbeddedError> {
+        if self.is_running().await? {
+            return Ok(false);
+        }
+        let data_dir = self.data_dir();
+        let lock = startup_lock(&data_dir).await?;
+        // Another process may have restarted it while we waited for the lock.
+        let restarted = !self.is_running().await?;
+        if restarted {
+            tracing::warn!(dir = %self.cluster_dir.display(), "embedded PostgreSQL is down: restarting it");
+            self.start_server().await?;
+        }
+        drop(lock);
+        Ok(restarted)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.cluster_dir
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_path_buf()
     }
 
     /// Connection options for the `polydev` database (Unix socket, trust auth inside a 0700
@@ -143,15 +169,32 @@ impl EmbeddedPostgres {
         )
     }
 
-    /// Stops the cluster if this process started it (fast shutdown: waits for the data to be
-    /// flushed, disconnects clients). A process that only attached leaves it running.
+    /// Stops the cluster if no other process uses it (fast shutdown: waits for the data to be
+    /// flushed, disconnects clients); otherwise leaves it running for them.
     pub async fn stop(self) -> Result<(), EmbeddedError> {
-        if !self.owned {
-            return Ok(());
+        let data_dir = self.data_dir();
+        let lock = startup_lock(&data_dir).await?;
+        let users_path = data_dir.join("postgres.users");
+        self.in_use
+            .unlock()
+            .map_err(io_err(format!("unlocking {}", users_path.display())))?;
+        let users = std::fs::File::open(&users_path)
+            .map_err(io_err(format!("opening {}", users_path.display())))?;
+        let last = match users.try_lock() {
+            Ok(()) => true,
+            Err(std::fs::TryLockError::WouldBlock) => false,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io_err(format!("locking {}", users_path.display()))(e));
+            }
+        };
+        if last && self.is_running().await? {
+            self.pg_ctl("stopping PostgreSQL", &["stop", "-w", "-m", "fast"])
+                .await?;
+            tracing::info!("stopped embedded PostgreSQL");
+        } else if !last {
+            tracing::info!("embedded PostgreSQL left running: another polydev process uses it");
         }
-        self.pg_ctl("stopping PostgreSQL", &["stop", "-w", "-m", "fast"])
-            .await?;
-        tracing::info!("stopped embedded PostgreSQL");
+        drop(lock);
         Ok(())
     }
 
@@ -266,6 +309,17 @@ impl EmbeddedPostgres {
         }
         cmd
     }
+}
+
+/// The exclusive lock that serialises starting and stopping the cluster (released on drop).
+async fn startup_lock(data_dir: &Path) -> Result<std::fs::File, EmbeddedError> {
+    let path = data_dir.join("postgres.lock");
+    let lock =
+        std::fs::File::create(&path).map_err(io_err(format!("creating {}", path.display())))?;
+    tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+        .await
+        .expect("lock task panicked")
+        .map_err(io_err(format!("locking {}", path.display())))
 }
 
 async fn run(what: &str, mut cmd: Command) -> Result<(), EmbeddedError> {

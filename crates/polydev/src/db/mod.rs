@@ -127,7 +127,22 @@ impl Database {
         self.embedded.is_some()
     }
 
-    /// Closes the pool and stops the embedded cluster if this process started it.
+    /// Keeps the embedded cluster up while the server runs: checks it every `interval` and
+    /// starts it again if it died (the pools reconnect by themselves). Never returns; does
+    /// nothing for an external server.
+    pub async fn supervise(&self, interval: Duration) {
+        let Some(cluster) = &self.embedded else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(error) = cluster.restart_if_down().await {
+                tracing::error!(%error, "cannot restart the embedded PostgreSQL");
+            }
+        }
+    }
+
+    /// Closes the pool and stops the embedded cluster unless another process still uses it.
     pub async fn close(self) -> Result<(), DbError> {
         self.pool.close().await;
         self.relaxed_pool.close().await;

@@ -278,3 +278,65 @@ async fn missing_postgres_binaries_explain_what_to_do() {
         "{stderr}"
     );
 }
+
+async fn ready(client: &reqwest::Client, base: &str) -> bool {
+    client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+}
+
+/// Two `serve`s on one data directory: the first one leaving does not stop the cluster under
+/// the second; a cluster that dies is started again; the last one out stops it.
+#[tokio::test]
+async fn two_servers_share_the_embedded_cluster_and_it_is_restarted_when_it_dies() {
+    let dir = data_dir();
+    let data = dir.path().join("data");
+    let client = polydev::net::http_client();
+    let (first, first_base) = serve(polydev(&data)).await;
+    let (second, base) = serve(polydev(&data)).await;
+    assert!(ready(&client, &first_base).await && ready(&client, &base).await);
+
+    assert!(terminate(first).await.success());
+    assert!(
+        data.join("postgres/postmaster.pid").exists(),
+        "the cluster stays up"
+    );
+    assert!(
+        ready(&client, &base).await,
+        "the second server is still ready"
+    );
+    cli(
+        polydev(&data),
+        &["user", "create", "--email", "shared@example.com"],
+    )
+    .await;
+
+    // The postmaster dies (as with an OOM kill): the server starts it again.
+    let pid_file = std::fs::read_to_string(data.join("postgres/postmaster.pid")).unwrap();
+    let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    kill(Pid::from_raw(postmaster), Signal::SIGKILL).unwrap();
+    assert!(
+        eventually(|| {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                !Path::new(&format!("/proc/{postmaster}")).exists() && ready(&client, &base).await
+            }
+        })
+        .await,
+        "the cluster came back"
+    );
+    let users = cli(
+        polydev(&data),
+        &["user", "create", "--email", "after@example.com"],
+    )
+    .await;
+    assert!(!users.is_empty());
+
+    assert!(terminate(second).await.success());
+    assert!(
+        !data.join("postgres/postmaster.pid").exists(),
+        "the last server out stopped the cluster"
+    );
+}
