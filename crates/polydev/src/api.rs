@@ -79,6 +79,24 @@ pub struct BatchQuery {
     pub limit: Option<i64>,
 }
 
+/// `POST /v1/zk/credentials/hand-over?limit=&table=&after=`: a batch, from a position.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct HandOverQuery {
+    pub limit: Option<i64>,
+    /// With `after`: where the previous batch's `next` said to go on.
+    pub table: Option<crate::vault::Table>,
+    pub after: Option<Uuid>,
+}
+
+impl HandOverQuery {
+    pub fn position(&self) -> Option<crate::vault::Position> {
+        Some(crate::vault::Position {
+            table: self.table?,
+            after: self.after?,
+        })
+    }
+}
+
 /// `PUT /v1/zk/password`, `PUT /v1/zk/recovery`: a compare-and-swap of the key material.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -489,6 +489,14 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 "credentials: moved to client-side keys {}, verified and cleared {}",
                 credentials.moved, credentials.verified_and_cleared
             );
+            for unreadable in &credentials.unreadable {
+                println!(
+                    "credentials: {} {} was not moved: {} (left as it is; ask your operator)",
+                    unreadable.table.as_str(),
+                    unreadable.credential_id,
+                    unreadable.reason
+                );
+            }
         }
     }
     Ok(())

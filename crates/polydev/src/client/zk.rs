@@ -233,6 +233,8 @@ impl ZkClient {
 pub struct CredentialReport {
     pub moved: u64,
     pub verified_and_cleared: u64,
+    /// Legacy rows the server could not decrypt (left where they are, with the reason).
+    pub unreadable: Vec<crate::vault::Unreadable>,
 }
 
 impl ZkClient {
@@ -240,21 +242,20 @@ impl ZkClient {
     /// each legacy credential over once, it is sealed here and stored, then every stored
     /// envelope is opened to verify it before the legacy ciphertext is cleared.
     pub async fn migrate_credentials(&self, keyring: &Keyring) -> anyhow::Result<CredentialReport> {
-        use crate::vault::{CredentialRef, HandedOver, Sealed};
+        use crate::vault::{CredentialRef, HandOver, Sealed};
         use base64::Engine;
         let user_id = keyring.user_id().to_string();
         let mut report = CredentialReport::default();
         let mut held = std::collections::HashMap::new();
+        let mut from = String::new();
         loop {
-            let handed: Vec<HandedOver> = self
+            let batch: HandOver = self
                 .api
-                .post("/v1/zk/credentials/hand-over?limit=50", &())
+                .post(&format!("/v1/zk/credentials/hand-over?limit=50{from}"), &())
                 .await?;
-            if handed.is_empty() {
-                break;
-            }
-            let mut sealed = Vec::with_capacity(handed.len());
-            for h in handed {
+            report.unreadable.extend(batch.unreadable);
+            let mut sealed = Vec::with_capacity(batch.credentials.len());
+            for h in batch.credentials {
                 let plaintext = zeroize::Zeroizing::new(
                     base64::engine::general_purpose::STANDARD
                         .decode(&h.plaintext)
@@ -278,6 +279,10 @@ impl ZkClient {
                 .post("/v1/zk/credentials/encrypted", &sealed)
                 .await?;
             report.moved += stored.stored.len() as u64;
+            match batch.next {
+                Some(next) => from = format!("&table={}&after={}", next.table.as_str(), next.after),
+                None => break,
+            }
         }
         let mut verified = Vec::new();
         for s in self.api.get::<Vec<Sealed>>("/v1/zk/credentials").await? {

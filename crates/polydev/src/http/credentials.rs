@@ -6,9 +6,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::{ApiError, ApiJson, ApiQuery, Authenticated};
-use crate::api::{BatchQuery, Cleared, Stored};
+use crate::api::{Cleared, HandOverQuery, Stored};
 use crate::app::AppState;
-use crate::vault::{self, CredentialRef, HandedOver, Sealed};
+use crate::vault::{self, CredentialRef, HandOver, Sealed};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -21,13 +21,14 @@ pub fn routes() -> Router<AppState> {
 async fn hand_over(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
-    ApiQuery(batch): ApiQuery<BatchQuery>,
-) -> Result<Json<Vec<HandedOver>>, ApiError> {
+    ApiQuery(batch): ApiQuery<HandOverQuery>,
+) -> Result<Json<HandOver>, ApiError> {
     let handed = vault::hand_over(
         &state.pool,
         state.legacy_secret.as_ref(),
         caller.user_id,
         batch.limit.unwrap_or(50),
+        batch.position(),
     )
     .await?;
     Ok(Json(handed))

@@ -11,12 +11,15 @@
 //! `cli_credentials` keeps hex text and, having no salt column, uses its `credential_id` (text)
 //! as the salt. Check these two facts against the production code before running it.
 
+use std::sync::Arc;
+
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -28,9 +31,14 @@ pub const CLI_NAMESPACE: &str = "credential.cli";
 const MAX_ENVELOPE: usize = 256 * 1024;
 const MAX_BATCH: i64 = 100;
 
-/// The server master secret that encrypted the legacy rows.
+/// The server master secret that encrypted the legacy rows, and a bound on how many rows are
+/// decrypted at once: scrypt (16 MiB, ~50 ms a row) runs on the blocking pool, never on the
+/// async workers that serve requests.
 #[derive(Clone)]
-pub struct LegacySecret(Zeroizing<Vec<u8>>);
+pub struct LegacySecret {
+    secret: Arc<Zeroizing<Vec<u8>>>,
+    permits: Arc<Semaphore>,
+}
 
 impl std::fmt::Debug for LegacySecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,36 +48,54 @@ impl std::fmt::Debug for LegacySecret {
 
 impl LegacySecret {
     pub fn new(secret: &[u8]) -> Self {
-        LegacySecret(Zeroizing::new(secret.to_vec()))
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        LegacySecret {
+            secret: Arc::new(Zeroizing::new(secret.to_vec())),
+            permits: Arc::new(Semaphore::new(cores)),
+        }
     }
 
     fn key(&self, salt: &[u8]) -> Zeroizing<[u8; 32]> {
         let params = scrypt::Params::new(14, 8, 1).expect("valid scrypt parameters");
         let mut key = Zeroizing::new([0u8; 32]);
-        scrypt::scrypt(&self.0, salt, &params, key.as_mut())
+        scrypt::scrypt(&self.secret, salt, &params, key.as_mut())
             .expect("32 bytes is a valid scrypt length");
         key
     }
 
-    fn open(
-        &self,
-        salt: &[u8],
-        iv: &[u8],
-        ciphertext: &[u8],
-        tag: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>> {
-        let iv: [u8; 12] = iv
+    /// Decrypts one legacy row on the blocking pool; the error is why it cannot be opened.
+    async fn open(&self, row: LegacyRow) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.open_now(&row))
+            .await
+            .map_err(|e| format!("decryption task failed: {e}"))?
+    }
+
+    fn open_now(&self, row: &LegacyRow) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+        let iv: [u8; 12] = row
+            .iv
+            .as_slice()
             .try_into()
-            .map_err(|_| Error::internal("a legacy credential has an IV that is not 12 bytes"))?;
-        let key = self.key(salt);
+            .map_err(|_| format!("its IV is {} bytes, not 12", row.iv.len()))?;
+        let key = self.key(&row.salt);
         let cipher = Aes256Gcm::new((&*key).into());
         cipher
-            .decrypt(&Nonce::from(iv), [ciphertext, tag].concat().as_slice())
+            .decrypt(
+                &Nonce::from(iv),
+                [row.ciphertext.as_slice(), &row.tag].concat().as_slice(),
+            )
             .map(Zeroizing::new)
-            .map_err(|_| {
-                Error::internal("a legacy credential does not decrypt with the server secret")
-            })
+            .map_err(|_| "it does not decrypt with the server secret".into())
     }
+}
+
+/// The bytes of one legacy row, as the legacy code stored them.
+struct LegacyRow {
+    salt: Vec<u8>,
+    iv: Vec<u8>,
+    ciphertext: Vec<u8>,
+    tag: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +106,11 @@ pub enum Table {
 }
 
 impl Table {
+    /// Its name, as in the API (`provider_credentials`, `cli_credentials`).
+    pub fn as_str(self) -> &'static str {
+        self.sql().0
+    }
+
     pub fn namespace(self) -> &'static str {
         match self {
             Table::ProviderCredentials => PROVIDER_NAMESPACE,
@@ -126,14 +157,41 @@ pub struct CredentialRef {
     pub credential_id: Uuid,
 }
 
-/// Decrypts up to `limit` of the caller's credentials that have not moved yet.
-/// Without a configured `secret`, any row to decrypt is an error that says so.
+/// Where a hand-over goes on: after `after` in `table` (provider credentials come first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub table: Table,
+    pub after: Uuid,
+}
+
+/// A legacy credential that cannot be decrypted: skipped and reported, so the others still move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unreadable {
+    pub table: Table,
+    pub credential_id: Uuid,
+    pub reason: String,
+}
+
+/// One batch of a hand-over.
+#[derive(Serialize, Deserialize)]
+pub struct HandOver {
+    pub credentials: Vec<HandedOver>,
+    pub unreadable: Vec<Unreadable>,
+    /// Where the next batch starts; `None` when every row has been seen.
+    pub next: Option<Position>,
+}
+
+/// Decrypts up to `limit` of the caller's credentials that have not moved yet, from `from` on.
+/// A row that cannot be opened (missing columns, a bad IV, not the server's secret) is reported
+/// in `unreadable` and the rest go on. Without a configured `secret`, a row to decrypt makes the
+/// whole call say so (and an account with nothing to move is not bothered).
 pub async fn hand_over(
     pool: &PgPool,
     secret: Option<&LegacySecret>,
     user_id: Uuid,
     limit: i64,
-) -> Result<Vec<HandedOver>> {
+    from: Option<Position>,
+) -> Result<HandOver> {
     let secret = || {
         secret.ok_or_else(|| {
             Error::NotConfigured("this server has no POLYDEV_LEGACY_CREDENTIAL_SECRET: it cannot decrypt legacy credentials".into())
@@ -141,67 +199,156 @@ pub async fn hand_over(
     };
     require_enabled(pool, user_id).await?;
     let limit = limit.clamp(1, MAX_BATCH);
-    let mut out = Vec::new();
-    // The legacy columns are nullable; a row with ciphertext but no salt, IV or tag fails to
-    // decode (an error: it cannot be opened).
-    let provider_rows = sqlx::query!(
-        r#"SELECT credential_id, provider, encryption_salt AS "encryption_salt!",
-                  encryption_iv AS "encryption_iv!",
-                  encrypted_credentials AS "encrypted_credentials!",
-                  encryption_tag AS "encryption_tag!"
-             FROM provider_credentials
-            WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_credentials IS NOT NULL
-            ORDER BY credential_id LIMIT $2"#,
-        user_id,
-        limit
-    )
-    .fetch_all(pool)
-    .await?;
-    for row in provider_rows {
-        let plaintext = secret()?.open(
-            &row.encryption_salt,
-            &row.encryption_iv,
-            &row.encrypted_credentials,
-            &row.encryption_tag,
-        )?;
-        out.push(HandedOver {
-            table: Table::ProviderCredentials,
-            credential_id: row.credential_id,
-            provider: row.provider,
-            plaintext: STANDARD.encode(&*plaintext),
-        });
+    let mut batch = HandOver {
+        credentials: Vec::new(),
+        unreadable: Vec::new(),
+        next: None,
+    };
+    let after = |table| from.filter(|p| p.table == table).map(|p| p.after);
+    if from.is_none_or(|p| p.table == Table::ProviderCredentials) {
+        let rows = sqlx::query!(
+            "SELECT credential_id, provider, encryption_salt, encryption_iv,
+                    encrypted_credentials, encryption_tag
+               FROM provider_credentials
+              WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false)
+                AND encrypted_credentials IS NOT NULL
+                AND ($3::uuid IS NULL OR credential_id > $3)
+              ORDER BY credential_id LIMIT $2",
+            user_id,
+            limit,
+            after(Table::ProviderCredentials),
+        )
+        .fetch_all(pool)
+        .await?;
+        let full = rows.len() as i64 == limit;
+        for row in rows {
+            let legacy = match (
+                row.encryption_salt,
+                row.encryption_iv,
+                row.encrypted_credentials,
+                row.encryption_tag,
+            ) {
+                (Some(salt), Some(iv), Some(ciphertext), Some(tag)) => Ok(LegacyRow {
+                    salt,
+                    iv,
+                    ciphertext,
+                    tag,
+                }),
+                _ => Err("its salt, IV or tag is missing".to_string()),
+            };
+            batch
+                .take(
+                    Table::ProviderCredentials,
+                    row.credential_id,
+                    row.provider,
+                    legacy,
+                    secret()?,
+                )
+                .await;
+        }
+        if full {
+            batch.next = batch.last(Table::ProviderCredentials);
+            return Ok(batch.logged(user_id));
+        }
     }
-    let cli_rows = sqlx::query!(
-        r#"SELECT credential_id, provider, encryption_iv AS "encryption_iv!",
-                  encrypted_data AS "encrypted_data!",
-                  encryption_auth_tag AS "encryption_auth_tag!"
-             FROM cli_credentials
-            WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_data IS NOT NULL
-            ORDER BY credential_id LIMIT $2"#,
+    let left = limit - (batch.credentials.len() + batch.unreadable.len()) as i64;
+    let rows = sqlx::query!(
+        "SELECT credential_id, provider, encryption_iv, encrypted_data, encryption_auth_tag
+           FROM cli_credentials
+          WHERE user_id = $1 AND NOT coalesce(migrated_to_zk, false) AND encrypted_data IS NOT NULL
+            AND ($3::uuid IS NULL OR credential_id > $3)
+          ORDER BY credential_id LIMIT $2",
         user_id,
-        limit - out.len() as i64
+        left,
+        after(Table::CliCredentials),
     )
     .fetch_all(pool)
     .await?;
-    for row in cli_rows {
-        let hex = |s: &str| {
-            hex::decode(s).map_err(|_| Error::internal("a legacy CLI credential is not hex"))
+    let full = rows.len() as i64 == left;
+    for row in rows {
+        let hex = |s: Option<String>, what: &str| {
+            s.ok_or_else(|| format!("its {what} is missing"))
+                .and_then(|s| hex::decode(s).map_err(|_| format!("its {what} is not hex")))
         };
-        let plaintext = secret()?.open(
-            row.credential_id.to_string().as_bytes(),
-            &hex(&row.encryption_iv)?,
-            &hex(&row.encrypted_data)?,
-            &hex(&row.encryption_auth_tag)?,
-        )?;
-        out.push(HandedOver {
-            table: Table::CliCredentials,
-            credential_id: row.credential_id,
-            provider: row.provider,
-            plaintext: STANDARD.encode(&*plaintext),
-        });
+        // cli_credentials has no salt column: the legacy code salted with the credential id.
+        let legacy = (|| {
+            Ok(LegacyRow {
+                salt: row.credential_id.to_string().into_bytes(),
+                iv: hex(row.encryption_iv, "IV")?,
+                ciphertext: hex(row.encrypted_data, "ciphertext")?,
+                tag: hex(row.encryption_auth_tag, "tag")?,
+            })
+        })();
+        batch
+            .take(
+                Table::CliCredentials,
+                row.credential_id,
+                row.provider,
+                legacy,
+                secret()?,
+            )
+            .await;
     }
-    tracing::info!(%user_id, count = out.len(), "legacy credentials handed to their owner for client-side encryption");
-    Ok(out)
+    if full {
+        batch.next = batch.last(Table::CliCredentials);
+    }
+    Ok(batch.logged(user_id))
+}
+
+impl HandOver {
+    /// Decrypts one row into the batch, or records why it cannot be.
+    async fn take(
+        &mut self,
+        table: Table,
+        credential_id: Uuid,
+        provider: Option<String>,
+        legacy: std::result::Result<LegacyRow, String>,
+        secret: &LegacySecret,
+    ) {
+        let opened = match legacy {
+            Ok(row) => secret.open(row).await,
+            Err(reason) => Err(reason),
+        };
+        match opened {
+            Ok(plaintext) => self.credentials.push(HandedOver {
+                table,
+                credential_id,
+                provider,
+                plaintext: STANDARD.encode(&*plaintext),
+            }),
+            Err(reason) => {
+                tracing::warn!(%credential_id, ?table, %reason, "legacy credential cannot be decrypted: skipped");
+                self.unreadable.push(Unreadable {
+                    table,
+                    credential_id,
+                    reason,
+                });
+            }
+        }
+    }
+
+    /// The position after the last row of `table` in this batch.
+    fn last(&self, table: Table) -> Option<Position> {
+        let handed = self
+            .credentials
+            .iter()
+            .filter(|c| c.table == table)
+            .map(|c| c.credential_id);
+        let skipped = self
+            .unreadable
+            .iter()
+            .filter(|u| u.table == table)
+            .map(|u| u.credential_id);
+        handed
+            .chain(skipped)
+            .max()
+            .map(|after| Position { table, after })
+    }
+
+    fn logged(self, user_id: Uuid) -> Self {
+        tracing::info!(%user_id, count = self.credentials.len(), unreadable = self.unreadable.len(), "legacy credentials handed to their owner for client-side encryption");
+        self
+    }
 }
 
 /// Stores envelopes for credentials that have not moved yet (compare-and-swap on

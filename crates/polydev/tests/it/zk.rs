@@ -655,6 +655,136 @@ async fn without_the_legacy_secret_the_server_says_so() {
     assert!(err.contains("POLYDEV_LEGACY_CREDENTIAL_SECRET"), "{err}");
 }
 
+/// A server with the legacy secret for `db`, and a client of `token`.
+async fn legacy_server(db: &TestDb, master: &[u8]) -> TestServer {
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    )
+    .with_legacy_secret(Some(polydev::vault::LegacySecret::new(master)));
+    TestServer::start_state(state).await
+}
+
+/// Inserts `count` well-formed legacy provider credentials of `user_id`.
+async fn insert_legacy(db: &TestDb, user_id: Uuid, master: &[u8], count: usize) {
+    for i in 0..count {
+        let salt = [i as u8; 16];
+        let (ct, tag) = legacy_seal(master, &salt, [3u8; 12], format!("secret {i}").as_bytes());
+        sqlx::query(
+            "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
+             VALUES ($1, 'openai', $2, $3, $4, $5)",
+        )
+        .bind(user_id)
+        .bind(&ct)
+        .bind(&[3u8; 12][..])
+        .bind(&salt[..])
+        .bind(&tag)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// Malformed legacy rows (a short IV, a missing tag, another secret, bad hex) are skipped and
+/// reported one by one; every good row still moves, also those after the bad ones.
+#[tokio::test]
+async fn malformed_legacy_credentials_are_reported_and_do_not_block_the_others() {
+    const MASTER: &[u8] = b"the server secret";
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "malformed@example.com", Plan::Pro).await;
+    insert_legacy(&db, user_id, MASTER, 3).await;
+    let (ct, tag) = legacy_seal(b"another secret", &[9u8; 16], [3u8; 12], b"x");
+    sqlx::query(
+        "INSERT INTO provider_credentials (user_id, provider, encrypted_credentials, encryption_iv, encryption_salt, encryption_tag)
+         VALUES ($1, 'a', '\\x00', '\\x0000', '\\x00', '\\x00000000000000000000000000000000'),
+                ($1, 'b', '\\x00', '\\x000000000000000000000000', '\\x00', NULL),
+                ($1, 'c', $2, '\\x030303030303030303030303', '\\x09090909090909090909090909090909', $3)",
+    )
+    .bind(user_id)
+    .bind(&ct)
+    .bind(&tag)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO cli_credentials (user_id, provider, encrypted_data, encryption_iv, encryption_auth_tag)
+         VALUES ($1, 'd', 'zz', '00', '00')",
+    )
+    .bind(user_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let server = legacy_server(&db, MASTER).await;
+    let client = ZkClient::new(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let report = client.migrate_credentials(&keyring).await.unwrap();
+    assert_eq!((report.moved, report.verified_and_cleared), (3, 3));
+    let mut reasons: Vec<&str> = report
+        .unreadable
+        .iter()
+        .map(|u| u.reason.as_str())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "it does not decrypt with the server secret",
+            "its IV is 2 bytes, not 12",
+            "its ciphertext is not hex",
+            "its salt, IV or tag is missing",
+        ]
+    );
+    // Small batches walk past the bad rows too.
+    let again = client.migrate_credentials(&keyring).await.unwrap();
+    assert_eq!((again.moved, again.unreadable.len()), (0, 4));
+}
+
+/// Decryption (scrypt, tens of milliseconds a row) runs off the async workers: on a
+/// single-threaded runtime, health checks are answered while a hand-over is still decrypting.
+#[tokio::test(flavor = "current_thread")]
+async fn a_hand_over_does_not_hold_up_other_requests() {
+    const MASTER: &[u8] = b"the server secret";
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "busy@example.com", Plan::Pro).await;
+    let server = legacy_server(&db, MASTER).await;
+    let client = ZkClient::new(&server.base, &token);
+    client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    insert_legacy(&db, user_id, MASTER, 60).await;
+    let hand_over = tokio::spawn({
+        let request = server
+            .client
+            .post(format!(
+                "{}/v1/zk/credentials/hand-over?limit=60",
+                server.base
+            ))
+            .bearer_auth(&token);
+        async move { request.send().await.unwrap().status() }
+    });
+    // Let the hand-over reach its decryption loop before asking for health.
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle'
+           AND query LIKE 'SELECT credential_id, provider, encryption_salt%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+        == 0
+        && !hand_over.is_finished()
+    {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..3 {
+        let health = server.get("/healthz", None).send().await.unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+    }
+    assert!(
+        !hand_over.is_finished(),
+        "health checks were answered while the hand-over was still decrypting"
+    );
+    assert_eq!(hand_over.await.unwrap(), StatusCode::OK);
+}
+
 /// `polydev zk migrate` killed with SIGKILL mid-run, then run again: nothing lost, all encrypted.
 #[tokio::test]
 async fn the_cli_killed_mid_migration_resumes_and_loses_nothing() {
