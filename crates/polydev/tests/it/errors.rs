@@ -117,12 +117,9 @@ async fn a_nul_character_is_a_400_on_every_route_and_stores_nothing() {
     let (user_id, token) = user_with_token(&db, "nul@example.com", Plan::Pro).await;
     let server = TestServer::start(&db).await;
     let send = |method: reqwest::Method, path: &str, body: Value| {
-        server
-            .client
-            .request(method, format!("{}{path}", server.base))
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
+        let (server, token) = (&server, &token);
+        let path = path.to_string();
+        async move { server.send_json(method, &path, token, &body).await }
     };
     let session: Value = send(
         reqwest::Method::POST,
@@ -130,7 +127,6 @@ async fn a_nul_character_is_a_400_on_every_route_and_stores_nothing() {
         json!({ "title": "fine" }),
     )
     .await
-    .unwrap()
     .json()
     .await
     .unwrap();
@@ -146,8 +142,7 @@ async fn a_nul_character_is_a_400_on_every_route_and_stores_nothing() {
         ("/v1/perspectives", json!({ "prompt": "a\u{0}b" })),
     ];
     for (path, body) in cases {
-        let (status, code) =
-            status_and_code(send(reqwest::Method::POST, path, body).await.unwrap()).await;
+        let (status, code) = status_and_code(send(reqwest::Method::POST, path, body).await).await;
         assert_eq!(
             (status, code.as_str()),
             (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -160,8 +155,7 @@ async fn a_nul_character_is_a_400_on_every_route_and_stores_nothing() {
             "/v1/settings",
             json!({ "preferred_models": ["a\u{0}"] }),
         )
-        .await
-        .unwrap(),
+        .await,
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -201,16 +195,16 @@ async fn resending_a_message_with_its_id_is_idempotent_and_another_message_is_a_
     let (_, other_token) = user_with_token(&db, "other@example.com", Plan::Pro).await;
     let server = TestServer::start(&db).await;
     let post = |token: &str, path: &str, body: Value| {
-        server
-            .client
-            .post(format!("{}{path}", server.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
+        let server = &server;
+        let (token, path) = (token.to_string(), path.to_string());
+        async move {
+            server
+                .send_json(reqwest::Method::POST, &path, &token, &body)
+                .await
+        }
     };
     let session: Value = post(&token, "/v1/chat/sessions", json!({}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -221,10 +215,10 @@ async fn resending_a_message_with_its_id_is_idempotent_and_another_message_is_a_
     let id = uuid::Uuid::new_v4();
     let message = json!({ "id": id, "role": "user", "content": "hello" });
 
-    let first = post(&token, &path, message.clone()).await.unwrap();
+    let first = post(&token, &path, message.clone()).await;
     assert_eq!(first.status(), StatusCode::CREATED);
     let first: Value = first.json().await.unwrap();
-    let again = post(&token, &path, message).await.unwrap();
+    let again = post(&token, &path, message).await;
     assert_eq!(again.status(), StatusCode::OK);
     assert_eq!(again.json::<Value>().await.unwrap(), first);
 
@@ -233,8 +227,7 @@ async fn resending_a_message_with_its_id_is_idempotent_and_another_message_is_a_
         &path,
         json!({ "id": id, "role": "user", "content": "bye" }),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         status_and_code(different).await,
         (StatusCode::CONFLICT, "conflict".into())
@@ -244,8 +237,7 @@ async fn resending_a_message_with_its_id_is_idempotent_and_another_message_is_a_
         &path,
         json!({ "id": id, "role": "assistant", "content": "hello" }),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(flipped.status(), StatusCode::CONFLICT);
 
     // Another user cannot write into the session, with or without a taken id.
@@ -254,18 +246,10 @@ async fn resending_a_message_with_its_id_is_idempotent_and_another_message_is_a_
         &path,
         json!({ "id": id, "role": "user", "content": "hello" }),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(foreign.status(), StatusCode::NOT_FOUND);
 
-    let stored: Vec<Value> = server
-        .get(&path, Some(&token))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stored: Vec<Value> = server.get_json(&path, &token).await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0]["content"], "hello");
 }

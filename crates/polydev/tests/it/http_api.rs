@@ -44,6 +44,34 @@ impl TestServer {
         self.with_token(self.client.get(format!("{}{path}", self.base)), token)
     }
 
+    /// `GET path` with `token`, read as JSON of type `T` (whatever the status).
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, token: &str) -> T {
+        self.get(path, Some(token))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `method path` with `token` and a JSON `body`.
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> reqwest::Response {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn with_token(
         &self,
         request: reqwest::RequestBuilder,
