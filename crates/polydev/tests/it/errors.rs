@@ -267,3 +267,33 @@ async fn a_database_that_is_gone_is_503_and_says_so_without_details() {
     assert_eq!(error.error.code, "database_unavailable");
     assert!(!body.to_lowercase().contains("pool"), "{body}");
 }
+
+/// What PostgreSQL refuses is sorted by whose fault it is: the client's (4xx codes) or the
+/// server's (`internal`), from real errors of a real server.
+#[tokio::test]
+async fn database_refusals_map_to_client_or_server_errors() {
+    let db = TestDb::migrated().await;
+    let refusal = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let error = sqlx::query(sql).execute(&pool).await.unwrap_err();
+            polydev::error::Error::from(error).code()
+        }
+    };
+    let missing_session = "INSERT INTO chat_messages (session_id, role, content)
+                           VALUES ('00000000-0000-0000-0000-000000000001', 'user', 'x')";
+    assert_eq!(refusal(missing_session).await, "not_found");
+    let id =
+        "INSERT INTO users (user_id, email) VALUES ('00000000-0000-0000-0000-000000000002', 'a@b')";
+    sqlx::query(id).execute(&db.pool).await.unwrap();
+    assert_eq!(refusal(id).await, "conflict");
+    assert_eq!(
+        refusal("INSERT INTO users (email) VALUES (E'nul\\x00')").await,
+        "invalid_request"
+    );
+    assert_eq!(
+        refusal("INSERT INTO plan_tiers (tier) VALUES (NULL)").await,
+        "invalid_request"
+    );
+    assert_eq!(refusal("SELECT * FROM no_such_table").await, "internal");
+}
