@@ -23,7 +23,12 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Decrypts legacy server-encrypted credentials while they move to client-side keys.
     pub legacy_secret: Option<crate::vault::LegacySecret>,
+    /// Longest time a request may take to be answered (408 after it).
+    pub request_timeout: Duration,
 }
+
+/// The default request timeout: longer than the longest `get_perspectives` deadline (600 s).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(660);
 
 impl AppState {
     pub fn new(pool: PgPool, gateway: Gateway) -> Self {
@@ -35,6 +40,7 @@ impl AppState {
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             shutdown: CancellationToken::new(),
             legacy_secret: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 
@@ -52,6 +58,11 @@ impl AppState {
 
     pub fn with_relaxed_pool(mut self, pool: PgPool) -> Self {
         self.relaxed_pool = pool;
+        self
+    }
+
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
         self
     }
 

@@ -21,6 +21,15 @@ use crate::perspectives::{Catalogue, Gateway};
     about = "Multi-model AI perspectives server (MCP)"
 )]
 pub struct Cli {
+    /// Log lines as text (for a terminal) or as one JSON object per line (for a log pipeline).
+    #[arg(
+        long,
+        env = "POLYDEV_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
     #[command(flatten)]
     pub db: DbArgs,
     #[command(subcommand)]
@@ -125,6 +134,10 @@ pub struct ServeArgs {
     /// users move their credentials to client-side keys.
     #[arg(long, env = "POLYDEV_LEGACY_CREDENTIAL_SECRET", hide_env_values = true)]
     legacy_credential_secret: Option<String>,
+    /// Seconds a request may take before it is answered 408 (longer than the longest
+    /// get_perspectives deadline, 600 s).
+    #[arg(long, env = "POLYDEV_REQUEST_TIMEOUT", default_value_t = crate::app::DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    request_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,14 +258,31 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// Logs go to stderr (stdout is for command output); `RUST_LOG` overrides the default level.
-pub fn init_tracing() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr (stdout carries command output). In JSON, each line is one object with
+/// the event's fields and those of its spans: a request's `id`, `method`, `path`, `route` and
+/// `user`, and on its last line `status` and `latency`.
+pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
@@ -268,6 +298,7 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     let state = AppState::new(db.pool.clone(), Gateway::new(catalogue))
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
+        .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
         .with_legacy_secret(
             args.legacy_credential_secret
                 .filter(|s| !s.is_empty())

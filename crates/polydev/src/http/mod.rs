@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, State};
 use axum::http::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -27,6 +27,7 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
@@ -37,6 +38,8 @@ pub use extract::{ApiJson, ApiPath, ApiQuery};
 
 /// Largest request body accepted on any route.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest wait for a request's body to arrive.
+pub const REQUEST_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `/mcp`: streamable HTTP (stateful sessions for 2025-06-18 and 2025-11-25; rmcp serves
 /// 2026-07-28 requests statelessly), behind the same token check as the REST API.
@@ -79,9 +82,17 @@ pub fn router(state: AppState) -> Router {
             id = %request_id,
             method = %request.method(),
             path = %request.uri().path(),
+            route = tracing::field::Empty,
             user = tracing::field::Empty,
         )
     });
+    // One line per request when it is answered (status, latency): the access log.
+    let trace = trace.on_response(
+        tower_http::trace::DefaultOnResponse::new()
+            .level(tracing::Level::INFO)
+            .latency_unit(tower_http::LatencyUnit::Micros),
+    );
+    let timeout = state.request_timeout;
     Router::new()
         .merge(mcp_routes(&state))
         .merge(health::routes())
@@ -92,13 +103,30 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::routes())
         .merge(credentials::routes())
         .merge(web::routes())
+        .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // A slow client cannot hold a connection by trickling its body, nor a request run
+        // forever (streams, once started, are bounded by their own deadlines).
+        .layer(RequestBodyTimeoutLayer::new(REQUEST_BODY_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         // Outermost first: assign an id, log with it, return it to the client.
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(trace)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Puts the matched route (`/v1/chat/sessions/{id}/messages`, not the path) on the request's
+/// span, for logs and metrics with few distinct values.
+async fn record_route(request: Request<Body>, next: Next) -> Response {
+    if let Some(route) = request.extensions().get::<MatchedPath>() {
+        tracing::Span::current().record("route", route.as_str());
+    }
+    next.run(request).await
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.

@@ -553,3 +553,37 @@ async fn a_client_that_goes_away_cancels_the_call_and_is_not_charged() {
         "both upstream calls were aborted"
     );
 }
+
+/// A request that outlives the server's request timeout gets 408, and the model call it was
+/// waiting on is cancelled and not charged.
+#[tokio::test]
+async fn a_request_past_the_timeout_is_answered_408_and_not_charged() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    let (user_id, token) = user_with_token(&db, "slow@example.com", Plan::Pro).await;
+    let state = AppState::new(
+        db.pool.clone(),
+        crate::common::mock_gateway(&mock.base_url()),
+    )
+    .with_request_timeout(std::time::Duration::from_millis(300));
+    let server = TestServer::start_state(state).await;
+    let response = server
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/perspectives",
+            &token,
+            &json!({ "prompt": "slow?", "models": ["slow-premium"] }),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    let used = || async {
+        sqlx::query_scalar::<_, Option<i32>>(
+            "SELECT premium_perspectives_used FROM user_perspective_quotas WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert!(eventually(|| async { used().await == Some(0) }).await);
+}

@@ -340,3 +340,55 @@ async fn two_servers_share_the_embedded_cluster_and_it_is_restarted_when_it_dies
         "the last server out stopped the cluster"
     );
 }
+
+/// `--log-format json`: one JSON object per line; the request's last line carries its id,
+/// route, user, status and latency.
+#[tokio::test]
+async fn json_logs_carry_the_request_id_route_user_status_and_latency() {
+    let db = TestDb::migrated().await;
+    let user =
+        polydev::accounts::create_user(&db.pool, "logs@example.com", polydev::accounts::Plan::Free)
+            .await
+            .unwrap();
+    let token = polydev::accounts::create_token(&db.pool, user.user_id, "t", None)
+        .await
+        .unwrap()
+        .token;
+    let mut cmd = Command::new(BIN);
+    cmd.env("DATABASE_URL", db.url())
+        .env_remove("RUST_LOG")
+        .args(["--log-format", "json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let (mut server, base) = serve(cmd).await;
+    let response = polydev::net::http_client()
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-json-log-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    kill(Pid::from_raw(server.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(server.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    server.wait().await.unwrap();
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    let access = lines
+        .iter()
+        .find(|l| l["span"]["id"] == "req-json-log-1" && l["status"].is_number())
+        .unwrap_or_else(|| panic!("no access line in {stderr}"));
+    assert_eq!(access["status"], 200, "{access}");
+    assert_eq!(access["span"]["route"], "/v1/me", "{access}");
+    assert_eq!(access["span"]["user"], user.user_id.to_string(), "{access}");
+    assert!(
+        access["latency"].is_number() || access["latency"].is_string(),
+        "{access}"
+    );
+}
