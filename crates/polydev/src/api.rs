@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::accounts::{Profile, User};
+use crate::accounts::{Profile, Scope, User};
 use crate::error::Error;
 use crate::quota::QuotaState;
 
@@ -49,6 +49,8 @@ pub struct Me {
 pub struct TokenInUse {
     pub id: Uuid,
     pub rate_limit_tier: Option<String>,
+    #[serde(default)]
+    pub scope: Scope,
 }
 
 /// `GET /healthz`, `GET /readyz`.
@@ -64,6 +66,9 @@ pub struct Health {
 pub struct CreateToken {
     pub name: String,
     pub expires_in_days: Option<u32>,
+    /// `mcp` when omitted; at most the caller's own scope.
+    #[serde(default)]
+    pub scope: Option<Scope>,
 }
 
 /// `POST /v1/chat/sessions`.

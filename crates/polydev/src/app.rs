@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::LastUsedTracker;
+use crate::accounts::{FailedAuthLimiter, LastUsedTracker};
 use crate::perspectives::Gateway;
 
 /// State shared by every handler.
@@ -17,8 +17,12 @@ pub struct AppState {
     pub relaxed_pool: PgPool,
     pub gateway: Arc<Gateway>,
     pub last_used: Arc<LastUsedTracker>,
+    /// Failed authentications per client address (refused before the database is asked).
+    pub auth_failures: Arc<FailedAuthLimiter>,
     /// `Host` values the MCP endpoint accepts.
     pub allowed_hosts: Vec<String>,
+    /// Browser `Origin`s the MCP endpoint accepts besides the server's own.
+    pub allowed_origins: Vec<String>,
     /// Cancelled at shutdown: ends MCP sessions so open SSE streams do not hold the drain.
     pub shutdown: CancellationToken,
     /// Decrypts legacy server-encrypted credentials while they move to client-side keys.
@@ -37,7 +41,9 @@ impl AppState {
             pool,
             gateway: Arc::new(gateway),
             last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
+            auth_failures: Arc::new(FailedAuthLimiter::default()),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allowed_origins: Vec::new(),
             shutdown: CancellationToken::new(),
             legacy_secret: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -68,6 +74,11 @@ impl AppState {
 
     pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
         self.allowed_hosts = hosts;
+        self
+    }
+
+    pub fn with_allowed_origins(mut self, origins: Vec<String>) -> Self {
+        self.allowed_origins = origins;
         self
     }
 }

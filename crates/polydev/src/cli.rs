@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
-use crate::accounts::{self, Plan};
+use crate::accounts::{self, Plan, Scope};
 use crate::app::AppState;
 use crate::db::{Database, DbConfig, Plan as MigrationPlan};
 use crate::http;
@@ -84,7 +84,8 @@ pub enum Command {
         token: Option<String>,
     },
     /// Zero-knowledge encryption of your stored chat history (docs/crypto.md). Talks to a
-    /// polydev server with POLYDEV_USER_TOKEN; all cryptography happens here.
+    /// polydev server with POLYDEV_USER_TOKEN (an `account` token); all cryptography happens
+    /// here.
     Zk {
         /// The polydev server.
         #[arg(
@@ -130,6 +131,11 @@ pub struct ServeArgs {
         default_value = "localhost,127.0.0.1,::1"
     )]
     allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) whose pages may call the MCP endpoint, besides
+    /// the server's own (an `Origin` equal to the request's allowed `Host`). Requests without
+    /// `Origin` (IDEs, CLIs) are not affected.
+    #[arg(long, env = "POLYDEV_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// The server master secret the legacy credentials were encrypted with; needed only while
     /// users move their credentials to client-side keys.
     #[arg(long, env = "POLYDEV_LEGACY_CREDENTIAL_SECRET", hide_env_values = true)]
@@ -182,6 +188,11 @@ pub enum TokenCommand {
         /// Days until it expires [default: never].
         #[arg(long)]
         expires_in: Option<u32>,
+        /// `mcp`: MCP tools, perspectives, usage, chat (what an IDE needs). `account`: also
+        /// tokens, settings writes, zero-knowledge keys and credentials (`polydev zk`, the web
+        /// page).
+        #[arg(long, value_enum, default_value = "mcp")]
+        scope: Scope,
     },
     /// List a user's tokens.
     List {
@@ -299,6 +310,13 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
+        .with_allowed_origins(
+            args.allowed_origins
+                .into_iter()
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+        )
         .with_legacy_secret(
             args.legacy_credential_secret
                 .filter(|s| !s.is_empty())
@@ -371,12 +389,15 @@ async fn token(db: &Database, command: TokenCommand) -> anyhow::Result<()> {
             email,
             name,
             expires_in,
+            scope,
         } => {
             let user = accounts::find_user_by_email(&db.pool, &email).await?;
-            let created = accounts::create_token(&db.pool, user.user_id, &name, expires_in).await?;
+            let created =
+                accounts::create_scoped_token(&db.pool, user.user_id, &name, expires_in, scope)
+                    .await?;
             println!("{}", created.token);
             eprintln!(
-                "created token {} for {}: store it now, it will not be shown again",
+                "created {scope} token {} for {}: store it now, it will not be shown again",
                 created.info.id,
                 email.trim()
             );
@@ -384,18 +405,19 @@ async fn token(db: &Database, command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::List { email } => {
             let user = accounts::find_user_by_email(&db.pool, &email).await?;
             println!(
-                "{:<36}  {:<20}  {:<8}  {:<7}  {:<20}  LAST USED",
-                "ID", "NAME", "PREVIEW", "ACTIVE", "EXPIRES"
+                "{:<36}  {:<20}  {:<8}  {:<7}  {:<7}  {:<20}  LAST USED",
+                "ID", "NAME", "PREVIEW", "SCOPE", "ACTIVE", "EXPIRES"
             );
             for t in accounts::list_tokens(&db.pool, user.user_id).await? {
                 let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
                     t.map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
                 };
                 println!(
-                    "{:<36}  {:<20}  ...{:<5}  {:<7}  {:<20}  {}",
+                    "{:<36}  {:<20}  ...{:<5}  {:<7}  {:<7}  {:<20}  {}",
                     t.id,
                     t.token_name.unwrap_or_default(),
                     t.token_preview.unwrap_or_default(),
+                    t.scope.as_str(),
                     t.active.unwrap_or(false),
                     time(t.expires_at),
                     time(t.last_used_at)
@@ -435,9 +457,9 @@ fn new_master_password() -> anyhow::Result<String> {
 }
 
 async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow::Result<()> {
-    let token = token
-        .filter(|t| !t.is_empty())
-        .context("POLYDEV_USER_TOKEN is not set: create a token with `polydev token create`")?;
+    let token = token.filter(|t| !t.is_empty()).context(
+        "POLYDEV_USER_TOKEN is not set: create one with `polydev token create --scope account`",
+    )?;
     let client = crate::client::zk::ZkClient::new(server_url, token);
     match command {
         ZkCommand::Status => {

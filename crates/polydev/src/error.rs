@@ -11,6 +11,10 @@ pub enum AuthFailure {
     Unknown,
     Revoked,
     Expired,
+    /// The token is fine but its user's `users.status` is not `active`.
+    AccountSuspended,
+    /// The token is fine but its user's `users.status` is `deleted`.
+    AccountDeleted,
 }
 
 impl AuthFailure {
@@ -21,6 +25,8 @@ impl AuthFailure {
             AuthFailure::Unknown => "token_unknown",
             AuthFailure::Revoked => "token_revoked",
             AuthFailure::Expired => "token_expired",
+            AuthFailure::AccountSuspended => "account_suspended",
+            AuthFailure::AccountDeleted => "account_deleted",
         }
     }
 
@@ -33,7 +39,15 @@ impl AuthFailure {
             AuthFailure::Unknown => "the API token is not valid",
             AuthFailure::Revoked => "the API token has been revoked",
             AuthFailure::Expired => "the API token has expired",
+            AuthFailure::AccountSuspended => "the account of this API token is suspended",
+            AuthFailure::AccountDeleted => "the account of this API token has been deleted",
         }
+    }
+
+    /// A failure anyone can cause by guessing (a malformed or unknown token), as opposed to one
+    /// that needs a real token. These are what the per-address limit counts.
+    pub fn is_guess(self) -> bool {
+        matches!(self, AuthFailure::Malformed | AuthFailure::Unknown)
     }
 }
 
@@ -50,6 +64,21 @@ pub enum Error {
     Conflict(String),
     #[error("{}", .0.message())]
     Unauthorized(AuthFailure),
+    /// A valid token whose scope does not cover the route (scopes: `accounts::Scope`; `error`
+    /// sits below every domain, so it holds the names only).
+    #[error(
+        "this API token has scope `{held}`; this route needs a token with scope `{required}` (`polydev token create --scope {required}`)"
+    )]
+    InsufficientScope {
+        required: &'static str,
+        held: &'static str,
+    },
+    /// Too many failed authentications (malformed or unknown tokens) from one client address.
+    #[error("too many failed authentications from this address; retry in {} s", retry_after.as_secs())]
+    AuthRateLimited { retry_after: std::time::Duration },
+    /// A browser `Origin` the server does not accept (on `/mcp`).
+    #[error("{0}")]
+    OriginNotAllowed(String),
     #[error("rate limit exceeded: {limit} requests per minute; retry in {} s", retry_after.as_secs())]
     RateLimited {
         limit: i32,
@@ -81,6 +110,9 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::Unauthorized(failure) => failure.code(),
+            Error::InsufficientScope { .. } => "insufficient_scope",
+            Error::AuthRateLimited { .. } => "auth_rate_limited",
+            Error::OriginNotAllowed(_) => "origin_not_allowed",
             Error::RateLimited { .. } => "rate_limited",
             Error::QuotaExceeded(_) => "quota_exceeded",
             Error::NotConfigured(_) => "not_configured",

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use super::Scope;
 use crate::error::{AuthFailure, Error, Result, reject_nul};
 
 const PREFIX: &str = "pd_";
@@ -16,6 +17,8 @@ const SECRET_BYTES: usize = 32;
 const TOKEN_LEN: usize = PREFIX.len() + SECRET_BYTES * 2;
 pub const MAX_TOKEN_NAME_LEN: usize = 100;
 const MAX_EXPIRY_DAYS: u32 = 3650;
+/// Live (active and unexpired) tokens a user may hold at once.
+pub const MAX_LIVE_TOKENS_PER_USER: i64 = 50;
 
 /// A token as listed: never the secret, only its last 4 characters.
 #[derive(Debug, Clone, Serialize)]
@@ -25,6 +28,7 @@ pub struct ApiToken {
     pub token_preview: Option<String>,
     pub active: Option<bool>,
     pub rate_limit_tier: Option<String>,
+    pub scope: Scope,
     pub created_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -43,15 +47,31 @@ pub struct CreatedToken {
 pub struct Caller {
     pub user_id: Uuid,
     pub token_id: Uuid,
+    /// The token's tier: its own requests per minute.
     pub rate_limit_tier: Option<String>,
+    /// The user's tier (`users.tier`): requests per minute of all their tokens together.
+    pub user_tier: Option<String>,
+    pub scope: Scope,
 }
 
-/// Creates a token for `user_id`. Only the SHA-256 of the secret is stored.
+/// Creates an `mcp` token for `user_id` (the narrow scope; see [`create_scoped_token`]).
 pub async fn create_token(
     pool: &PgPool,
     user_id: Uuid,
     name: &str,
     expires_in_days: Option<u32>,
+) -> Result<CreatedToken> {
+    create_scoped_token(pool, user_id, name, expires_in_days, Scope::Mcp).await
+}
+
+/// Creates a token of `scope` for `user_id`. Only the SHA-256 of the secret is stored. A user
+/// holds at most [`MAX_LIVE_TOKENS_PER_USER`] live tokens; beyond that it is a `Conflict`.
+pub async fn create_scoped_token(
+    pool: &PgPool,
+    user_id: Uuid,
+    name: &str,
+    expires_in_days: Option<u32>,
+    scope: Scope,
 ) -> Result<CreatedToken> {
     let name = name.trim();
     reject_nul("name", name)?;
@@ -69,37 +89,60 @@ pub async fn create_token(
     }
     let token = generate();
     let mut tx = pool.begin().await?;
+    // Serialises token creation per user, so concurrent creates cannot pass the cap together
+    // (an advisory lock: the users row, which the legacy application updates, stays free).
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('mcp_user_tokens:' || $1::uuid::text, 0))",
+        user_id
+    )
+    .execute(&mut *tx)
+    .await?;
+    let live = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "live!" FROM mcp_user_tokens
+            WHERE user_id = $1 AND active AND (expires_at IS NULL OR expires_at > now())"#,
+        user_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if live >= MAX_LIVE_TOKENS_PER_USER {
+        return Err(Error::Conflict(format!(
+            "this account already has {live} live API tokens, the most allowed is \
+             {MAX_LIVE_TOKENS_PER_USER}: revoke one first (`DELETE /v1/tokens/{{id}}`, \
+             `polydev token revoke`)"
+        )));
+    }
     // The rate-limit tier follows the user's plan.
     let info = sqlx::query_as!(
         ApiToken,
-        "INSERT INTO mcp_user_tokens (user_id, token_name, token_hash, token_preview, active,
-                                      rate_limit_tier, expires_at)
+        r#"INSERT INTO mcp_user_tokens (user_id, token_name, token_hash, token_preview, active,
+                                      rate_limit_tier, expires_at, scope)
          SELECT u.user_id, $2, $3, $4, true, coalesce(u.tier, 'free'),
-                now() + make_interval(days => $5)
+                now() + make_interval(days => $5), $6
            FROM users u WHERE u.user_id = $1
-         RETURNING id, token_name, token_preview, active, rate_limit_tier, created_at,
-                   last_used_at, expires_at",
+         RETURNING id, token_name, token_preview, active, rate_limit_tier,
+                   scope AS "scope: Scope", created_at, last_used_at, expires_at"#,
         user_id,
         name,
         hash(&token),
         &token[TOKEN_LEN - 4..],
-        expires_in_days.map(|d| d as i32)
+        expires_in_days.map(|d| d as i32),
+        scope.as_str()
     )
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(Error::NotFound("user"))?;
     refresh_key_count(&mut tx, user_id).await?;
     tx.commit().await?;
-    tracing::info!(%user_id, token_id = %info.id, "API token created");
+    tracing::info!(%user_id, token_id = %info.id, scope = scope.as_str(), "API token created");
     Ok(CreatedToken { token, info })
 }
 
 pub async fn list_tokens(pool: &PgPool, user_id: Uuid) -> Result<Vec<ApiToken>> {
     Ok(sqlx::query_as!(
         ApiToken,
-        "SELECT id, token_name, token_preview, active, rate_limit_tier, created_at, last_used_at,
-                expires_at
-           FROM mcp_user_tokens WHERE user_id = $1 ORDER BY created_at, id",
+        r#"SELECT id, token_name, token_preview, active, rate_limit_tier, scope AS "scope: Scope",
+                  created_at, last_used_at, expires_at
+             FROM mcp_user_tokens WHERE user_id = $1 ORDER BY created_at, id"#,
         user_id
     )
     .fetch_all(pool)
@@ -112,10 +155,10 @@ pub async fn revoke_token(pool: &PgPool, owner: Option<Uuid>, token_id: Uuid) ->
     let mut tx = pool.begin().await?;
     let token = sqlx::query_as!(
         ApiToken,
-        "UPDATE mcp_user_tokens SET active = false, updated_at = now()
-          WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)
-         RETURNING id, token_name, token_preview, active, rate_limit_tier, created_at,
-                   last_used_at, expires_at",
+        r#"UPDATE mcp_user_tokens SET active = false, updated_at = now()
+            WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)
+           RETURNING id, token_name, token_preview, active, rate_limit_tier,
+                     scope AS "scope: Scope", created_at, last_used_at, expires_at"#,
         token_id,
         owner
     )
@@ -134,17 +177,20 @@ pub async fn revoke_token(pool: &PgPool, owner: Option<Uuid>, token_id: Uuid) ->
     Ok(token)
 }
 
-/// Resolves a presented `Authorization` header value to its caller.
+/// Resolves a presented `Authorization` header value to its caller: a known, active,
+/// unexpired token of a user whose `users.status` is `active` (or unset, as on legacy rows).
 pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller> {
     let presented = parse_bearer(header)?;
     let presented_hash = hash(presented);
-    // The legacy columns are nullable: a token row without a user fails to decode (an error,
-    // never a caller); token_hash is the one the WHERE clause matched.
+    // The legacy columns are nullable: a token row without a user matches no user row and is
+    // unknown; token_hash is the one the WHERE clause matched.
     let row = sqlx::query!(
-        r#"SELECT id, user_id AS "user_id!", token_hash AS "token_hash!", active, expires_at,
-                  rate_limit_tier
-             FROM mcp_user_tokens WHERE token_hash = $1
-            ORDER BY active DESC NULLS LAST LIMIT 1"#,
+        r#"SELECT t.id, t.user_id AS "user_id!", t.token_hash AS "token_hash!", t.active,
+                  t.expires_at, t.rate_limit_tier, t.scope AS "scope!: Scope",
+                  u.status AS user_status, u.tier AS user_tier
+             FROM mcp_user_tokens t JOIN users u ON u.user_id = t.user_id
+            WHERE t.token_hash = $1
+            ORDER BY t.active DESC NULLS LAST LIMIT 1"#,
         &presented_hash
     )
     .fetch_optional(pool)
@@ -162,11 +208,28 @@ pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller>
     if row.expires_at.is_some_and(|at| at <= Utc::now()) {
         return Err(Error::Unauthorized(AuthFailure::Expired));
     }
+    account_status(row.user_status.as_deref())?;
     Ok(Caller {
         user_id: row.user_id,
         token_id: row.id,
         rate_limit_tier: row.rate_limit_tier,
+        user_tier: row.user_tier,
+        scope: row.scope,
     })
+}
+
+/// `users.status`: `active` passes; so does no status at all (legacy rows that predate the
+/// column's use; polydev always writes `active`). `deleted` is told apart; any other value
+/// (`suspended`, `banned`, ...) is a suspension.
+fn account_status(status: Option<&str>) -> Result<()> {
+    match status.map(str::trim) {
+        None => Ok(()),
+        Some(s) if s.eq_ignore_ascii_case("active") => Ok(()),
+        Some(s) if s.eq_ignore_ascii_case("deleted") => {
+            Err(Error::Unauthorized(AuthFailure::AccountDeleted))
+        }
+        Some(_) => Err(Error::Unauthorized(AuthFailure::AccountSuspended)),
+    }
 }
 
 fn parse_bearer(header: Option<&str>) -> Result<&str> {
@@ -290,6 +353,25 @@ mod tests {
         ] {
             assert_eq!(failure(Some(bad)), AuthFailure::Malformed, "{bad}");
         }
+    }
+
+    #[test]
+    fn only_active_accounts_pass() {
+        let failure = |s: Option<&str>| match account_status(s) {
+            Ok(()) => None,
+            Err(Error::Unauthorized(f)) => Some(f),
+            Err(other) => panic!("{other:?}"),
+        };
+        assert_eq!(failure(Some("active")), None);
+        assert_eq!(failure(Some(" Active ")), None);
+        assert_eq!(failure(None), None, "legacy rows without a status");
+        assert_eq!(
+            failure(Some("suspended")),
+            Some(AuthFailure::AccountSuspended)
+        );
+        assert_eq!(failure(Some("banned")), Some(AuthFailure::AccountSuspended));
+        assert_eq!(failure(Some("")), Some(AuthFailure::AccountSuspended));
+        assert_eq!(failure(Some("deleted")), Some(AuthFailure::AccountDeleted));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub fn status(error: &Error) -> StatusCode {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::Conflict(_) => StatusCode::CONFLICT,
         Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::InsufficientScope { .. } | Error::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+        Error::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
@@ -46,7 +48,7 @@ impl IntoResponse for ApiError {
         let mut response = (status(&error), Json(ErrorResponse::from(&error))).into_response();
         let headers = response.headers_mut();
         match &error {
-            Error::RateLimited { retry_after, .. } => {
+            Error::RateLimited { retry_after, .. } | Error::AuthRateLimited { retry_after } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs()),
@@ -61,6 +63,15 @@ impl IntoResponse for ApiError {
                         other.message().replace('`', "")
                     ),
                 };
+                if let Ok(value) = HeaderValue::from_str(&challenge) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
+            }
+            Error::InsufficientScope { required, .. } => {
+                // RFC 6750 §3.1: the scope the resource needs.
+                let challenge = format!(
+                    r#"Bearer realm="polydev", error="insufficient_scope", scope="{required}""#
+                );
                 if let Ok(value) = HeaderValue::from_str(&challenge) {
                     headers.insert(header::WWW_AUTHENTICATE, value);
                 }

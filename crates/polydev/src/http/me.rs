@@ -30,6 +30,7 @@ async fn me(
         token: TokenInUse {
             id: caller.token_id,
             rate_limit_tier: caller.rate_limit_tier,
+            scope: caller.scope,
         },
     }))
 }

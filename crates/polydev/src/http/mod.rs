@@ -7,6 +7,7 @@ mod credentials;
 mod error;
 mod extract;
 mod health;
+mod mcp;
 mod me;
 mod perspectives;
 mod tokens;
@@ -14,61 +15,30 @@ mod web;
 mod zk;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::net::SocketAddr;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::serve::ListenerExt;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
-use crate::mcp::server::PolydevMcp;
-pub use auth::Authenticated;
+pub use auth::{Authenticated, MCP_ROUTES, required_scope};
 pub use error::{ApiError, status};
 pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use mcp::MAX_MCP_BODY;
 
 /// Largest request body accepted on any route.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest wait for a request's body to arrive.
 pub const REQUEST_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// `/mcp`: streamable HTTP (stateful sessions for 2025-06-18 and 2025-11-25; rmcp serves
-/// 2026-07-28 requests statelessly), behind the same token check as the REST API.
-fn mcp_routes(state: &AppState) -> Router<AppState> {
-    let mcp_state = state.clone();
-    let config = StreamableHttpServerConfig::default()
-        .with_allowed_hosts(state.allowed_hosts.clone())
-        .with_cancellation_token(state.shutdown.child_token());
-    let service = StreamableHttpService::new(
-        // A handler per session: each keeps its own log level.
-        move || Ok(PolydevMcp::new(mcp_state.clone())),
-        Arc::new(LocalSessionManager::default()),
-        config,
-    );
-    Router::new()
-        .nest_service("/mcp", service)
-        .layer(middleware::from_fn_with_state(state.clone(), mcp_auth))
-}
-
-async fn mcp_auth(
-    State(state): State<AppState>,
-    request: Request<Body>,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let (mut parts, body) = request.into_parts();
-    let Authenticated(caller) = Authenticated::from_request_parts(&mut parts, &state).await?;
-    parts.extensions.insert(caller);
-    Ok(next.run(Request::from_parts(parts, body)).await)
-}
 
 pub fn router(state: AppState) -> Router {
     let trace = TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -94,7 +64,9 @@ pub fn router(state: AppState) -> Router {
     );
     let timeout = state.request_timeout;
     Router::new()
-        .merge(mcp_routes(&state))
+        // `/mcp`: streamable HTTP (stateful sessions for 2025-06-18 and 2025-11-25; rmcp serves
+        // 2026-07-28 requests statelessly), behind the same token check as the REST API.
+        .merge(mcp::routes(&state))
         .merge(health::routes())
         .merge(me::routes())
         .merge(tokens::routes())
@@ -142,7 +114,10 @@ pub async fn serve(
             tracing::debug!(%error, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, router(state))
+    // The peer address reaches handlers as `ConnectInfo` (failed authentications are limited
+    // per address; behind a reverse proxy that is the proxy's address).
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             cancel.cancel();

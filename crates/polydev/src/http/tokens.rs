@@ -1,4 +1,5 @@
-//! `/v1/tokens`: the caller lists, creates and revokes their own API tokens.
+//! `/v1/tokens`: the caller lists, creates and revokes their own API tokens (scope `account`,
+//! like every route not open to `mcp` tokens: see `auth::MCP_ROUTES`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,6 +11,7 @@ use super::{ApiError, ApiJson, ApiPath, Authenticated};
 use crate::accounts::{self, ApiToken, CreatedToken};
 use crate::api::CreateToken;
 use crate::app::AppState;
+use crate::error::Error;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -31,11 +33,20 @@ async fn create(
     Authenticated(caller): Authenticated,
     ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    let created = accounts::create_token(
+    let scope = body.scope.unwrap_or_default();
+    // Never wider than the caller's own (today only `account` tokens reach this route).
+    if !caller.scope.includes(scope) {
+        return Err(ApiError(Error::InsufficientScope {
+            required: scope.as_str(),
+            held: caller.scope.as_str(),
+        }));
+    }
+    let created = accounts::create_scoped_token(
         &state.pool,
         caller.user_id,
         &body.name,
         body.expires_in_days,
+        scope,
     )
     .await?;
     Ok((StatusCode::CREATED, Json(created)))

@@ -231,3 +231,108 @@ async fn token_input_is_validated() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn concurrent_creates_never_exceed_the_cap_on_live_tokens() {
+    let db = TestDb::migrated().await;
+    let user = accounts::create_user(&db.pool, "cap@example.com", Plan::Pro)
+        .await
+        .unwrap();
+    let cap = accounts::MAX_LIVE_TOKENS_PER_USER as usize;
+    // Revoked and expired tokens do not count.
+    for i in 0..3 {
+        let t = accounts::create_token(&db.pool, user.user_id, &format!("old{i}"), Some(1))
+            .await
+            .unwrap();
+        if i == 0 {
+            accounts::revoke_token(&db.pool, None, t.info.id)
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("UPDATE mcp_user_tokens SET expires_at = now() - interval '1 second' WHERE active")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for i in 0..cap - 5 {
+        accounts::create_token(&db.pool, user.user_id, &format!("t{i}"), None)
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let pool = db.pool.clone();
+            let user_id = user.user_id;
+            tokio::spawn(async move {
+                accounts::create_token(&pool, user_id, &format!("race{i}"), None).await
+            })
+        })
+        .collect();
+    let (mut created, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(Error::Conflict(message)) => {
+                assert!(message.contains("revoke"), "{message}");
+                refused += 1;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((created, refused), (5, 15));
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM mcp_user_tokens WHERE user_id = $1 AND active AND (expires_at IS NULL OR expires_at > now())",
+    )
+    .bind(user.user_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(live, cap as i64);
+
+    // Revoking one makes room for one.
+    let first = accounts::list_tokens(&db.pool, user.user_id).await.unwrap();
+    let live_one = first
+        .iter()
+        .find(|t| t.token_name.as_deref() == Some("t0"))
+        .unwrap();
+    accounts::revoke_token(&db.pool, Some(user.user_id), live_one.id)
+        .await
+        .unwrap();
+    accounts::create_token(&db.pool, user.user_id, "after", None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        accounts::create_token(&db.pool, user.user_id, "again", None).await,
+        Err(Error::Conflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn suspended_and_deleted_accounts_cannot_authenticate() {
+    let db = TestDb::migrated().await;
+    let user = accounts::create_user(&db.pool, "status@example.com", Plan::Free)
+        .await
+        .unwrap();
+    let token = accounts::create_token(&db.pool, user.user_id, "t", None)
+        .await
+        .unwrap();
+    let set = |status: Option<&'static str>| {
+        sqlx::query("UPDATE users SET status = $2 WHERE user_id = $1")
+            .bind(user.user_id)
+            .bind(status)
+            .execute(&db.pool)
+    };
+    for (status, expected) in [
+        (Some("suspended"), Some(AuthFailure::AccountSuspended)),
+        (Some("deleted"), Some(AuthFailure::AccountDeleted)),
+        (None, None),
+        (Some("active"), None),
+    ] {
+        set(status).await.unwrap();
+        let result = accounts::authenticate(&db.pool, Some(&bearer(&token.token))).await;
+        match expected {
+            Some(failure) => assert_eq!(auth_failure(result), failure, "{status:?}"),
+            None => assert_eq!(result.unwrap().user_id, user.user_id, "{status:?}"),
+        }
+    }
+}

@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use polydev::accounts::{self, Plan};
+use polydev::accounts::{self, Plan, Scope};
 use polydev::app::AppState;
 use polydev::http;
 
@@ -84,9 +84,20 @@ impl TestServer {
     }
 }
 
+/// A new user and an `account` token (every route); tests of what an `mcp` token may do use
+/// [`user_with_scoped_token`].
 pub async fn user_with_token(db: &TestDb, email: &str, plan: Plan) -> (uuid::Uuid, String) {
+    user_with_scoped_token(db, email, plan, Scope::Account).await
+}
+
+pub async fn user_with_scoped_token(
+    db: &TestDb,
+    email: &str,
+    plan: Plan,
+    scope: Scope,
+) -> (uuid::Uuid, String) {
     let user = accounts::create_user(&db.pool, email, plan).await.unwrap();
-    let token = accounts::create_token(&db.pool, user.user_id, "test", None)
+    let token = accounts::create_scoped_token(&db.pool, user.user_id, "test", None, scope)
         .await
         .unwrap();
     (user.user_id, token.token)
@@ -586,4 +597,199 @@ async fn a_request_past_the_timeout_is_answered_408_and_not_charged() {
         .unwrap()
     };
     assert!(eventually(|| async { used().await == Some(0) }).await);
+}
+
+#[tokio::test]
+async fn many_tokens_of_one_user_share_the_users_rate_limit() {
+    let db = TestDb::migrated().await;
+    sqlx::query("UPDATE rate_limit_tiers SET requests_per_minute = 5 WHERE tier = 'free'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let server = TestServer::start(&db).await;
+    let minute = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT date_trunc('minute', now())")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    // A one-minute window can roll over mid-run; then run again with a fresh user.
+    for attempt in 0..2 {
+        let (user_id, first) =
+            user_with_token(&db, &format!("many{attempt}@example.com"), Plan::Free).await;
+        let mut tokens = vec![first];
+        for i in 0..3 {
+            tokens.push(
+                accounts::create_token(&db.pool, user_id, &format!("t{i}"), None)
+                    .await
+                    .unwrap()
+                    .token,
+            );
+        }
+        let before = minute().await;
+        let mut statuses = Vec::new();
+        for i in 0..12 {
+            let response = server
+                .get("/v1/me", Some(&tokens[i % tokens.len()]))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status().as_u16());
+        }
+        if minute().await != before {
+            continue;
+        }
+        let ok = statuses.iter().filter(|s| **s == 200).count();
+        assert_eq!(
+            ok, 5,
+            "4 tokens together get the user's 5 per minute: {statuses:?}"
+        );
+        assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+        return;
+    }
+    panic!("two runs crossed a minute boundary");
+}
+
+#[tokio::test]
+async fn suspended_and_deleted_users_are_refused_everywhere() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "suspended@example.com", Plan::Pro).await;
+    let server = TestServer::start(&db).await;
+    let initialize = || {
+        server
+            .client
+            .post(format!("{}/mcp", server.base))
+            .bearer_auth(&token)
+            .header("accept", "application/json, text/event-stream")
+            .json(
+                &json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": { "name": "raw", "version": "1" } } }),
+            )
+            .send()
+    };
+    for (status, code) in [
+        ("suspended", "account_suspended"),
+        ("deleted", "account_deleted"),
+    ] {
+        sqlx::query("UPDATE users SET status = $2 WHERE user_id = $1")
+            .bind(user_id)
+            .bind(status)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        for path in ["/v1/me", "/v1/tokens", "/v1/zk", "/v1/usage"] {
+            let (got, challenge, got_code) =
+                json_error(server.get(path, Some(&token)).send().await.unwrap()).await;
+            assert_eq!(
+                (got, got_code.as_str()),
+                (StatusCode::UNAUTHORIZED, code),
+                "{path}"
+            );
+            assert!(challenge.unwrap().contains("invalid_token"));
+        }
+        let (got, _, got_code) = json_error(initialize().await.unwrap()).await;
+        assert_eq!(
+            (got, got_code.as_str()),
+            (StatusCode::UNAUTHORIZED, code),
+            "/mcp"
+        );
+    }
+    sqlx::query("UPDATE users SET status = 'active' WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        server
+            .get("/v1/me", Some(&token))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(initialize().await.unwrap().status(), StatusCode::OK);
+}
+
+/// A flood of made-up tokens from one address is refused in memory after 30 failures: the
+/// refused requests never reach the database (it is locked while they are sent), and other
+/// addresses are not affected.
+#[tokio::test]
+async fn failed_authentications_are_limited_per_address_without_the_database() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "flood@example.com", Plan::Pro).await;
+    let server = TestServer::start(&db).await;
+    let unknown = format!("pd_{}", "2".repeat(64));
+    // Requests without a token are not guesses: they do not count.
+    for _ in 0..5 {
+        let response = server.get("/v1/me", None).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+    for i in 0..accounts::AUTH_FAILURES_PER_MINUTE {
+        let fake = if i % 2 == 0 {
+            unknown.as_str()
+        } else {
+            "pd_nope"
+        };
+        let status = server
+            .get("/v1/me", Some(fake))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "failure {i}");
+    }
+
+    let mut locker = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE mcp_user_tokens, users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    for presented in [unknown.as_str(), token.as_str()] {
+        let response = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            server.get("/v1/me", Some(presented)).send(),
+        )
+        .await
+        .expect("refused without waiting for the locked tables")
+        .unwrap();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+        let (status, _, code) = json_error(response).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::TOO_MANY_REQUESTS, "auth_rate_limited")
+        );
+        assert!((1..=60).contains(&retry_after.unwrap()), "{retry_after:?}");
+    }
+    let mcp = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        server
+            .client
+            .post(format!("{}/mcp", server.base))
+            .bearer_auth(&unknown)
+            .send(),
+    )
+    .await
+    .expect("/mcp too")
+    .unwrap();
+    assert_eq!(mcp.status(), StatusCode::TOO_MANY_REQUESTS);
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+
+    // Another address (all of 127/8 is loopback) still gets in.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let response = other
+        .get(format!("{}/v1/me", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
 }

@@ -9,6 +9,7 @@ mod mcp;
 mod migrations;
 mod perspectives;
 mod providers;
+mod scopes;
 mod serve;
 mod web;
 pub mod zk;

@@ -8,11 +8,16 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use polydev::accounts::Plan;
+use polydev::accounts::{Plan, Scope};
 use polydev_mock::MockUpstream;
 
 use crate::common::{TestDb, eventually, mock_catalogue};
-use crate::http_api::user_with_token;
+use crate::http_api::{TestServer, user_with_scoped_token};
+
+/// IDEs hold `mcp` tokens: every MCP test uses one.
+async fn user_with_token(db: &TestDb, email: &str, plan: Plan) -> (uuid::Uuid, String) {
+    user_with_scoped_token(db, email, plan, Scope::Mcp).await
+}
 
 const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 
@@ -381,4 +386,240 @@ async fn bearer_proxy(upstream: &str, token: &str) -> String {
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{address}")
+}
+
+/// A raw MCP request over streamable HTTP (revision 2025-06-18).
+fn mcp_request(
+    server: &TestServer,
+    method: reqwest::Method,
+    token: &str,
+    session: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let mut request = server
+        .client
+        .request(method, format!("{}/mcp", server.base))
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream");
+    if let Some(session) = session {
+        request = request
+            .header("mcp-session-id", session)
+            .header("mcp-protocol-version", "2025-06-18");
+    }
+    request
+}
+
+fn initialize_body() -> Value {
+    json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": { "name": "raw", "version": "1" } } })
+}
+
+/// Initializes a session for `token` and returns its id.
+async fn open_session(server: &TestServer, token: &str) -> String {
+    let response = mcp_request(server, reqwest::Method::POST, token, None)
+        .json(&initialize_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let session = response.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    response.text().await.unwrap();
+    let initialized = mcp_request(server, reqwest::Method::POST, token, Some(&session))
+        .json(&json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(initialized.status(), 202);
+    session
+}
+
+fn list_models(id: u32) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": { "name": "list_available_models", "arguments": {} } })
+}
+
+/// The status and error code of a response, reading its body.
+async fn status_and_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// Another user's token (or another token of the same user) presenting a session id gets 404,
+/// as for a session that does not exist, on every method: no tool calls in the victim's
+/// session, no replay of its answers with `Last-Event-ID`, no ending it with DELETE.
+#[tokio::test]
+async fn an_mcp_session_belongs_to_the_token_that_created_it() {
+    let db = TestDb::migrated().await;
+    let (alice_id, alice) =
+        user_with_scoped_token(&db, "alice-mcp@example.com", Plan::Pro, Scope::Mcp).await;
+    let (_, bob) = user_with_scoped_token(&db, "bob-mcp@example.com", Plan::Pro, Scope::Mcp).await;
+    let alice_laptop = polydev::accounts::create_token(&db.pool, alice_id, "laptop", None)
+        .await
+        .unwrap()
+        .token;
+    let server = TestServer::start(&db).await;
+    let session = open_session(&server, &alice).await;
+
+    // Alice's call: its SSE events carry ids a client may resume from.
+    let answer = mcp_request(&server, reqwest::Method::POST, &alice, Some(&session))
+        .json(&list_models(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let text = answer.text().await.unwrap();
+    assert!(text.contains("gpt-"), "{text}");
+    let event_id = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id:"))
+        .next_back()
+        .unwrap_or_else(|| panic!("an event id: {text}"))
+        .trim()
+        .to_string();
+
+    for intruder in [&bob, &alice_laptop] {
+        let post = mcp_request(&server, reqwest::Method::POST, intruder, Some(&session))
+            .json(&list_models(3))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status_and_code(post).await, (404, "not_found".into()));
+        let get = mcp_request(&server, reqwest::Method::GET, intruder, Some(&session))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status_and_code(get).await, (404, "not_found".into()));
+        let replay = mcp_request(&server, reqwest::Method::GET, intruder, Some(&session))
+            .header("accept", "text/event-stream")
+            .header("last-event-id", &event_id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status_and_code(replay).await, (404, "not_found".into()));
+        let delete = mcp_request(&server, reqwest::Method::DELETE, intruder, Some(&session))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status_and_code(delete).await, (404, "not_found".into()));
+    }
+
+    // Alice's session is untouched; she can end it, and then it is gone for her too.
+    let again = mcp_request(&server, reqwest::Method::POST, &alice, Some(&session))
+        .json(&list_models(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.text().await.unwrap().contains("gpt-"));
+    let end = mcp_request(&server, reqwest::Method::DELETE, &alice, Some(&session))
+        .send()
+        .await
+        .unwrap();
+    assert!(end.status().is_success(), "{}", end.status());
+    let after = mcp_request(&server, reqwest::Method::POST, &alice, Some(&session))
+        .json(&list_models(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 404);
+
+    // Bob's own session works as usual.
+    let bobs = open_session(&server, &bob).await;
+    let call = mcp_request(&server, reqwest::Method::POST, &bob, Some(&bobs))
+        .json(&list_models(6))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+}
+
+/// A browser `Origin` must be the server's own or allowed; requests without one are not
+/// affected.
+#[tokio::test]
+async fn mcp_checks_the_origin_of_browser_requests() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_scoped_token(&db, "origin@example.com", Plan::Pro, Scope::Mcp).await;
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    )
+    .with_allowed_origins(vec!["https://ide.example.com".into()]);
+    let server = TestServer::start_state(state).await;
+    let initialize = |origin: Option<String>| {
+        let mut request =
+            mcp_request(&server, reqwest::Method::POST, &token, None).json(&initialize_body());
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    for refused in [
+        "https://evil.example",
+        "http://localhost:1",
+        "null",
+        "https://ide.example.com:8443",
+    ] {
+        let response = initialize(Some(refused.into())).await.unwrap();
+        assert_eq!(
+            status_and_code(response).await,
+            (403, "origin_not_allowed".into()),
+            "{refused}"
+        );
+    }
+    for allowed in [
+        None,
+        Some(server.base.clone()),
+        Some("https://ide.example.com".into()),
+    ] {
+        let response = initialize(allowed.clone()).await.unwrap();
+        assert_eq!(response.status(), 200, "{allowed:?}");
+    }
+}
+
+/// `/mcp` bodies are limited like `/v1/perspectives` (512 KiB): a maximal prompt passes, a
+/// larger body is a JSON 413.
+#[tokio::test]
+async fn mcp_request_bodies_are_limited() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_scoped_token(&db, "big@example.com", Plan::Pro, Scope::Mcp).await;
+    let server = TestServer::start(&db).await;
+    let session = open_session(&server, &token).await;
+    let call = |prompt: String| {
+        mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+            .json(
+                &json!({ "jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+                "name": "get_perspectives",
+                "arguments": { "prompt": prompt, "models": ["no-such-model"] } } }),
+            )
+            .send()
+    };
+    // 100,000 characters of 3 bytes: the longest prompt, answered (here, a tool error about
+    // the model).
+    let largest = call("€".repeat(100_000)).await.unwrap();
+    assert_eq!(largest.status(), 200);
+    assert!(largest.text().await.unwrap().contains("no-such-model"));
+    let too_large = call("x".repeat(polydev::http::MAX_MCP_BODY)).await.unwrap();
+    assert_eq!(status_and_code(too_large).await, (413, "too_large".into()));
+    // Chunked, without Content-Length: the same.
+    let chunks =
+        futures_util::stream::iter((0..9).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+    let chunked = mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_and_code(chunked).await, (413, "too_large".into()));
 }

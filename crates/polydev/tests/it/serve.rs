@@ -148,6 +148,44 @@ async fn serve_on_the_embedded_default_end_to_end() {
         .expect("a listed token")
         .to_string();
     assert!(list.contains(&token[token.len() - 4..]), "{list}");
+    // `token create` makes mcp tokens unless told otherwise; `token list` shows the scope.
+    assert_eq!(me["token"]["scope"], "mcp");
+    assert!(list.lines().next().unwrap().contains("SCOPE"), "{list}");
+    let account = cli(
+        polydev(&data),
+        &[
+            "token",
+            "create",
+            "--email",
+            "e2e@example.com",
+            "--name",
+            "admin",
+            "--scope",
+            "account",
+        ],
+    )
+    .await;
+    let tokens_of = |token: String| {
+        let client = client.clone();
+        let url = format!("{base}/v1/tokens");
+        async move { client.get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    assert_eq!(
+        tokens_of(token.clone()).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(tokens_of(account.clone()).await.status(), StatusCode::OK);
+    let list = cli(
+        polydev(&data),
+        &["token", "list", "--email", "e2e@example.com"],
+    )
+    .await;
+    let scopes: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(3).unwrap())
+        .collect();
+    assert_eq!(scopes, ["mcp", "account"], "{list}");
     cli(polydev(&data), &["token", "revoke", &token_id]).await;
     let revoked = client
         .get(format!("{base}/v1/me"))
