@@ -31,6 +31,7 @@ pub fn status(error: &Error) -> StatusCode {
         Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::Conflict(_) => StatusCode::CONFLICT,
         Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::ZkProof(_) => StatusCode::FORBIDDEN,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
