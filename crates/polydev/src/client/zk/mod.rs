@@ -49,7 +49,7 @@ use pins::{ManifestPin, Pin, PinStore};
 /// machine pinned: it changed the account's keys. Never reported as a wrong password.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the server changed this account's keys: {0}. Refusing to continue (this is not a wrong master password). If you changed them yourself, or restored the server from a backup, check it and run `polydev zk forget-pin`"
+    "the server changed this account's keys: {0}. Refusing to continue; your master password is not the problem. If you changed them yourself, or restored the server from a backup, check it and run `polydev zk forget-pin`"
 )]
 pub struct KeysChanged(pub String);
 
