@@ -505,11 +505,19 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 if status.enabled { "on" } else { "off" }
             );
             if status.enabled {
+                println!("key material version: {}", status.version);
                 let m = client.migration_status().await?;
                 println!(
                     "messages: {} encrypted, {} encrypted but not yet verified, {} still plaintext",
                     m.done, m.unverified, m.plaintext
                 );
+                println!(
+                    "session titles: {} encrypted, {} not yet verified, {} still plaintext",
+                    m.sessions.done, m.sessions.unverified, m.sessions.plaintext
+                );
+                if status.rotation.is_some() {
+                    println!("a key rotation is in progress: run `polydev zk rotate` to finish it");
+                }
             }
         }
         ZkCommand::Enable => {

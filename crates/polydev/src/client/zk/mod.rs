@@ -496,6 +496,11 @@ impl ZkClient {
         let mut resets_seen = 0;
         let mut passes = 0;
         loop {
+            let before = (
+                report.verified_and_cleared,
+                report.sessions_verified_and_cleared,
+                report.reset,
+            );
             // 1. Verify what is encrypted but still has its plaintext (this run's last batch, or
             //    an interrupted run's), then clear those plaintexts.
             let (verified, pending) = self
@@ -511,6 +516,16 @@ impl ZkClient {
             // 2. Seal the next batch of listed plaintext and write it with compare-and-swap.
             let Some(phase) = phases.first_mut() else {
                 if pending || sessions_pending {
+                    let after = (
+                        report.verified_and_cleared,
+                        report.sessions_verified_and_cleared,
+                        report.reset,
+                    );
+                    if after == before {
+                        bail!(
+                            "the migration makes no progress: the server keeps serving rows to verify that neither clear nor reset"
+                        );
+                    }
                     continue;
                 }
                 // Rows put back in the queue this pass are tried again, a few times.
