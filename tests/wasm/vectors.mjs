@@ -24,6 +24,22 @@ check("frozen recovery key opens", () => {
   const keyring = zk.unlockWithRecovery(vectors("material-v1.json"), vectors("recovery-v1.txt"), USER);
   assert.equal(keyring.open("chat.message", USER, ROW, vectors("item-v1.txt")), "frozen vector: Ünïcödé ✓, and a newline\n");
 });
+check("frozen proofs and fingerprint", () => {
+  const frozen = JSON.parse(vectors("proofs-v1.json"));
+  assert.equal(zk.unlock(vectors("material-v1.json"), "correct horse battery staple", USER).proof, frozen.password);
+  const byRecovery = zk.unlockWithRecovery(vectors("material-v1.json"), vectors("recovery-v1.txt"), USER);
+  assert.equal(byRecovery.proof, frozen.recovery);
+  assert.equal(byRecovery.proofKind, "recovery");
+  assert.equal(zk.materialFingerprint(vectors("material-v1.json")), frozen.fingerprint);
+});
+check("records round trip; the frozen item opens as the older format", () => {
+  const keyring = zk.unlock(vectors("material-v1.json"), "correct horse battery staple", USER);
+  assert.deepEqual(JSON.parse(keyring.openRecord("chat.message", USER, ROW, vectors("item-v1.txt"))), { bare: "frozen vector: Ünïcödé ✓, and a newline\n" });
+  const record = { kind: "message", session: "s1", role: "user", created_at_us: 1700000000123456, text: "hi" };
+  const sealed = keyring.sealRecord("chat.message", USER, "row-9", JSON.stringify(record));
+  assert.deepEqual(JSON.parse(keyring.openRecord("chat.message", USER, "row-9", sealed)), { record });
+  assert.equal(zk.recordHash(JSON.stringify(record)).length, 64);
+});
 check("a wrong password is told apart", () => {
   assert.throws(() => zk.unlock(vectors("material-v1.json"), "wrong", USER), /wrong master password/);
 });

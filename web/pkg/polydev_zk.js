@@ -19,7 +19,8 @@ export class ZkKeyring {
         wasm.__wbg_zkkeyring_free(ptr, 0);
     }
     /**
-     * New material for a new password (re-wraps the account key only).
+     * New material for a new password (re-wraps the account key only), as JSON
+     * `{material, password_proof}`.
      * @param {string} material_json
      * @param {string} new_password
      * @returns {string}
@@ -54,6 +55,50 @@ export class ZkKeyring {
         }
     }
     /**
+     * Opens a chat item: JSON `{"record": {...}}`, or `{"bare": "text"}` for the older format
+     * (its place is not bound: show it flagged).
+     * @param {string} namespace
+     * @param {string} user_id
+     * @param {string} row_id
+     * @param {string} envelope
+     * @returns {string}
+     */
+    openRecord(namespace, user_id, row_id, envelope) {
+        let deferred6_0;
+        let deferred6_1;
+        try {
+            let ptr0, len0, ptr1, len1, ptr2, len2, ptr3, len3;
+            try {
+                ptr0 = passStringToWasm0(namespace, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len0 = WASM_VECTOR_LEN;
+                ptr1 = passStringToWasm0(user_id, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len1 = WASM_VECTOR_LEN;
+                ptr2 = passStringToWasm0(row_id, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len2 = WASM_VECTOR_LEN;
+                ptr3 = passStringToWasm0(envelope, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len3 = WASM_VECTOR_LEN;
+            } catch (e) {
+                if (ptr3) { wasm.__wbindgen_free(ptr3, len3 * 1, 1); }
+                if (ptr2) { wasm.__wbindgen_free(ptr2, len2 * 1, 1); }
+                if (ptr1) { wasm.__wbindgen_free(ptr1, len1 * 1, 1); }
+                if (ptr0) { wasm.__wbindgen_free(ptr0, len0 * 1, 1); }
+                throw e;
+            }
+            const ret = wasm.zkkeyring_openRecord(this.__wbg_ptr, ptr0, len0, ptr1, len1, ptr2, len2, ptr3, len3);
+            var ptr5 = ret[0];
+            var len5 = ret[1];
+            if (ret[3]) {
+                ptr5 = 0; len5 = 0;
+                throw takeFromExternrefTable0(ret[2]);
+            }
+            deferred6_0 = ptr5;
+            deferred6_1 = len5;
+            return getStringFromWasm0(ptr5, len5);
+        } finally {
+            wasm.__wbindgen_free(deferred6_0, deferred6_1, 1);
+        }
+    }
+    /**
      * @param {string} namespace
      * @param {string} user_id
      * @param {string} row_id
@@ -82,6 +127,82 @@ export class ZkKeyring {
                 throw e;
             }
             const ret = wasm.zkkeyring_open(this.__wbg_ptr, ptr0, len0, ptr1, len1, ptr2, len2, ptr3, len3);
+            var ptr5 = ret[0];
+            var len5 = ret[1];
+            if (ret[3]) {
+                ptr5 = 0; len5 = 0;
+                throw takeFromExternrefTable0(ret[2]);
+            }
+            deferred6_0 = ptr5;
+            deferred6_1 = len5;
+            return getStringFromWasm0(ptr5, len5);
+        } finally {
+            wasm.__wbindgen_free(deferred6_0, deferred6_1, 1);
+        }
+    }
+    /**
+     * `password` or `recovery`.
+     * @returns {string}
+     */
+    get proofKind() {
+        let deferred1_0;
+        let deferred1_1;
+        try {
+            const ret = wasm.zkkeyring_proofKind(this.__wbg_ptr);
+            deferred1_0 = ret[0];
+            deferred1_1 = ret[1];
+            return getStringFromWasm0(ret[0], ret[1]);
+        } finally {
+            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
+        }
+    }
+    /**
+     * The proof (hex) of the secret this keyring was unlocked with, for the server
+     * (`Polydev-Zk-Proof` or `Polydev-Zk-Recovery-Proof`, per `proofKind`).
+     * @returns {string}
+     */
+    get proof() {
+        let deferred1_0;
+        let deferred1_1;
+        try {
+            const ret = wasm.zkkeyring_proof(this.__wbg_ptr);
+            deferred1_0 = ret[0];
+            deferred1_1 = ret[1];
+            return getStringFromWasm0(ret[0], ret[1]);
+        } finally {
+            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
+        }
+    }
+    /**
+     * Seals a chat record (JSON, see `Record`): its text and its place.
+     * @param {string} namespace
+     * @param {string} user_id
+     * @param {string} row_id
+     * @param {string} record_json
+     * @returns {string}
+     */
+    sealRecord(namespace, user_id, row_id, record_json) {
+        let deferred6_0;
+        let deferred6_1;
+        try {
+            let ptr0, len0, ptr1, len1, ptr2, len2, ptr3, len3;
+            try {
+                ptr0 = passStringToWasm0(namespace, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len0 = WASM_VECTOR_LEN;
+                ptr1 = passStringToWasm0(user_id, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len1 = WASM_VECTOR_LEN;
+                ptr2 = passStringToWasm0(row_id, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len2 = WASM_VECTOR_LEN;
+                ptr3 = passStringToWasm0(record_json, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+                len3 = WASM_VECTOR_LEN;
+            } catch (e) {
+                if (ptr3) { wasm.__wbindgen_free(ptr3, len3 * 1, 1); }
+                if (ptr2) { wasm.__wbindgen_free(ptr2, len2 * 1, 1); }
+                if (ptr1) { wasm.__wbindgen_free(ptr1, len1 * 1, 1); }
+                if (ptr0) { wasm.__wbindgen_free(ptr0, len0 * 1, 1); }
+                throw e;
+            }
+            const ret = wasm.zkkeyring_sealRecord(this.__wbg_ptr, ptr0, len0, ptr1, len1, ptr2, len2, ptr3, len3);
             var ptr5 = ret[0];
             var len5 = ret[1];
             if (ret[3]) {
@@ -201,6 +322,23 @@ export class ZkSetup {
             wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
         }
     }
+    /**
+     * The recovery key's proof (hex) for `POST /v1/zk/enable`; the password's is the
+     * keyring's `proof`.
+     * @returns {string}
+     */
+    get recoveryProof() {
+        let deferred1_0;
+        let deferred1_1;
+        try {
+            const ret = wasm.zksetup_recoveryProof(this.__wbg_ptr);
+            deferred1_0 = ret[0];
+            deferred1_1 = ret[1];
+            return getStringFromWasm0(ret[0], ret[1]);
+        } finally {
+            wasm.__wbindgen_free(deferred1_0, deferred1_1, 1);
+        }
+    }
 }
 if (Symbol.dispose) ZkSetup.prototype[Symbol.dispose] = ZkSetup.prototype.free;
 
@@ -221,6 +359,58 @@ export function contentHash(text) {
         return getStringFromWasm0(ret[0], ret[1]);
     } finally {
         wasm.__wbindgen_free(deferred2_0, deferred2_1, 1);
+    }
+}
+
+/**
+ * SHA-256 (hex) of key material (JSON): what a client pins.
+ * @param {string} material_json
+ * @returns {string}
+ */
+export function materialFingerprint(material_json) {
+    let deferred3_0;
+    let deferred3_1;
+    try {
+        const ptr0 = passStringToWasm0(material_json, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.materialFingerprint(ptr0, len0);
+        var ptr2 = ret[0];
+        var len2 = ret[1];
+        if (ret[3]) {
+            ptr2 = 0; len2 = 0;
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        deferred3_0 = ptr2;
+        deferred3_1 = len2;
+        return getStringFromWasm0(ptr2, len2);
+    } finally {
+        wasm.__wbindgen_free(deferred3_0, deferred3_1, 1);
+    }
+}
+
+/**
+ * SHA-256 (hex) of a record's sealed form: what the migration manifest lists.
+ * @param {string} record_json
+ * @returns {string}
+ */
+export function recordHash(record_json) {
+    let deferred3_0;
+    let deferred3_1;
+    try {
+        const ptr0 = passStringToWasm0(record_json, wasm.__wbindgen_malloc, wasm.__wbindgen_realloc);
+        const len0 = WASM_VECTOR_LEN;
+        const ret = wasm.recordHash(ptr0, len0);
+        var ptr2 = ret[0];
+        var len2 = ret[1];
+        if (ret[3]) {
+            ptr2 = 0; len2 = 0;
+            throw takeFromExternrefTable0(ret[2]);
+        }
+        deferred3_0 = ptr2;
+        deferred3_1 = len2;
+        return getStringFromWasm0(ptr2, len2);
+    } finally {
+        wasm.__wbindgen_free(deferred3_0, deferred3_1, 1);
     }
 }
 

@@ -620,10 +620,9 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
     // (c) Migration of plaintext history through the real server.
     let messages: i32 = if quick { 10_000 } else { 100_000 };
     let token = &polydev.tokens[31];
-    let client = polydev::client::zk::ZkClient::new(&polydev.url, token);
-    let (keyring, _) = client
-        .enable("bench master password", KdfParams::MINIMUM)
-        .await?;
+    // Pins go to a scratch directory, not the user's config.
+    let pins = std::env::temp_dir().join(format!("polydev-bench-pins-{}", std::process::id()));
+    let client = polydev::client::zk::ZkClient::new(&polydev.url, token).with_config_dir(&pins);
     let user_id: sqlx::types::Uuid = client.user_id().await?.parse()?;
     let session: sqlx::types::Uuid = sqlx::query_scalar(
         "INSERT INTO chat_sessions (user_id, title) VALUES ($1, 'bench') RETURNING id",
@@ -639,6 +638,10 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
     .bind(messages)
     .execute(&polydev.pool)
     .await?;
+    // Turned on after the history exists: the manifest lists it, so the migration seals it.
+    let (keyring, _) = client
+        .enable("bench master password", KdfParams::MINIMUM)
+        .await?;
     let started = Instant::now();
     let report = client
         .migrate(
@@ -661,4 +664,7 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
         "seal_per_s": seal, "open_per_s": open, "raw_aead_per_s": raw, "unlock_ms": unlock.as_secs_f64() * 1e3,
         "migration_messages": messages, "migration_s": elapsed.as_secs_f64(), "migration_per_s": rate,
     }))
+    .inspect(|_| {
+        let _ = std::fs::remove_dir_all(&pins);
+    })
 }

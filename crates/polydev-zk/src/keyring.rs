@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::envelope::{self, Context, Kind, MAX_PLAINTEXT, Parsed, VERSION};
-use crate::keys::{AccountKey, DataKey, PasswordKey, RecoveryKey};
-use crate::{Error, KdfParams, pad};
+use crate::keys::{AccountKey, AuthProof, DataKey, PasswordKey, RecoveryKey};
+use crate::{Error, KdfParams, Opened, Record, pad};
 
 const SALT: usize = 16;
 
@@ -24,10 +24,48 @@ pub struct KeyMaterial {
     pub password_hint: Option<String>,
 }
 
-/// An unlocked account: holds the account key in memory (wiped on drop).
+impl KeyMaterial {
+    /// SHA-256 (hex) of the material: what a client pins to notice the server serving other
+    /// or older material. Each field is length-prefixed, so no two materials share it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"polydev-zk v1 key material");
+        for field in [
+            Some(&self.password_wrapped),
+            Some(&self.recovery_wrapped),
+            self.password_hint.as_ref(),
+        ] {
+            match field {
+                Some(text) => {
+                    hash.update([1]);
+                    hash.update((text.len() as u64).to_be_bytes());
+                    hash.update(text.as_bytes());
+                }
+                None => hash.update([0]),
+            }
+        }
+        hex::encode(hash.finalize())
+    }
+
+    /// The Argon2id parameters in the password envelope's header (read without a key; they are
+    /// authenticated when the envelope is opened).
+    pub fn kdf_params(&self) -> Result<KdfParams, Error> {
+        let bytes = envelope::decode(&self.password_wrapped)?;
+        let parsed = Parsed::parse(&bytes)?;
+        parsed
+            .kdf
+            .map(|(params, _)| params)
+            .ok_or(Error::Malformed("no KDF parameters"))
+    }
+}
+
+/// An unlocked account: holds the account key in memory (wiped on drop), and the proof of the
+/// secret it was unlocked with (the password's or the recovery key's), for the server.
 pub struct Keyring {
     user_id: String,
     account_key: AccountKey,
+    proof: AuthProof,
 }
 
 fn text_field(h: &mut Vec<u8>, s: &str) -> Result<(), Error> {
@@ -39,17 +77,18 @@ fn text_field(h: &mut Vec<u8>, s: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The password envelope and the proof of the password (which depends on its salt).
 fn wrap_with_password(
     account_key: &AccountKey,
     password: &str,
     user_id: &str,
     params: KdfParams,
-) -> Result<String, Error> {
+) -> Result<(String, AuthProof), Error> {
     if password.is_empty() {
         return Err(Error::InvalidInput("password (empty)"));
     }
     let salt: [u8; SALT] = envelope::random()?;
-    let kek = PasswordKey::derive(&params, password, &salt)?.into_key_encryption_key();
+    let (kek, proof) = PasswordKey::derive(&params, password, &salt)?.into_keys();
     let mut h = vec![VERSION, Kind::PasswordWrappedKey as u8];
     for v in [params.memory_kib, params.iterations, params.parallelism] {
         h.extend_from_slice(&v.to_be_bytes());
@@ -59,7 +98,7 @@ fn wrap_with_password(
     text_field(&mut h, user_id)?;
     h.extend_from_slice(kek.check());
     let sealed = kek.wrap_account_key(&h, account_key)?;
-    Ok(envelope::encode(&[h, sealed].concat()))
+    Ok((envelope::encode(&[h, sealed].concat()), proof))
 }
 
 fn wrap_with_recovery(
@@ -96,7 +135,10 @@ impl std::fmt::Debug for Keyring {
 
 impl Keyring {
     /// Turns zero-knowledge on: a random account key, wrapped by the password (Argon2id with
-    /// `params`) and by a new recovery key, which the caller must show the user once.
+    /// `params`) and by a new recovery key, which the caller must show the user once. The
+    /// keyring holds the password's proof; the recovery key gives its own
+    /// ([`RecoveryKey::proof`]). A key rotation is a new setup (a new account key) under the
+    /// same password.
     pub fn setup(
         password: &str,
         user_id: &str,
@@ -104,14 +146,17 @@ impl Keyring {
     ) -> Result<(Keyring, KeyMaterial, RecoveryKey), Error> {
         let account_key = AccountKey::generate()?;
         let recovery = RecoveryKey::generate()?;
+        let (password_wrapped, proof) =
+            wrap_with_password(&account_key, password, user_id, params)?;
         let material = KeyMaterial {
-            password_wrapped: wrap_with_password(&account_key, password, user_id, params)?,
+            password_wrapped,
             recovery_wrapped: wrap_with_recovery(&account_key, &recovery, user_id)?,
             password_hint: None,
         };
         let keyring = Keyring {
             user_id: user_id.to_string(),
             account_key,
+            proof,
         };
         Ok((keyring, material, recovery))
     }
@@ -119,13 +164,24 @@ impl Keyring {
     /// Unlocks with the master password. The KDF parameters come from the authenticated
     /// envelope and must meet [`KdfParams::MINIMUM`].
     pub fn unlock(material: &KeyMaterial, password: &str, user_id: &str) -> Result<Keyring, Error> {
-        let bytes = envelope::decode(&material.password_wrapped)?;
+        Self::unlock_password_envelope(&material.password_wrapped, password, user_id)
+    }
+
+    /// Unlocks one password envelope (`KeyMaterial::password_wrapped`, or the new key of a key
+    /// rotation in progress).
+    pub fn unlock_password_envelope(
+        password_wrapped: &str,
+        password: &str,
+        user_id: &str,
+    ) -> Result<Keyring, Error> {
+        let bytes = envelope::decode(password_wrapped)?;
         let parsed = parse_kind(&bytes, Kind::PasswordWrappedKey, user_id)?;
         let (params, salt) = parsed.kdf.ok_or(Error::Malformed("no KDF parameters"))?;
-        let kek = PasswordKey::derive(&params, password, salt)?.into_key_encryption_key();
+        let (kek, proof) = PasswordKey::derive(&params, password, salt)?.into_keys();
         Ok(Keyring {
             user_id: user_id.to_string(),
             account_key: kek.unwrap_account_key(&parsed)?,
+            proof,
         })
     }
 
@@ -141,27 +197,34 @@ impl Keyring {
         Ok(Keyring {
             user_id: user_id.to_string(),
             account_key: recovery.key_encryption_key().unwrap_account_key(&parsed)?,
+            proof: recovery.proof(),
         })
     }
 
-    /// A new password re-wraps the account key; no data is re-encrypted. The password hint is
-    /// dropped: it was a hint for the old password (the caller may add one for the new).
+    /// The proof of the secret this keyring was unlocked with (password or recovery key).
+    pub fn proof(&self) -> &AuthProof {
+        &self.proof
+    }
+
+    /// A new password re-wraps the account key; no data is re-encrypted. Returns the new
+    /// material and the new password's proof. The password hint is dropped: it was a hint for
+    /// the old password (the caller may add one for the new).
     pub fn change_password(
         &self,
         material: &KeyMaterial,
         new_password: &str,
         params: KdfParams,
-    ) -> Result<KeyMaterial, Error> {
-        Ok(KeyMaterial {
-            password_wrapped: wrap_with_password(
-                &self.account_key,
-                new_password,
-                &self.user_id,
-                params,
-            )?,
-            recovery_wrapped: material.recovery_wrapped.clone(),
-            password_hint: None,
-        })
+    ) -> Result<(KeyMaterial, AuthProof), Error> {
+        let (password_wrapped, proof) =
+            wrap_with_password(&self.account_key, new_password, &self.user_id, params)?;
+        Ok((
+            KeyMaterial {
+                password_wrapped,
+                recovery_wrapped: material.recovery_wrapped.clone(),
+                password_hint: None,
+            },
+            proof,
+        ))
     }
 
     /// A new recovery key (the old one stops working once the new material is stored).
@@ -222,5 +285,16 @@ impl Keyring {
             .unwrap_data_key(parsed.header_bytes, wrapped)?;
         let padded = data_key.open_item(parsed.header_bytes, parsed.sealed)?;
         Ok(pad::unpad(&padded)?.to_vec())
+    }
+
+    /// Seals a chat [`Record`] (text and place) for `ctx`.
+    pub fn seal_record(&self, ctx: &Context<'_>, record: &Record) -> Result<String, Error> {
+        self.seal(ctx, &Zeroizing::new(record.encode()))
+    }
+
+    /// Opens a chat item: a [`Record`], or the bare text of the older format. The caller
+    /// compares the record with the row it came in.
+    pub fn open_record(&self, ctx: &Context<'_>, text: &str) -> Result<Opened, Error> {
+        Opened::decode(&Zeroizing::new(self.open(ctx, text)?))
     }
 }

@@ -7,8 +7,13 @@
 //!
 //! The AEAD purpose labels (`account-key`, `data-key`, `item`) are fixed here by the key's type,
 //! so they cannot be mixed up by a caller either.
+//!
+//! An [`AuthProof`] is not a key: it is what the client shows the server to prove it knows the
+//! master password (or the recovery key), derived from the same secret with its own HKDF label,
+//! so it reveals nothing about the keys (Bitwarden's "master password hash").
 
 use hkdf::Hkdf;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -54,8 +59,8 @@ impl Secret {
     }
 }
 
-/// Argon2id of the master password and the envelope's salt (the "root"). Its one use is to
-/// derive the password's [`KeyEncryptionKey`].
+/// Argon2id of the master password and the envelope's salt (the "root"). Its uses: derive the
+/// password's [`KeyEncryptionKey`] and the password's [`AuthProof`].
 #[derive(Debug)]
 pub(crate) struct PasswordKey(Secret);
 
@@ -71,8 +76,68 @@ impl PasswordKey {
         )))
     }
 
-    pub(crate) fn into_key_encryption_key(self) -> KeyEncryptionKey {
-        KeyEncryptionKey::expand(&self.0, "password", Error::WrongPassword)
+    /// The key-encryption key and the proof of the password (distinct HKDF labels).
+    pub(crate) fn into_keys(self) -> (KeyEncryptionKey, AuthProof) {
+        (
+            KeyEncryptionKey::expand(&self.0, "password", Error::WrongPassword),
+            AuthProof::expand(&self.0, ProofKind::Password),
+        )
+    }
+}
+
+/// Which secret an [`AuthProof`] proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProofKind {
+    Password,
+    Recovery,
+}
+
+impl ProofKind {
+    fn label(self) -> &'static str {
+        match self {
+            ProofKind::Password => "password",
+            ProofKind::Recovery => "recovery",
+        }
+    }
+}
+
+/// Proof of knowing the master password (or the recovery key), for the server: HKDF-SHA256 of
+/// the same root as the key-encryption key with its own label (`polydev-zk v1 password auth`,
+/// `polydev-zk v1 recovery auth`). The server keeps only a salted hash of it and asks for it
+/// before changes that need the owner (a new password, a new recovery key, a key rotation,
+/// clearing plaintext, handing credentials over). Knowing it opens nothing: it is one HKDF
+/// output, the keys are others. It changes whenever the password envelope's salt does.
+pub struct AuthProof {
+    kind: ProofKind,
+    bytes: Zeroizing<[u8; KEY]>,
+}
+
+impl std::fmt::Debug for AuthProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuthProof({:?}, [redacted])", self.kind)
+    }
+}
+
+impl AuthProof {
+    fn expand(root: &Secret, kind: ProofKind) -> AuthProof {
+        let mut bytes = Zeroizing::new([0u8; KEY]);
+        Hkdf::<Sha256>::new(None, root.0.as_ref())
+            .expand(
+                format!("polydev-zk v1 {} auth", kind.label()).as_bytes(),
+                bytes.as_mut(),
+            )
+            .expect("32 bytes is a valid HKDF length");
+        AuthProof { kind, bytes }
+    }
+
+    pub fn kind(&self) -> ProofKind {
+        self.kind
+    }
+
+    /// 64 hex digits, as sent to the server.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.bytes.as_ref())
     }
 }
 
@@ -116,6 +181,11 @@ impl RecoveryKey {
 
     pub(crate) fn key_encryption_key(&self) -> KeyEncryptionKey {
         KeyEncryptionKey::expand(&self.0, "recovery", Error::WrongRecoveryKey)
+    }
+
+    /// The proof of this recovery key, for the server (see [`AuthProof`]).
+    pub fn proof(&self) -> AuthProof {
+        AuthProof::expand(&self.0, ProofKind::Recovery)
     }
 }
 
@@ -247,5 +317,18 @@ mod tests {
             assert!(shown.ends_with("([redacted])"), "{shown}");
         }
         assert!(!format!("{recovery:?}").contains("abab"));
+        assert!(!format!("{:?}", recovery.proof()).contains(&recovery.proof().to_hex()));
+    }
+
+    /// The proof is its own HKDF output: neither the key-encryption key nor the check value.
+    #[test]
+    fn the_proof_is_distinct_from_the_keys() {
+        let recovery = RecoveryKey::parse(&"ab".repeat(32)).unwrap();
+        let proof = recovery.proof();
+        let kek = recovery.key_encryption_key();
+        assert_eq!(proof.kind(), ProofKind::Recovery);
+        assert_ne!(proof.to_hex(), hex::encode(kek.key.0.as_ref()));
+        assert!(!proof.to_hex().contains(&hex::encode(kek.check())));
+        assert_eq!(proof.to_hex(), recovery.proof().to_hex(), "deterministic");
     }
 }

@@ -20,6 +20,7 @@ mod kdf;
 mod keyring;
 mod keys;
 mod pad;
+mod record;
 #[cfg(feature = "wasm")]
 mod wasm;
 
@@ -27,4 +28,5 @@ pub use envelope::{Context, Header, Kind, MAX_PLAINTEXT, inspect};
 pub use error::Error;
 pub use kdf::KdfParams;
 pub use keyring::{KeyMaterial, Keyring};
-pub use keys::RecoveryKey;
+pub use keys::{AuthProof, ProofKind, RecoveryKey};
+pub use record::{Opened, Record, RecordKind};

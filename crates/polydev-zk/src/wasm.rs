@@ -3,7 +3,7 @@
 
 use wasm_bindgen::prelude::*;
 
-use crate::{Context, KdfParams, KeyMaterial, Keyring};
+use crate::{Context, KdfParams, KeyMaterial, Keyring, Opened, Record};
 
 fn js_error(error: crate::Error) -> JsError {
     JsError::new(&error.to_string())
@@ -19,6 +19,7 @@ pub struct ZkSetup {
     keyring: Option<Keyring>,
     material: String,
     recovery_key: String,
+    recovery_proof: String,
 }
 
 #[wasm_bindgen]
@@ -30,6 +31,12 @@ impl ZkSetup {
     #[wasm_bindgen(getter, js_name = recoveryKey)]
     pub fn recovery_key(&self) -> String {
         self.recovery_key.clone()
+    }
+    /// The recovery key's proof (hex) for `POST /v1/zk/enable`; the password's is the
+    /// keyring's `proof`.
+    #[wasm_bindgen(getter, js_name = recoveryProof)]
+    pub fn recovery_proof(&self) -> String {
+        self.recovery_proof.clone()
     }
     /// The unlocked keyring (can be taken once).
     pub fn keyring(&mut self) -> Result<ZkKeyring, JsError> {
@@ -53,6 +60,7 @@ pub fn setup(password: &str, user_id: &str) -> Result<ZkSetup, JsError> {
         keyring: Some(keyring),
         material: serde_json::to_string(&material).expect("material serializes"),
         recovery_key: recovery.display(),
+        recovery_proof: recovery.proof().to_hex(),
     })
 }
 
@@ -107,14 +115,31 @@ impl ZkKeyring {
         String::from_utf8(bytes).map_err(|_| JsError::new("the plaintext is not UTF-8 text"))
     }
 
-    /// New material for a new password (re-wraps the account key only).
+    /// The proof (hex) of the secret this keyring was unlocked with, for the server
+    /// (`Polydev-Zk-Proof` or `Polydev-Zk-Recovery-Proof`, per `proofKind`).
+    #[wasm_bindgen(getter)]
+    pub fn proof(&self) -> String {
+        self.0.proof().to_hex()
+    }
+
+    /// `password` or `recovery`.
+    #[wasm_bindgen(getter, js_name = proofKind)]
+    pub fn proof_kind(&self) -> String {
+        match self.0.proof().kind() {
+            crate::ProofKind::Password => "password".into(),
+            crate::ProofKind::Recovery => "recovery".into(),
+        }
+    }
+
+    /// New material for a new password (re-wraps the account key only), as JSON
+    /// `{material, password_proof}`.
     #[wasm_bindgen(js_name = changePassword)]
     pub fn change_password(
         &self,
         material_json: &str,
         new_password: &str,
     ) -> Result<String, JsError> {
-        let material = self
+        let (material, proof) = self
             .0
             .change_password(
                 &parse_material(material_json)?,
@@ -122,8 +147,70 @@ impl ZkKeyring {
                 KdfParams::DEFAULT,
             )
             .map_err(js_error)?;
-        Ok(serde_json::to_string(&material).expect("material serializes"))
+        Ok(
+            serde_json::json!({ "material": material, "password_proof": proof.to_hex() })
+                .to_string(),
+        )
     }
+
+    /// Seals a chat record (JSON, see `Record`): its text and its place.
+    #[wasm_bindgen(js_name = sealRecord)]
+    pub fn seal_record(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        record_json: &str,
+    ) -> Result<String, JsError> {
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        self.0
+            .seal_record(&ctx, &parse_record(record_json)?)
+            .map_err(js_error)
+    }
+
+    /// Opens a chat item: JSON `{"record": {...}}`, or `{"bare": "text"}` for the older format
+    /// (its place is not bound: show it flagged).
+    #[wasm_bindgen(js_name = openRecord)]
+    pub fn open_record(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        envelope: &str,
+    ) -> Result<String, JsError> {
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        Ok(
+            match self.0.open_record(&ctx, envelope).map_err(js_error)? {
+                Opened::Record(record) => serde_json::json!({ "record": record }),
+                Opened::Bare(text) => serde_json::json!({ "bare": text }),
+            }
+            .to_string(),
+        )
+    }
+}
+
+fn parse_record(json: &str) -> Result<Record, JsError> {
+    serde_json::from_str(json).map_err(|e| JsError::new(&format!("invalid record: {e}")))
+}
+
+/// SHA-256 (hex) of a record's sealed form: what the migration manifest lists.
+#[wasm_bindgen(js_name = recordHash)]
+pub fn record_hash(record_json: &str) -> Result<String, JsError> {
+    Ok(parse_record(record_json)?.hash())
+}
+
+/// SHA-256 (hex) of key material (JSON): what a client pins.
+#[wasm_bindgen(js_name = materialFingerprint)]
+pub fn material_fingerprint(material_json: &str) -> Result<String, JsError> {
+    Ok(parse_material(material_json)?.fingerprint())
 }
 
 /// SHA-256 (hex) of a text's UTF-8 bytes: the migration's compare-and-swap token.

@@ -120,7 +120,7 @@ fn password_change_rewraps_one_key_and_old_data_still_opens() {
     let (keyring, material, _) =
         Keyring::setup("first password", USER, KdfParams::MINIMUM).unwrap();
     let sealed = keyring.seal(&ctx("r"), b"kept").unwrap();
-    let changed = keyring
+    let (changed, proof) = keyring
         .change_password(&material, "second password", KdfParams::MINIMUM)
         .unwrap();
     assert_eq!(changed.recovery_wrapped, material.recovery_wrapped);
@@ -130,6 +130,18 @@ fn password_change_rewraps_one_key_and_old_data_still_opens() {
     );
     let unlocked = Keyring::unlock(&changed, "second password", USER).unwrap();
     assert_eq!(unlocked.open(&ctx("r"), &sealed).unwrap(), b"kept");
+    assert_eq!(
+        unlocked.proof().to_hex(),
+        proof.to_hex(),
+        "the new password's proof"
+    );
+    assert_ne!(
+        Keyring::unlock(&material, "first password", USER)
+            .unwrap()
+            .proof()
+            .to_hex(),
+        proof.to_hex()
+    );
 }
 
 #[test]
@@ -228,7 +240,7 @@ fn the_hint_survives_a_new_recovery_key_but_not_a_new_password() {
     assert_eq!(replaced.password_hint, with_hint.password_hint);
     assert_eq!(replaced.password_wrapped, with_hint.password_wrapped);
     // The hint was for the old password.
-    let changed = keyring
+    let (changed, _) = keyring
         .change_password(&with_hint, "a new password", KdfParams::MINIMUM)
         .unwrap();
     assert_eq!(changed.password_hint, None);

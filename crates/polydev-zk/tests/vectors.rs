@@ -57,6 +57,30 @@ fn frozen_v1_envelopes_still_open() {
     );
 }
 
+/// The proofs of the frozen material's password and recovery key (HKDF labels `polydev-zk v1
+/// password auth` / `recovery auth`), frozen like the envelopes: a server stores their hashes,
+/// so they must never change for the same password and salt.
+#[test]
+fn frozen_v1_proofs_do_not_change() {
+    let material: KeyMaterial = serde_json::from_str(FROZEN_MATERIAL).unwrap();
+    let by_password = Keyring::unlock(&material, PASSWORD, USER).unwrap();
+    let by_recovery =
+        Keyring::unlock_with_recovery(&material, FROZEN_RECOVERY.trim(), USER).unwrap();
+    let frozen: serde_json::Value =
+        serde_json::from_str(include_str!("vectors/proofs-v1.json")).unwrap();
+    assert_eq!(by_password.proof().to_hex(), frozen["password"]);
+    assert_eq!(by_recovery.proof().to_hex(), frozen["recovery"]);
+    assert_eq!(
+        polydev_zk::RecoveryKey::parse(FROZEN_RECOVERY.trim())
+            .unwrap()
+            .proof()
+            .to_hex(),
+        frozen["recovery"]
+    );
+    assert_eq!(material.fingerprint(), frozen["fingerprint"]);
+    assert_ne!(frozen["password"], frozen["recovery"]);
+}
+
 /// Run with `cargo test -p polydev-zk --test vectors -- --ignored --nocapture` to print a new
 /// set (only when adding a new version; v1 files stay as they are).
 #[test]

@@ -71,12 +71,8 @@ pub struct CreateToken {
     pub scope: Option<Scope>,
 }
 
-/// `POST /v1/chat/sessions`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewSession {
-    pub title: Option<String>,
-}
+/// `POST /v1/chat/sessions` (defined with the chat domain).
+pub use crate::chat::NewSession;
 
 /// `?limit=` of the batch reads (migration, credential hand-over).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -102,13 +98,35 @@ impl HandOverQuery {
     }
 }
 
-/// `PUT /v1/zk/password`, `PUT /v1/zk/recovery`: a compare-and-swap of the key material.
+/// `PUT /v1/zk/password`, `PUT /v1/zk/recovery`: a compare-and-swap of the key material. The
+/// request also carries the proof of the current password or recovery key in a header.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaceKeyMaterial {
     /// The envelope being replaced, exactly as fetched.
     pub previous: String,
     pub material: crate::zk::KeyMaterial,
+    /// `PUT /v1/zk/password`: the new password's proof (64 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_proof: Option<String>,
+    /// `PUT /v1/zk/recovery`: the new recovery key's proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_proof: Option<String>,
+}
+
+/// `?limit=&system=&after=` of the migration's reads (defined with the migration).
+pub use crate::chat::migration::MigrationQuery;
+
+/// `POST /v1/zk/manifest`: chunks stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestStored {
+    pub stored: u64,
+}
+
+/// `POST /v1/zk/rotation/items`: the ids re-sealed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resealed {
+    pub resealed: Vec<String>,
 }
 
 /// A batch of rows read for the migration (`messages`).

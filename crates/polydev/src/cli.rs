@@ -158,12 +158,29 @@ pub enum ZkCommand {
     },
     /// Show whether zero-knowledge is on and how far the migration is.
     Status,
-    /// Change the master password (re-wraps one key; no data is re-encrypted).
-    ChangePassword,
+    /// Show your chat history, decrypted here. Items the server served that cannot be verified
+    /// as yours (plaintext injected after zero-knowledge was turned on, a message moved to
+    /// another session or with its role changed) are listed apart, never as yours.
+    History,
+    /// Change the master password. Without --rotate it re-wraps one key and re-encrypts
+    /// nothing, so a copy of the old key material still opens with the old password.
+    ChangePassword {
+        /// Also rotate the account key (see `rotate`): the old password and old copies of the
+        /// key material then open nothing written afterwards.
+        #[arg(long)]
+        rotate: bool,
+    },
     /// Forgot the password: unlock with the recovery key and set a new password.
     Recover,
-    /// Issue a new recovery key (the old one stops working); prints it once.
+    /// Issue a new recovery key; prints it once. The server's material no longer opens with
+    /// the old one, but a copy of the old material still does: `rotate` to retire it fully.
     NewRecoveryKey,
+    /// Rotate the account key: a new key, every item re-encrypted under it (resumable: run it
+    /// again after an interruption), then the key material swapped; prints a new recovery key.
+    Rotate,
+    /// Forget what this machine pinned about the account's keys (after checking that a change
+    /// the client refused was yours, e.g. a server restored from a backup).
+    ForgetPin,
 }
 
 #[derive(Debug, Subcommand)]
@@ -432,6 +449,81 @@ async fn token(db: &Database, command: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn rotate_with_progress(
+    client: &crate::client::zk::ZkClient,
+    password: &str,
+    new_password: Option<&str>,
+) -> anyhow::Result<crate::client::zk::rotate::RotationReport> {
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items re-encrypted")
+            .expect("valid template"),
+    );
+    let report = client
+        .rotate(
+            password,
+            new_password,
+            polydev_zk::KdfParams::DEFAULT,
+            |p| {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            },
+        )
+        .await?;
+    bar.finish();
+    Ok(report)
+}
+
+fn warn_unreadable(report: &crate::client::zk::rotate::RotationReport) {
+    if !report.unreadable.is_empty() {
+        eprintln!(
+            "WARNING: {} stored items open with neither key (not yours, or corrupt) and were left as they are: {:?}",
+            report.unreadable.len(),
+            report.unreadable
+        );
+    }
+}
+
+fn print_history(history: &crate::client::zk::history::History) {
+    use crate::client::zk::history::Trust;
+    let flag = |trust: Trust| match trust {
+        Trust::Sealed | Trust::Plaintext => "",
+        Trust::OlderFormat => {
+            "  [older format, not bound: its session, role and order are not verified]"
+        }
+        Trust::NotYetEncrypted => "  [not yet encrypted: run `polydev zk migrate`]",
+    };
+    for session in &history.sessions {
+        println!(
+            "== {}{}",
+            session.title.as_deref().unwrap_or("(untitled)"),
+            session.title_trust.map(flag).unwrap_or("")
+        );
+        for message in &session.messages {
+            println!("[{}] {}{}", message.role, message.text, flag(message.trust));
+        }
+    }
+    if !history.quarantined.is_empty() {
+        println!();
+        println!(
+            "QUARANTINED: {} items the server served that are not verified as yours (not shown above):",
+            history.quarantined.len()
+        );
+        for q in &history.quarantined {
+            println!(
+                "  {} {} (session {}): {}{}",
+                q.what,
+                q.id,
+                q.session_id,
+                q.reason,
+                q.served_text
+                    .as_deref()
+                    .map(|t| format!(" — served text: {t:?}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// The master password: `POLYDEV_MASTER_PASSWORD` (for scripts), else a prompt without echo.
 fn master_password(prompt: &str) -> anyhow::Result<String> {
     if let Ok(password) = std::env::var("POLYDEV_MASTER_PASSWORD") {
@@ -469,11 +561,19 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 if status.enabled { "on" } else { "off" }
             );
             if status.enabled {
+                println!("key material version: {}", status.version);
                 let m = client.migration_status().await?;
                 println!(
                     "messages: {} encrypted, {} encrypted but not yet verified, {} still plaintext",
                     m.done, m.unverified, m.plaintext
                 );
+                println!(
+                    "session titles: {} encrypted, {} not yet verified, {} still plaintext",
+                    m.sessions.done, m.sessions.unverified, m.sessions.plaintext
+                );
+                if status.rotation.is_some() {
+                    println!("a key rotation is in progress: run `polydev zk rotate` to finish it");
+                }
             }
         }
         ZkCommand::Enable => {
@@ -490,25 +590,76 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 "That is your recovery key, shown only this once: store it offline. Next: `polydev zk migrate`."
             );
         }
-        ZkCommand::ChangePassword | ZkCommand::Recover => {
-            let current = match command {
-                ZkCommand::Recover => rpassword::prompt_password("recovery key: ")?,
-                _ => master_password("current master password: ")?,
+        ZkCommand::History => {
+            let keyring = if client.status().await?.enabled {
+                Some(
+                    client
+                        .unlock(&master_password("master password: ")?)
+                        .await?,
+                )
+            } else {
+                None
             };
-            let unlock = match command {
-                ZkCommand::Recover => crate::client::zk::Unlock::RecoveryKey(&current),
-                _ => crate::client::zk::Unlock::Password(&current),
+            print_history(&client.history(keyring.as_ref()).await?);
+        }
+        ZkCommand::ChangePassword { rotate: true } => {
+            let current = master_password("current master password: ")?;
+            let new_password = new_master_password()?;
+            let report = rotate_with_progress(&client, &current, Some(&new_password)).await?;
+            println!("{}", report.recovery_key.display());
+            eprintln!(
+                "Master password changed and account key rotated ({} items re-encrypted). That is your new recovery key, shown only this once: store it offline. The old password, the old recovery key and any copy of the old key material open nothing written from now on, nor anything re-encrypted.",
+                report.resealed + report.already
+            );
+            warn_unreadable(&report);
+        }
+        ZkCommand::ChangePassword { rotate: false } | ZkCommand::Recover => {
+            let recover = matches!(command, ZkCommand::Recover);
+            let current = if recover {
+                rpassword::prompt_password("recovery key: ")?
+            } else {
+                master_password("current master password: ")?
+            };
+            let unlock = if recover {
+                crate::client::zk::Unlock::RecoveryKey(&current)
+            } else {
+                crate::client::zk::Unlock::Password(&current)
             };
             let new_password = new_master_password()?;
             client.set_password(unlock, &new_password).await?;
-            eprintln!("master password changed");
+            eprintln!(
+                "Master password changed: the key material on the server opens only with the new one. Your data was not re-encrypted, so a copy of the old key material (a backup) still opens with the old password; `polydev zk rotate` retires it."
+            );
         }
         ZkCommand::NewRecoveryKey => {
             let password = master_password("master password: ")?;
             let recovery = client.new_recovery_key(&password).await?;
             println!("{}", recovery.display());
             eprintln!(
-                "That is your new recovery key, shown only this once; the old one no longer works."
+                "That is your new recovery key, shown only this once. The old one no longer opens the key material on the server; a copy of the old material (a backup) still opens with it: `polydev zk rotate` retires it."
+            );
+        }
+        ZkCommand::Rotate => {
+            let password = master_password("master password: ")?;
+            let report = rotate_with_progress(&client, &password, None).await?;
+            println!("{}", report.recovery_key.display());
+            eprintln!(
+                "Account key rotated{} ({} items re-encrypted). That is your new recovery key, shown only this once: store it offline. The old recovery key and any copy of the old key material open nothing written from now on, nor anything re-encrypted.",
+                if report.resumed { " (resumed)" } else { "" },
+                report.resealed + report.already
+            );
+            warn_unreadable(&report);
+        }
+        ZkCommand::ForgetPin => {
+            let user_id = client.user_id().await?;
+            let forgotten = client.pins().forget(server_url, &user_id)?;
+            eprintln!(
+                "{}",
+                if forgotten {
+                    "Forgotten: the next command pins what the server serves now."
+                } else {
+                    "Nothing was pinned for this account on this server."
+                }
             );
         }
         ZkCommand::Migrate { batch } => {
@@ -537,6 +688,22 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                 "messages: encrypted {}, verified and cleared {}, re-queued {}, changed meanwhile {}",
                 report.encrypted, report.verified_and_cleared, report.reset, report.retried
             );
+            println!(
+                "session titles: encrypted {}, verified and cleared {}",
+                report.sessions_encrypted, report.sessions_verified_and_cleared
+            );
+            if !report.not_in_manifest.is_empty() {
+                eprintln!(
+                    "WARNING: {} plaintext rows were not there (or not as they are now) when zero-knowledge was turned on; they were NOT encrypted and are not shown as yours: {}",
+                    report.not_in_manifest.len(),
+                    report
+                        .not_in_manifest
+                        .iter()
+                        .map(Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             let credentials = client.migrate_credentials(&keyring).await?;
             println!(
                 "credentials: moved to client-side keys {}, verified and cleared {}",

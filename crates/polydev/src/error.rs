@@ -51,6 +51,44 @@ impl AuthFailure {
     }
 }
 
+/// Why a zero-knowledge change was refused: it needs the client's proof of the master password
+/// or of the recovery key (`Polydev-Zk-Proof`, `Polydev-Zk-Recovery-Proof`), which a leaked API
+/// token alone cannot give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProofFailure {
+    /// No proof was sent.
+    Missing,
+    /// The proof does not match the stored hash.
+    Wrong,
+    /// The account has no stored proof yet (zero-knowledge was turned on before proofs
+    /// existed): the client registers it when it next unlocks.
+    NotRegistered,
+}
+
+impl ProofFailure {
+    pub fn code(self) -> &'static str {
+        match self {
+            ProofFailure::Missing => "zk_proof_required",
+            ProofFailure::Wrong => "zk_proof_wrong",
+            ProofFailure::NotRegistered => "zk_proof_not_registered",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            ProofFailure::Missing => {
+                "this change needs the proof of your master password or recovery key (the `Polydev-Zk-Proof` or `Polydev-Zk-Recovery-Proof` header); unlock with `polydev zk` or the page"
+            }
+            ProofFailure::Wrong => {
+                "the proof of the master password or recovery key is wrong: nothing was changed"
+            }
+            ProofFailure::NotRegistered => {
+                "this account has no stored proof of its master password yet: unlock once (any `polydev zk` command that asks for the password, or the page) to register it"
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The request is wrong; the message says how to fix it.
@@ -79,6 +117,9 @@ pub enum Error {
     /// A browser `Origin` the server does not accept (on `/mcp`).
     #[error("{0}")]
     OriginNotAllowed(String),
+    /// A zero-knowledge change without (or with a wrong) proof of the owner's secret.
+    #[error("{}", .0.message())]
+    ZkProof(ProofFailure),
     #[error("rate limit exceeded: {limit} requests per minute; retry in {} s", retry_after.as_secs())]
     RateLimited {
         limit: i32,
@@ -113,6 +154,7 @@ impl Error {
             Error::InsufficientScope { .. } => "insufficient_scope",
             Error::AuthRateLimited { .. } => "auth_rate_limited",
             Error::OriginNotAllowed(_) => "origin_not_allowed",
+            Error::ZkProof(failure) => failure.code(),
             Error::RateLimited { .. } => "rate_limited",
             Error::QuotaExceeded(_) => "quota_exceeded",
             Error::NotConfigured(_) => "not_configured",

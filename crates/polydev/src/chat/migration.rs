@@ -3,17 +3,33 @@
 //! hash (a row changed since it was read is not overwritten, and is picked up again) → read back
 //! and decrypt to verify → clear the plaintext in a separate, idempotent step. Every step can be
 //! interrupted and re-run: nothing is lost and nothing is encrypted twice.
+//!
+//! Session texts (`chat_sessions.title`; `sessions.name`, `description`, `system_prompt`) move
+//! the same way, one envelope per session (`encrypted_meta_v2`). Clearing plaintext needs the
+//! proof of the master password or recovery key; no write is accepted during a key rotation.
+//! Which rows the client seals is its own decision: it seals only rows listed in the manifest
+//! it recorded when zero-knowledge was turned on (`crate::client::zk`).
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::System;
 use crate::error::{Error, Result};
-use crate::zk;
+use crate::zk::{self, Proofs};
 
 /// Most rows per batch.
 pub const MAX_BATCH: i64 = 500;
+
+/// `?limit=&system=&after=` of the migration's plaintext reads: a page of one chat system's
+/// rows with ids after `after` (both chat systems from the start without them).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct MigrationQuery {
+    pub limit: Option<i64>,
+    pub system: Option<System>,
+    pub after: Option<Uuid>,
+}
 
 /// A message still in plaintext.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
@@ -21,6 +37,9 @@ pub struct Plaintext {
     #[sqlx(skip)]
     pub system: Option<System>,
     pub id: Uuid,
+    pub session_id: Uuid,
+    pub role: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
     pub content: String,
     /// SHA-256 (hex) of the content as stored: the compare-and-swap token.
     pub content_sha256: String,
@@ -32,6 +51,9 @@ pub struct Unverified {
     #[sqlx(skip)]
     pub system: Option<System>,
     pub id: Uuid,
+    pub session_id: Uuid,
+    pub role: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
     pub content: String,
     pub encrypted_content: String,
 }
@@ -52,11 +74,21 @@ pub struct Item {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
-    /// Not yet encrypted.
+    /// Messages not yet encrypted.
     pub plaintext: i64,
     /// Encrypted, plaintext not yet cleared.
     pub unverified: i64,
     /// Encrypted and cleared.
+    pub done: i64,
+    /// The same for sessions' texts.
+    #[serde(default)]
+    pub sessions: Counts,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub plaintext: i64,
+    pub unverified: i64,
     pub done: i64,
 }
 
@@ -104,27 +136,47 @@ pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<Status> {
         status.plaintext += plaintext;
         status.unverified += unverified;
         status.done += done;
+        let (plaintext, unverified, done): (i64, i64, i64) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FILTER (WHERE m.encrypted_meta_v2 IS NULL AND ({texts})),
+                    count(*) FILTER (WHERE m.encrypted_meta_v2 IS NOT NULL AND ({texts})),
+                    count(*) FILTER (WHERE m.encrypted_meta_v2 IS NOT NULL AND NOT ({texts}))
+               FROM {} m WHERE m.user_id = $1",
+                system.sessions_table(),
+                texts = session_texts_present(system),
+            )))
+            .bind(user_id)
+            .fetch_one(pool)
+            .await?;
+        status.sessions.plaintext += plaintext;
+        status.sessions.unverified += unverified;
+        status.sessions.done += done;
     }
     Ok(status)
 }
 
-/// Rows of both chat systems, up to `limit` in all, each tagged with its system. `select`
-/// gives the query for one system; `$1` is the user, `$2` the limit left.
+/// Rows of both chat systems (or of `query.system` alone, after `query.after`), up to the limit
+/// in all, each tagged with its system. `select` gives the query for one system; `$1` is the
+/// user, `$2` the limit left, `$3` the id to start after (the nil UUID: from the start).
 async fn across_systems<T>(
     pool: &PgPool,
     user_id: Uuid,
-    limit: i64,
+    query: MigrationQuery,
     select: impl Fn(System) -> String,
 ) -> Result<Vec<T>>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin + Tagged,
 {
-    let limit = limit.clamp(1, MAX_BATCH);
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_BATCH);
     let mut out = Vec::new();
     for system in SYSTEMS {
+        if query.system.is_some_and(|only| only != system) {
+            continue;
+        }
         let rows: Vec<T> = sqlx::query_as(sqlx::AssertSqlSafe(select(system)))
             .bind(user_id)
             .bind(limit - out.len() as i64)
+            .bind(query.after.unwrap_or(Uuid::nil()))
             .fetch_all(pool)
             .await?;
         out.extend(rows.into_iter().map(|row| row.tagged(system)));
@@ -158,13 +210,19 @@ impl Tagged for Unverified {
     }
 }
 
-/// A batch of messages still in plaintext.
-pub async fn plaintext_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Plaintext>> {
+/// A batch of messages still in plaintext (ordered by id within each system).
+pub async fn plaintext_batch(
+    pool: &PgPool,
+    user_id: Uuid,
+    query: MigrationQuery,
+) -> Result<Vec<Plaintext>> {
     require_enabled(pool, user_id).await?;
-    across_systems(pool, user_id, limit, |system| {
+    across_systems(pool, user_id, query, |system| {
         format!(
-            "SELECT m.id, m.content, encode(sha256(convert_to(m.content, 'UTF8')), 'hex') AS content_sha256
+            "SELECT m.id, m.session_id, m.role, m.created_at, m.content,
+                    encode(sha256(convert_to(m.content, 'UTF8')), 'hex') AS content_sha256
                FROM {} AND NOT coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
+                AND m.id > $3
               ORDER BY m.id LIMIT $2",
             scoped(system)
         )
@@ -195,6 +253,10 @@ pub async fn write_encrypted(
             zk::MAX_MESSAGE_ENVELOPE,
         )?;
     }
+    let mut tx = pool.begin().await?;
+    zk::write_state_locked(&mut tx, user_id)
+        .await?
+        .ensure_not_rotating()?;
     // One statement per chat system for the whole batch.
     let mut written = Vec::new();
     for system in SYSTEMS {
@@ -220,20 +282,26 @@ pub async fn write_encrypted(
         .bind(&hashes)
         .bind(&envelopes)
         .bind(zk::envelope_metadata())
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
         written.extend(done);
     }
+    tx.commit().await?;
     Ok(written)
 }
 
 /// Encrypted rows whose plaintext is still there, for the client to verify.
-pub async fn unverified_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Result<Vec<Unverified>> {
-    across_systems(pool, user_id, limit, |system| {
+pub async fn unverified_batch(
+    pool: &PgPool,
+    user_id: Uuid,
+    query: MigrationQuery,
+) -> Result<Vec<Unverified>> {
+    across_systems(pool, user_id, query, |system| {
         format!(
-            "SELECT m.id, m.content, m.encrypted_content_v2 AS encrypted_content
+            "SELECT m.id, m.session_id, m.role, m.created_at, m.content,
+                    m.encrypted_content_v2 AS encrypted_content
                FROM {} AND coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL
-                AND m.encrypted_content_v2 IS NOT NULL
+                AND m.encrypted_content_v2 IS NOT NULL AND m.id > $3
               ORDER BY m.id LIMIT $2",
             scoped(system)
         )
@@ -243,7 +311,7 @@ pub async fn unverified_batch(pool: &PgPool, user_id: Uuid, limit: i64) -> Resul
 
 /// Runs `set` on the caller's rows among `items`, one statement per chat system.
 async fn update_items(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     user_id: Uuid,
     items: &[Item],
     set: &str,
@@ -267,33 +335,306 @@ async fn update_items(
         )))
         .bind(user_id)
         .bind(&ids)
-        .execute(pool)
+        .execute(&mut *conn)
         .await?;
         changed += done.rows_affected();
     }
     Ok(changed)
 }
 
-/// Clears the plaintext of verified rows. Idempotent; only rows that hold an envelope.
-pub async fn clear_plaintext(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
-    update_items(
-        pool,
+/// Clears the plaintext of verified rows. Idempotent; only rows that hold an envelope. Needs
+/// the proof of the master password or recovery key: clearing is the step that cannot be
+/// undone.
+pub async fn clear_plaintext(
+    pool: &PgPool,
+    user_id: Uuid,
+    proofs: &Proofs,
+    items: &[Item],
+) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    zk::verify_proof(&mut tx, user_id, proofs).await?;
+    let cleared = update_items(
+        &mut tx,
         user_id,
         items,
         "content = NULL",
         "coalesce(m.migrated_to_zk, false) AND m.encrypted_content_v2 IS NOT NULL AND m.content IS NOT NULL",
     )
-    .await
+    .await?;
+    tx.commit().await?;
+    Ok(cleared)
 }
 
 /// Puts back into the queue rows whose envelope did not verify (their plaintext is kept).
 pub async fn reset(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
+    let mut conn = pool.acquire().await?;
     update_items(
-        pool,
+        &mut conn,
         user_id,
         items,
         "migrated_to_zk = false, encrypted_content_v2 = NULL, encryption_metadata_v2 = NULL",
         "m.content IS NOT NULL",
     )
     .await
+}
+
+/// The condition "some text of the session is still in plaintext" (static: safe in SQL).
+fn session_texts_present(system: System) -> &'static str {
+    match system {
+        System::Chat => "m.title IS NOT NULL",
+        System::Sessions => {
+            "m.name IS NOT NULL OR m.description IS NOT NULL OR m.system_prompt IS NOT NULL"
+        }
+    }
+}
+
+/// The session's texts as one JSON array, hashed: the compare-and-swap token.
+fn session_texts_hash(system: System) -> &'static str {
+    match system {
+        System::Chat => {
+            "encode(sha256(convert_to(json_build_array(m.title)::text, 'UTF8')), 'hex')"
+        }
+        System::Sessions => {
+            "encode(sha256(convert_to(json_build_array(m.name, m.description, m.system_prompt)::text, 'UTF8')), 'hex')"
+        }
+    }
+}
+
+/// `title, description, system_prompt` of a session (the `sessions` system's `name` is its
+/// title; `chat_sessions` has only a title).
+fn session_texts(system: System) -> &'static str {
+    match system {
+        System::Chat => "m.title, NULL::text AS description, NULL::text AS system_prompt",
+        System::Sessions => "m.name AS title, m.description, m.system_prompt",
+    }
+}
+
+/// A session whose texts are still in plaintext.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct PlaintextSession {
+    #[sqlx(skip)]
+    pub system: Option<System>,
+    pub id: Uuid,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub system_prompt: Option<String>,
+    /// The compare-and-swap token (computed by the server; send it back as it is).
+    pub texts_sha256: String,
+}
+
+/// A sealed session whose plaintext texts are still there, for the client to verify.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct UnverifiedSession {
+    #[sqlx(skip)]
+    pub system: Option<System>,
+    pub id: Uuid,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub system_prompt: Option<String>,
+    pub encrypted_meta: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncryptedSession {
+    pub system: System,
+    pub id: Uuid,
+    pub texts_sha256: String,
+    pub encrypted_meta: String,
+}
+
+impl Tagged for PlaintextSession {
+    fn tagged(self, system: System) -> Self {
+        PlaintextSession {
+            system: Some(system),
+            ..self
+        }
+    }
+}
+
+impl Tagged for UnverifiedSession {
+    fn tagged(self, system: System) -> Self {
+        UnverifiedSession {
+            system: Some(system),
+            ..self
+        }
+    }
+}
+
+/// A batch of sessions whose texts are still in plaintext.
+pub async fn plaintext_sessions(
+    pool: &PgPool,
+    user_id: Uuid,
+    query: MigrationQuery,
+) -> Result<Vec<PlaintextSession>> {
+    require_enabled(pool, user_id).await?;
+    across_systems(pool, user_id, query, |system| {
+        format!(
+            "SELECT m.id, {texts}, {hash} AS texts_sha256 FROM {table} m
+              WHERE m.user_id = $1 AND m.encrypted_meta_v2 IS NULL AND ({present}) AND m.id > $3
+              ORDER BY m.id LIMIT $2",
+            texts = session_texts(system),
+            hash = session_texts_hash(system),
+            table = system.sessions_table(),
+            present = session_texts_present(system),
+        )
+    })
+    .await
+}
+
+/// Writes session envelopes, each only if the session's texts are still those read.
+pub async fn write_sessions(
+    pool: &PgPool,
+    user_id: Uuid,
+    writes: &[EncryptedSession],
+) -> Result<Vec<Uuid>> {
+    require_enabled(pool, user_id).await?;
+    if writes.len() as i64 > MAX_BATCH {
+        return Err(Error::TooLarge(format!(
+            "at most {MAX_BATCH} rows per batch"
+        )));
+    }
+    for write in writes {
+        zk::check_envelope(
+            &write.encrypted_meta,
+            polydev_zk::Kind::Item,
+            user_id,
+            Some(zk::CHAT_SESSION),
+            Some(&write.id.to_string()),
+            zk::MAX_SESSION_ENVELOPE,
+        )?;
+    }
+    let mut tx = pool.begin().await?;
+    zk::write_state_locked(&mut tx, user_id)
+        .await?
+        .ensure_not_rotating()?;
+    let mut written = Vec::new();
+    for system in SYSTEMS {
+        let rows: Vec<&EncryptedSession> = writes.iter().filter(|w| w.system == system).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
+        let hashes: Vec<&str> = rows.iter().map(|w| w.texts_sha256.as_str()).collect();
+        let envelopes: Vec<&str> = rows.iter().map(|w| w.encrypted_meta.as_str()).collect();
+        let done: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "UPDATE {table} m SET encrypted_meta_v2 = w.envelope
+               FROM unnest($2::uuid[], $3::text[], $4::text[]) AS w(id, hash, envelope)
+              WHERE m.id = w.id AND m.user_id = $1 AND m.encrypted_meta_v2 IS NULL
+                AND {hash} = w.hash
+             RETURNING m.id",
+            table = system.sessions_table(),
+            hash = session_texts_hash(system),
+        )))
+        .bind(user_id)
+        .bind(&ids)
+        .bind(&hashes)
+        .bind(&envelopes)
+        .fetch_all(&mut *tx)
+        .await?;
+        written.extend(done);
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Sealed sessions whose plaintext texts are still there.
+pub async fn unverified_sessions(
+    pool: &PgPool,
+    user_id: Uuid,
+    query: MigrationQuery,
+) -> Result<Vec<UnverifiedSession>> {
+    across_systems(pool, user_id, query, |system| {
+        format!(
+            "SELECT m.id, {texts}, m.encrypted_meta_v2 AS encrypted_meta FROM {table} m
+              WHERE m.user_id = $1 AND m.encrypted_meta_v2 IS NOT NULL AND ({present})
+                AND m.id > $3
+              ORDER BY m.id LIMIT $2",
+            texts = session_texts(system),
+            table = system.sessions_table(),
+            present = session_texts_present(system),
+        )
+    })
+    .await
+}
+
+/// Runs `set` on the caller's sessions among `items` that meet `condition` (per system:
+/// static SQL).
+async fn update_sessions(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    items: &[Item],
+    change: impl Fn(System) -> (&'static str, &'static str),
+) -> Result<u64> {
+    let mut changed = 0;
+    for system in SYSTEMS {
+        let ids: Vec<Uuid> = items
+            .iter()
+            .filter(|i| i.system == system)
+            .map(|i| i.id)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let (set, condition) = change(system);
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} m SET {set} WHERE m.id = ANY($2) AND m.user_id = $1 AND {condition}",
+            system.sessions_table(),
+        )))
+        .bind(user_id)
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+        changed += done.rows_affected();
+    }
+    Ok(changed)
+}
+
+/// Clears the plaintext texts of verified sessions (only sessions that hold an envelope).
+/// Needs a proof.
+pub async fn clear_sessions(
+    pool: &PgPool,
+    user_id: Uuid,
+    proofs: &Proofs,
+    items: &[Item],
+) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    zk::verify_proof(&mut tx, user_id, proofs).await?;
+    let cleared = update_sessions(&mut tx, user_id, items, |system| {
+        (
+            match system {
+                System::Chat => "title = NULL",
+                System::Sessions => "name = NULL, description = NULL, system_prompt = NULL",
+            },
+            match system {
+                System::Chat => "m.encrypted_meta_v2 IS NOT NULL AND m.title IS NOT NULL",
+                System::Sessions => {
+                    "m.encrypted_meta_v2 IS NOT NULL AND (m.name IS NOT NULL OR m.description IS NOT NULL OR m.system_prompt IS NOT NULL)"
+                }
+            },
+        )
+    })
+    .await?;
+    tx.commit().await?;
+    Ok(cleared)
+}
+
+/// Drops session envelopes that did not verify (the plaintext is kept).
+pub async fn reset_sessions(pool: &PgPool, user_id: Uuid, items: &[Item]) -> Result<u64> {
+    let mut conn = pool.acquire().await?;
+    update_sessions(&mut conn, user_id, items, |system| {
+        (
+            "encrypted_meta_v2 = NULL",
+            session_texts_present_paren(system),
+        )
+    })
+    .await
+}
+
+fn session_texts_present_paren(system: System) -> &'static str {
+    match system {
+        System::Chat => "(m.title IS NOT NULL)",
+        System::Sessions => {
+            "(m.name IS NOT NULL OR m.description IS NOT NULL OR m.system_prompt IS NOT NULL)"
+        }
+    }
 }

@@ -1,14 +1,14 @@
 //! One chat API over the two legacy chat systems (`chat_sessions`/`chat_messages` and
 //! `sessions`/`messages`). Reads follow the seed's rule: `migrated_to_zk` → the envelope in
 //! `encrypted_content_v2`, else the plaintext `content`. Once a user has zero-knowledge on, every
-//! write must be an envelope for that message; plaintext is refused.
+//! write must be an envelope for that message or session (its title); plaintext is refused, and
+//! so is any envelope while a key rotation is in progress.
 
 pub mod migration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use sqlx::error::BoxDynError;
 use uuid::Uuid;
 
 use crate::error::{Error, Result, reject_nul};
@@ -18,7 +18,7 @@ use crate::zk;
 pub const MAX_CONTENT_CHARS: usize = 100_000;
 
 /// Which legacy system a session lives in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum System {
     /// `chat_sessions` / `chat_messages`
@@ -43,18 +43,26 @@ impl System {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ChatSession {
     pub id: Uuid,
+    #[sqlx(try_from = "String")]
     pub system: SystemName,
+    /// The plaintext title (`chat_sessions.title`, `sessions.name`), for a session not sealed.
     pub title: Option<String>,
+    /// The sealed session (an item envelope for `chat.session`, bound to `id`): its title, or
+    /// its name, description and system prompt.
+    pub encrypted_meta: Option<String>,
+    /// `sessions.description` and `sessions.system_prompt` in plaintext (none for `chat`).
+    pub description: Option<String>,
+    pub system_prompt: Option<String>,
     pub archived: Option<bool>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
 }
 
 /// `System` as read from SQL text.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SystemName(pub System);
 
@@ -69,24 +77,7 @@ impl TryFrom<String> for SystemName {
     }
 }
 
-/// Decoded from SQL text through `TryFrom<String>` (the query macros' `"system!: _"`).
-impl sqlx::Type<sqlx::Postgres> for SystemName {
-    fn type_info() -> sqlx::postgres::PgTypeInfo {
-        <String as sqlx::Type<sqlx::Postgres>>::type_info()
-    }
-    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-        <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
-    }
-}
-
-impl<'r> sqlx::Decode<'r, sqlx::Postgres> for SystemName {
-    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> std::result::Result<Self, BoxDynError> {
-        let text = <String as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
-        Ok(SystemName::try_from(text)?)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ChatMessage {
     pub id: Uuid,
     pub role: Option<String>,
@@ -97,7 +88,7 @@ pub struct ChatMessage {
     pub created_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewMessage {
     /// Required with `encrypted_content`: the envelope is bound to this id.
@@ -105,20 +96,40 @@ pub struct NewMessage {
     pub role: String,
     pub content: Option<String>,
     pub encrypted_content: Option<String>,
+    /// The creation time to store (a client that seals a record binds it); else now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/chat/sessions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    /// The session's id, chosen by the client (required with `encrypted_meta`, which is bound
+    /// to it); else the server picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    /// A plaintext title: refused once zero-knowledge is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The sealed title (an item envelope for `chat.session`, bound to `id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted_meta: Option<String>,
 }
 
 pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSession>> {
-    // A UNION's columns come from no one table: `id` and `system` are declared non-NULL.
-    Ok(sqlx::query_as!(
-        ChatSession,
-        r#"SELECT id AS "id!", 'chat' AS "system!: _", title, archived, created_at, updated_at
-             FROM chat_sessions WHERE user_id = $1
-           UNION ALL
-           SELECT id, 'sessions', name, NOT coalesce(is_active, true), created_at, updated_at
-             FROM sessions WHERE user_id = $1
-           ORDER BY updated_at DESC NULLS LAST, "id!" LIMIT 1000"#,
-        user_id
+    Ok(sqlx::query_as(
+        "SELECT id, 'chat' AS system, title, encrypted_meta_v2 AS encrypted_meta,
+                NULL::text AS description, NULL::text AS system_prompt, archived,
+                created_at, updated_at
+           FROM chat_sessions WHERE user_id = $1
+         UNION ALL
+         SELECT id, 'sessions', name, encrypted_meta_v2, description, system_prompt,
+                NOT coalesce(is_active, true), created_at, updated_at
+           FROM sessions WHERE user_id = $1
+         ORDER BY updated_at DESC NULLS LAST, id LIMIT 1000",
     )
+    .bind(user_id)
     .fetch_all(pool)
     .await?)
 }
@@ -126,7 +137,6 @@ pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSessi
 /// The system holding `session_id`, if it is the caller's (404 otherwise, whoever owns it).
 async fn owning_system(pool: &PgPool, user_id: Uuid, session_id: Uuid) -> Result<System> {
     for system in [System::Chat, System::Sessions] {
-        // Dynamic: the legacy sessions table of `system` is spliced in.
         let owned: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1 AND user_id = $2)",
             system.sessions_table()
@@ -153,7 +163,6 @@ pub async fn list_messages(
     session_id: Uuid,
 ) -> Result<Vec<ChatMessage>> {
     let system = owning_system(pool, user_id, session_id).await?;
-    // Dynamic: the legacy messages table of `system` is spliced in.
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM {} WHERE session_id = $1 ORDER BY created_at, id",
         system.messages_table()
@@ -179,12 +188,13 @@ pub async fn add_message(
     }
     let system = owning_system(pool, user_id, session_id).await?;
     let id = message.id.unwrap_or_else(Uuid::new_v4);
-    // Dynamic below: the legacy messages table of `system` is spliced into both INSERTs.
     let table = system.messages_table();
     let mut tx = pool.begin().await?;
     // Read under a share lock on the user's row, so a plaintext write cannot race past a
-    // concurrent `enable` (which updates that row).
-    let zero_knowledge = zk::is_enabled_locked(&mut tx, user_id).await?;
+    // concurrent `enable` (which updates that row), nor an envelope past a rotation's start.
+    let state = zk::write_state_locked(&mut tx, user_id).await?;
+    let zero_knowledge = state.enabled;
+    let created_at = message.created_at.unwrap_or_else(Utc::now);
     let inserted: Option<ChatMessage> = match (&message.content, &message.encrypted_content) {
         (Some(_), Some(_)) => {
             return Err(Error::Invalid(
@@ -209,7 +219,8 @@ pub async fn add_message(
                 )));
             }
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO {table} (id, session_id, role, content) VALUES ($1, $2, $3, $4)
+                "INSERT INTO {table} (id, session_id, role, content, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (id) DO NOTHING
                  RETURNING {MESSAGE_COLUMNS}"
             )))
@@ -217,6 +228,7 @@ pub async fn add_message(
             .bind(session_id)
             .bind(&message.role)
             .bind(content)
+            .bind(created_at)
             .fetch_optional(&mut *tx)
             .await?
         }
@@ -235,9 +247,10 @@ pub async fn add_message(
                 Some(&id.to_string()),
                 zk::MAX_MESSAGE_ENVELOPE,
             )?;
+            state.ensure_not_rotating()?;
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk)
-                 VALUES ($1, $2, $3, $4, $5, true)
+                "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk, created_at)
+                 VALUES ($1, $2, $3, $4, $5, true, $6)
                  ON CONFLICT (id) DO NOTHING
                  RETURNING {MESSAGE_COLUMNS}"
             )))
@@ -246,6 +259,7 @@ pub async fn add_message(
             .bind(&message.role)
             .bind(envelope)
             .bind(zk::envelope_metadata())
+            .bind(created_at)
             .fetch_optional(&mut *tx)
             .await?
         }
@@ -256,11 +270,11 @@ pub async fn add_message(
     };
     if system == System::Sessions {
         // Keep the legacy counters that the old code shows.
-        sqlx::query!(
+        sqlx::query(
             "UPDATE sessions SET message_count = coalesce(message_count, 0) + 1,
                     last_activity_at = now(), updated_at = now() WHERE id = $1",
-            session_id
         )
+        .bind(session_id)
         .execute(&mut *tx)
         .await?;
     }
@@ -277,8 +291,7 @@ async fn same_message_again(
     id: Uuid,
     message: &NewMessage,
 ) -> Result<(ChatMessage, bool)> {
-    // Only a message of the same session can be the same message. Dynamic: the legacy messages
-    // table of `system` is spliced in.
+    // Only a message of the same session can be the same message.
     let stored: Option<ChatMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM {} WHERE id = $1 AND session_id = $2",
         system.messages_table()
@@ -301,12 +314,16 @@ async fn same_message_again(
     }
 }
 
-/// Creates a session in the `chat_sessions` system (the one new sessions use).
+/// Creates a session in the `chat_sessions` system (the one new sessions use). With
+/// zero-knowledge on, a plaintext title is refused: send `encrypted_meta`, an envelope for
+/// `chat.session` bound to the session id the client chose. Sending the same session again
+/// returns the stored one (`false`: not created).
 pub async fn create_session(
     pool: &PgPool,
     user_id: Uuid,
-    title: Option<&str>,
-) -> Result<ChatSession> {
+    session: &NewSession,
+) -> Result<(ChatSession, bool)> {
+    let title = session.title.as_deref();
     if let Some(title) = title {
         reject_nul("title", title)?;
     }
@@ -315,13 +332,75 @@ pub async fn create_session(
             "a title may be at most 500 characters".into(),
         ));
     }
-    Ok(sqlx::query_as!(
-        ChatSession,
-        r#"INSERT INTO chat_sessions (user_id, title, archived) VALUES ($1, $2, false)
-           RETURNING id, 'chat' AS "system!: _", title, archived, created_at, updated_at"#,
-        user_id,
-        title
+    if let Some(envelope) = &session.encrypted_meta {
+        let Some(id) = session.id else {
+            return Err(Error::Invalid(
+                "`id` is required with `encrypted_meta` (the envelope is bound to it)".into(),
+            ));
+        };
+        if title.is_some() {
+            return Err(Error::Invalid(
+                "send `title` or `encrypted_meta`, not both".into(),
+            ));
+        }
+        zk::check_envelope(
+            envelope,
+            polydev_zk::Kind::Item,
+            user_id,
+            Some(zk::CHAT_SESSION),
+            Some(&id.to_string()),
+            zk::MAX_SESSION_ENVELOPE,
+        )?;
+    }
+    let mut tx = pool.begin().await?;
+    let state = zk::write_state_locked(&mut tx, user_id).await?;
+    if state.enabled && title.is_some() {
+        return Err(Error::Invalid(
+            "zero-knowledge is on for this account: a session title must be sent as `encrypted_meta`, never plaintext".into(),
+        ));
+    }
+    if session.encrypted_meta.is_some() {
+        state.ensure_not_rotating()?;
+    }
+    let id = session.id.unwrap_or_else(Uuid::new_v4);
+    let created: Option<ChatSession> = sqlx::query_as(
+        "INSERT INTO chat_sessions (id, user_id, title, encrypted_meta_v2, archived)
+         VALUES ($1, $2, $3, $4, false)
+         ON CONFLICT (id) DO NOTHING
+         RETURNING id, 'chat' AS system, title, encrypted_meta_v2 AS encrypted_meta,
+                   NULL::text AS description, NULL::text AS system_prompt, archived,
+                   created_at, updated_at",
     )
-    .fetch_one(pool)
-    .await?)
+    .bind(id)
+    .bind(user_id)
+    .bind(title)
+    .bind(&session.encrypted_meta)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if let Some(created) = created {
+        return Ok((created, true));
+    }
+    // A retried create: the same session of the same user.
+    let stored: Option<ChatSession> = sqlx::query_as(
+        "SELECT id, 'chat' AS system, title, encrypted_meta_v2 AS encrypted_meta,
+                NULL::text AS description, NULL::text AS system_prompt, archived,
+                created_at, updated_at
+           FROM chat_sessions WHERE id = $1 AND user_id = $2",
+    )
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?;
+    match stored {
+        Some(stored)
+            if stored.title.as_deref() == title
+                && stored.encrypted_meta == session.encrypted_meta =>
+        {
+            Ok((stored, false))
+        }
+        _ => Err(Error::Conflict(format!(
+            "a different session with id {id} already exists"
+        ))),
+    }
 }

@@ -48,6 +48,17 @@ impl ApiClient {
         path: &str,
         body: Option<&B>,
     ) -> anyhow::Result<T> {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    /// [`ApiClient::call`] with extra headers (the zero-knowledge proofs).
+    pub async fn call_with<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
         let (url, method_ref) = (&url, &method);
         let response = RATE_LIMITED
@@ -57,6 +68,9 @@ impl ApiClient {
                         .http
                         .request(method_ref.clone(), url)
                         .bearer_auth(&self.token);
+                    for (name, value) in headers {
+                        request = request.header(*name, value);
+                    }
                     if let Some(body) = body {
                         request = request.json(body);
                     }
@@ -117,6 +131,11 @@ impl ApiClient {
         body: &B,
     ) -> anyhow::Result<T> {
         self.call(Method::PUT, path, Some(body)).await
+    }
+
+    /// The server's base URL (no trailing slash).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// `GET /v1/me`.

@@ -38,9 +38,13 @@ async fn create_session(
     Authenticated(caller): Authenticated,
     ApiJson(session): ApiJson<NewSession>,
 ) -> Result<(StatusCode, Json<ChatSession>), ApiError> {
-    let created =
-        chat::create_session(&state.pool, caller.user_id, session.title.as_deref()).await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    let (session, created) = chat::create_session(&state.pool, caller.user_id, &session).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(session)))
 }
 
 async fn messages(

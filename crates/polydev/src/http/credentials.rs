@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use super::zk::ZkProofs;
 use super::{ApiError, ApiJson, ApiQuery, Authenticated};
 use crate::api::{Cleared, HandOverQuery, Stored};
 use crate::app::AppState;
@@ -21,12 +22,14 @@ pub fn routes() -> Router<AppState> {
 async fn hand_over(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
+    ZkProofs(proofs): ZkProofs,
     ApiQuery(batch): ApiQuery<HandOverQuery>,
 ) -> Result<Json<HandOver>, ApiError> {
     let handed = vault::hand_over(
         &state.pool,
         state.legacy_secret.as_ref(),
         caller.user_id,
+        &proofs,
         batch.limit.unwrap_or(50),
         batch.position(),
     )

@@ -33,6 +33,7 @@ pub fn status(error: &Error) -> StatusCode {
         Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         Error::InsufficientScope { .. } | Error::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
         Error::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::ZkProof(_) => StatusCode::FORBIDDEN,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,

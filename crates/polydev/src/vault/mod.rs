@@ -26,8 +26,8 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::zk;
 
-pub const PROVIDER_NAMESPACE: &str = "credential.provider";
-pub const CLI_NAMESPACE: &str = "credential.cli";
+pub const PROVIDER_NAMESPACE: &str = zk::CREDENTIAL_PROVIDER;
+pub const CLI_NAMESPACE: &str = zk::CREDENTIAL_CLI;
 const MAX_ENVELOPE: usize = 256 * 1024;
 const MAX_BATCH: i64 = 100;
 
@@ -185,10 +185,13 @@ pub struct HandOver {
 /// A row that cannot be opened (missing columns, a bad IV, not the server's secret) is reported
 /// in `unreadable` and the rest go on. Without a configured `secret`, a row to decrypt makes the
 /// whole call say so (and an account with nothing to move is not bothered).
+/// Needs the proof of the master password or recovery key: a leaked API token alone cannot have
+/// the server decrypt the owner's credentials.
 pub async fn hand_over(
     pool: &PgPool,
     secret: Option<&LegacySecret>,
     user_id: Uuid,
+    proofs: &zk::Proofs,
     limit: i64,
     from: Option<Position>,
 ) -> Result<HandOver> {
@@ -198,6 +201,11 @@ pub async fn hand_over(
         })
     };
     require_enabled(pool, user_id).await?;
+    {
+        let mut tx = pool.begin().await?;
+        zk::verify_proof(&mut tx, user_id, proofs).await?;
+        tx.commit().await?;
+    }
     let limit = limit.clamp(1, MAX_BATCH);
     let mut batch = HandOver {
         credentials: Vec::new(),
@@ -355,6 +363,10 @@ impl HandOver {
 /// `migrated_to_zk`); returns the ids stored.
 pub async fn store(pool: &PgPool, user_id: Uuid, sealed: &[Sealed]) -> Result<Vec<Uuid>> {
     require_enabled(pool, user_id).await?;
+    let mut tx = pool.begin().await?;
+    zk::write_state_locked(&mut tx, user_id)
+        .await?
+        .ensure_not_rotating()?;
     let mut stored = Vec::new();
     for item in sealed {
         zk::check_envelope(
@@ -375,10 +387,11 @@ pub async fn store(pool: &PgPool, user_id: Uuid, sealed: &[Sealed]) -> Result<Ve
         .bind(user_id)
         .bind(item.credential_id)
         .bind(&item.envelope)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?;
         stored.extend(done);
     }
+    tx.commit().await?;
     Ok(stored)
 }
 

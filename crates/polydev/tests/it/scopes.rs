@@ -179,7 +179,8 @@ async fn an_mcp_token_reaches_no_account_route_and_changes_nothing() {
         );
         refused += 1;
     }
-    assert_eq!(refused, 13, "every account route was tried");
+    // A floor, so a table that stopped parsing cannot pass by trying nothing.
+    assert!(refused >= 26, "every account route was tried: {refused}");
     assert_eq!(snapshot(&db).await, before, "nothing changed");
 
     // The mcp routes are open to it.

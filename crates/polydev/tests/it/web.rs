@@ -110,4 +110,14 @@ async fn the_page_sets_a_password_migrates_and_reads_history_in_the_browser() {
     .await
     .unwrap();
     assert!(!leaked);
+    // Session titles were sealed too (bound to their session), and their plaintext cleared.
+    let titles: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM chat_sessions WHERE user_id = $1 AND title IS NULL AND encrypted_meta_v2 IS NOT NULL),
+                (SELECT count(*) FROM sessions WHERE user_id = $1 AND name IS NULL AND encrypted_meta_v2 IS NOT NULL)",
+    )
+    .bind(user_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(titles, (1, 1));
 }

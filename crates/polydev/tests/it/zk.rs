@@ -14,7 +14,29 @@ use uuid::Uuid;
 use crate::common::TestDb;
 use crate::http_api::{TestServer, user_with_token};
 
-const PASSWORD: &str = "a long enough master password";
+pub const PASSWORD: &str = "a long enough master password";
+
+/// A client whose pins live in a directory of its own (not the user's config).
+pub fn zk_client(base: &str, token: &str) -> ZkClient {
+    ZkClient::new(base, token).with_config_dir(pin_dir())
+}
+
+/// A fresh directory for pins, under the target directory.
+pub fn pin_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("zk-pins")
+        .join(crate::common::random_hex(8))
+}
+
+/// The text of a sealed chat message (a record, or the older bare text).
+pub fn message_text(keyring: &Keyring, ctx: &Context<'_>, envelope: &str) -> String {
+    keyring
+        .open_record(ctx, envelope)
+        .unwrap()
+        .text()
+        .unwrap()
+        .to_string()
+}
 
 /// A user with plaintext history in both legacy chat systems.
 pub async fn seed_history(db: &TestDb, user_id: Uuid, per_system: usize) {
@@ -78,13 +100,11 @@ async fn history(db: &TestDb, user_id: Uuid, keyring: Option<&Keyring>) -> BTree
                     user_id: &user,
                     row_id: &row,
                 };
-                String::from_utf8(
-                    keyring
-                        .expect("a keyring")
-                        .open(&ctx, envelope.as_deref().unwrap())
-                        .unwrap(),
+                message_text(
+                    keyring.expect("a keyring"),
+                    &ctx,
+                    envelope.as_deref().unwrap(),
                 )
-                .unwrap()
             } else {
                 content.unwrap()
             };
@@ -102,7 +122,7 @@ async fn an_interrupted_migration_resumes_and_loses_nothing() {
     assert_eq!(before.len(), 260);
 
     let server = TestServer::start(&db).await;
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, _recovery) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
 
     // Interrupt after every kind of step, several times, then let it finish.
@@ -175,12 +195,12 @@ async fn an_interrupted_migration_resumes_and_loses_nothing() {
 }
 
 #[tokio::test]
-async fn a_row_changed_during_migration_is_not_overwritten_and_is_picked_up_again() {
+async fn a_row_changed_during_migration_is_not_overwritten_nor_sealed_after_enable() {
     let db = TestDb::migrated().await;
     let (user_id, token) = user_with_token(&db, "cas@example.com", Plan::Pro).await;
     seed_history(&db, user_id, 3).await;
     let server = TestServer::start(&db).await;
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
 
     // Read a batch as the client would, then an old-style writer edits one row.
@@ -239,12 +259,24 @@ async fn a_row_changed_during_migration_is_not_overwritten_and_is_picked_up_agai
         "the compare-and-swap refused the stale write"
     );
 
-    client
+    // The edit came after zero-knowledge was turned on: the manifest recorded the row as it
+    // was, so the migration reports the edited row and never seals it as the user's.
+    let report = client
         .migrate(&keyring, 10, |_| {}, |_| ControlFlow::Continue(()))
         .await
         .unwrap();
+    assert_eq!(report.not_in_manifest, vec![id]);
+    assert_eq!(report.encrypted, 5, "the other rows are sealed");
     let after = history(&db, user_id, Some(&keyring)).await;
     assert_eq!(after[&id], "edited meanwhile");
+    let migrated: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT migrated_to_zk FROM {table} WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(migrated, Some(false), "left in plaintext, not sealed");
 }
 
 #[tokio::test]
@@ -292,7 +324,7 @@ async fn with_zero_knowledge_on_plaintext_writes_are_refused_and_envelopes_check
     .unwrap();
     assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
 
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
     let again = client
         .enable(PASSWORD, KdfParams::MINIMUM)
@@ -403,12 +435,13 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
     let (user_id, token) = user_with_token(&db, "keys@example.com", Plan::Pro).await;
     let (other_id, _) = user_with_token(&db, "else@example.com", Plan::Pro).await;
     let server = TestServer::start(&db).await;
-    let put = |path: &str, body: Value| {
+    let put = |path: &str, proof: &str, body: Value| {
         server
             .with_token(
                 server.client.put(format!("{}{path}", server.base)),
                 Some(&token),
             )
+            .header("polydev-zk-proof", proof)
             .json(&body)
             .send()
     };
@@ -422,18 +455,34 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
             .send()
     };
     // Material bound to another user, or with weak KDF parameters, is refused.
-    let (_, foreign, _) =
+    let (foreign_keyring, foreign, foreign_recovery) =
         Keyring::setup(PASSWORD, &other_id.to_string(), KdfParams::MINIMUM).unwrap();
-    let response = post("/v1/zk/enable", json!(foreign)).await.unwrap();
+    let response = post(
+        "/v1/zk/enable",
+        json!({ "material": foreign, "password_proof": foreign_keyring.proof().to_hex(), "recovery_proof": foreign_recovery.proof().to_hex() }),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
-    let (keyring, material, _) =
+    let (keyring, material, recovery) =
         Keyring::setup(PASSWORD, &user_id.to_string(), KdfParams::MINIMUM).unwrap();
+    // Without the proofs, the material alone (what older clients sent) is refused.
     assert_eq!(
         post("/v1/zk/enable", json!(material))
             .await
             .unwrap()
             .status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        post(
+            "/v1/zk/enable",
+            json!({ "material": material, "password_proof": keyring.proof().to_hex(), "recovery_proof": recovery.proof().to_hex() })
+        )
+        .await
+        .unwrap()
+        .status(),
         StatusCode::NO_CONTENT
     );
     let salt: Option<String> =
@@ -448,25 +497,28 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
         "the salt is recorded as the seed describes"
     );
 
-    let changed = keyring
+    let proof = keyring.proof().to_hex();
+    let (changed, new_proof) = keyring
         .change_password(&material, "a brand new password!", KdfParams::MINIMUM)
         .unwrap();
     let stale = put(
         "/v1/zk/password",
-        json!({ "previous": "pdz.stale", "material": changed }),
+        &proof,
+        json!({ "previous": "pdz.stale", "material": changed, "password_proof": new_proof.to_hex() }),
     )
     .await
     .unwrap();
     assert_eq!(stale.status(), StatusCode::CONFLICT);
     let ok = put(
         "/v1/zk/password",
-        json!({ "previous": material.password_wrapped, "material": changed }),
+        &proof,
+        json!({ "previous": material.password_wrapped, "material": changed, "password_proof": new_proof.to_hex() }),
     )
     .await
     .unwrap();
     assert_eq!(ok.status(), StatusCode::NO_CONTENT);
 
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     assert!(
         client
             .unlock(PASSWORD)
@@ -477,13 +529,14 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
     );
     assert!(client.unlock("a brand new password!").await.is_ok());
 
+    // The old password's proof no longer counts; the new one does.
     let (replaced, new_recovery) = keyring.replace_recovery_key(&changed).unwrap();
-    let ok = put(
-        "/v1/zk/recovery",
-        json!({ "previous": changed.recovery_wrapped, "material": replaced }),
-    )
-    .await
-    .unwrap();
+    let body = json!({ "previous": changed.recovery_wrapped, "material": replaced, "recovery_proof": new_recovery.proof().to_hex() });
+    let old_proof = put("/v1/zk/recovery", &proof, body.clone()).await.unwrap();
+    assert_eq!(old_proof.status(), StatusCode::FORBIDDEN);
+    let ok = put("/v1/zk/recovery", &new_proof.to_hex(), body)
+        .await
+        .unwrap();
     assert_eq!(ok.status(), StatusCode::NO_CONTENT);
     let status: Value = server
         .get("/v1/zk", Some(&token))
@@ -493,6 +546,7 @@ async fn key_material_is_checked_and_replaced_only_with_compare_and_swap() {
         .json()
         .await
         .unwrap();
+    assert_eq!(status["version"], 3, "enable, password, recovery key");
     let stored: polydev_zk::KeyMaterial =
         serde_json::from_value(status["material"].clone()).unwrap();
     assert!(
@@ -582,7 +636,7 @@ async fn legacy_credentials_move_to_client_side_keys() {
     )
     .with_legacy_secret(Some(secret));
     let server = TestServer::start_state(state).await;
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
     let report = client.migrate_credentials(&keyring).await.unwrap();
     assert_eq!((report.moved, report.verified_and_cleared), (2, 2));
@@ -645,7 +699,7 @@ async fn without_the_legacy_secret_the_server_says_so() {
     .await
     .unwrap();
     let server = TestServer::start(&db).await;
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
     let err = client
         .migrate_credentials(&keyring)
@@ -749,7 +803,7 @@ async fn a_hand_over_does_not_hold_up_other_requests() {
     let (user_id, token) = user_with_token(&db, "busy@example.com", Plan::Pro).await;
     let server = legacy_server(&db, MASTER).await;
     let client = ZkClient::new(&server.base, &token);
-    client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
     insert_legacy(&db, user_id, MASTER, 60).await;
     let hand_over = tokio::spawn({
         let request = server
@@ -758,6 +812,7 @@ async fn a_hand_over_does_not_hold_up_other_requests() {
                 "{}/v1/zk/credentials/hand-over?limit=60",
                 server.base
             ))
+            .header("Polydev-Zk-Proof", keyring.proof().to_hex())
             .bearer_auth(&token);
         async move { request.send().await.unwrap().status() }
     });
@@ -793,11 +848,13 @@ async fn the_cli_killed_mid_migration_resumes_and_loses_nothing() {
     seed_history(&db, user_id, 1000).await;
     let before = history(&db, user_id, None).await;
     let server = TestServer::start(&db).await;
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let config = pin_dir();
     let migrate = || {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_polydev"));
         cmd.args(["zk", "migrate", "--batch", "100"])
+            .env("POLYDEV_CONFIG_DIR", &config)
             .env("POLYDEV_SERVER_URL", &server.base)
             .env("POLYDEV_USER_TOKEN", &token)
             .env("POLYDEV_MASTER_PASSWORD", PASSWORD)
@@ -853,7 +910,7 @@ async fn the_recovery_key_resets_a_forgotten_password() {
     let db = TestDb::migrated().await;
     let (user_id, token) = user_with_token(&db, "forgot@example.com", Plan::Pro).await;
     let server = TestServer::start(&db).await;
-    let client = ZkClient::new(&server.base, &token);
+    let client = zk_client(&server.base, &token);
     let (keyring, recovery) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
     let user = user_id.to_string();
     let ctx = Context {
