@@ -123,6 +123,7 @@ async fn require_enabled(pool: &PgPool, user_id: Uuid) -> Result<()> {
 pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<Status> {
     let mut status = Status::default();
     for system in SYSTEMS {
+        // Dynamic: the legacy messages and sessions tables of `system` are spliced in.
         let (plaintext, unverified, done): (i64, i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FILTER (WHERE NOT coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL),
                     count(*) FILTER (WHERE coalesce(m.migrated_to_zk, false) AND m.content IS NOT NULL),
@@ -136,6 +137,7 @@ pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<Status> {
         status.plaintext += plaintext;
         status.unverified += unverified;
         status.done += done;
+        // Dynamic: the legacy sessions table of `system` and its text columns are spliced in.
         let (plaintext, unverified, done): (i64, i64, i64) =
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*) FILTER (WHERE m.encrypted_meta_v2 IS NULL AND ({texts})),
@@ -173,6 +175,7 @@ where
         if query.system.is_some_and(|only| only != system) {
             continue;
         }
+        // Dynamic: `select` splices the legacy tables and columns of `system`.
         let rows: Vec<T> = sqlx::query_as(sqlx::AssertSqlSafe(select(system)))
             .bind(user_id)
             .bind(limit - out.len() as i64)
@@ -267,6 +270,7 @@ pub async fn write_encrypted(
         let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
         let hashes: Vec<&str> = rows.iter().map(|w| w.content_sha256.as_str()).collect();
         let envelopes: Vec<&str> = rows.iter().map(|w| w.encrypted_content.as_str()).collect();
+        // Dynamic: the legacy messages and sessions tables of `system` are spliced in.
         let done: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} m SET encrypted_content_v2 = w.envelope, encryption_metadata_v2 = $5, migrated_to_zk = true
                FROM unnest($2::uuid[], $3::text[], $4::text[]) AS w(id, hash, envelope), {sessions} s
@@ -327,6 +331,7 @@ async fn update_items(
         if ids.is_empty() {
             continue;
         }
+        // Dynamic: the legacy tables of `system` and the caller's SET and condition are spliced in.
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {} m SET {set} FROM {} s
               WHERE m.id = ANY($2) AND s.id = m.session_id AND s.user_id = $1 AND {condition}",
@@ -516,6 +521,7 @@ pub async fn write_sessions(
         let ids: Vec<Uuid> = rows.iter().map(|w| w.id).collect();
         let hashes: Vec<&str> = rows.iter().map(|w| w.texts_sha256.as_str()).collect();
         let envelopes: Vec<&str> = rows.iter().map(|w| w.encrypted_meta.as_str()).collect();
+        // Dynamic: the legacy sessions table of `system` and its texts' hash are spliced in.
         let done: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} m SET encrypted_meta_v2 = w.envelope
                FROM unnest($2::uuid[], $3::text[], $4::text[]) AS w(id, hash, envelope)
@@ -576,6 +582,7 @@ async fn update_sessions(
             continue;
         }
         let (set, condition) = change(system);
+        // Dynamic: the legacy sessions table of `system` and its SET and condition are spliced in.
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {} m SET {set} WHERE m.id = ANY($2) AND m.user_id = $1 AND {condition}",
             system.sessions_table(),

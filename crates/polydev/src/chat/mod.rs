@@ -77,6 +77,26 @@ impl TryFrom<String> for SystemName {
     }
 }
 
+/// Decoded from SQL text through `TryFrom<String>` (`"system!: SystemName"` in the query
+/// macros).
+impl sqlx::Type<sqlx::Postgres> for SystemName {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <String as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for SystemName {
+    fn decode(
+        value: sqlx::postgres::PgValueRef<'r>,
+    ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+        let text = <String as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        Ok(SystemName::try_from(text)?)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ChatMessage {
     pub id: Uuid,
@@ -118,18 +138,20 @@ pub struct NewSession {
 }
 
 pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSession>> {
-    Ok(sqlx::query_as(
-        "SELECT id, 'chat' AS system, title, encrypted_meta_v2 AS encrypted_meta,
-                NULL::text AS description, NULL::text AS system_prompt, archived,
-                created_at, updated_at
-           FROM chat_sessions WHERE user_id = $1
-         UNION ALL
-         SELECT id, 'sessions', name, encrypted_meta_v2, description, system_prompt,
-                NOT coalesce(is_active, true), created_at, updated_at
-           FROM sessions WHERE user_id = $1
-         ORDER BY updated_at DESC NULLS LAST, id LIMIT 1000",
+    // A UNION's columns come from no one table: `id` and `system` are declared non-NULL.
+    Ok(sqlx::query_as!(
+        ChatSession,
+        r#"SELECT id AS "id!", 'chat' AS "system!: SystemName", title,
+                  encrypted_meta_v2 AS encrypted_meta, NULL::text AS description,
+                  NULL::text AS system_prompt, archived, created_at, updated_at
+             FROM chat_sessions WHERE user_id = $1
+           UNION ALL
+           SELECT id, 'sessions', name, encrypted_meta_v2, description, system_prompt,
+                  NOT coalesce(is_active, true), created_at, updated_at
+             FROM sessions WHERE user_id = $1
+           ORDER BY updated_at DESC NULLS LAST, "id!" LIMIT 1000"#,
+        user_id
     )
-    .bind(user_id)
     .fetch_all(pool)
     .await?)
 }
@@ -137,6 +159,7 @@ pub async fn list_sessions(pool: &PgPool, user_id: Uuid) -> Result<Vec<ChatSessi
 /// The system holding `session_id`, if it is the caller's (404 otherwise, whoever owns it).
 async fn owning_system(pool: &PgPool, user_id: Uuid, session_id: Uuid) -> Result<System> {
     for system in [System::Chat, System::Sessions] {
+        // Dynamic: the legacy sessions table of `system` is spliced in.
         let owned: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1 AND user_id = $2)",
             system.sessions_table()
@@ -163,6 +186,7 @@ pub async fn list_messages(
     session_id: Uuid,
 ) -> Result<Vec<ChatMessage>> {
     let system = owning_system(pool, user_id, session_id).await?;
+    // Dynamic: the legacy messages table of `system` is spliced in.
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM {} WHERE session_id = $1 ORDER BY created_at, id",
         system.messages_table()
@@ -218,6 +242,7 @@ pub async fn add_message(
                     "a message may be at most {MAX_CONTENT_CHARS} characters"
                 )));
             }
+            // Dynamic: the legacy messages table of `system` is spliced in.
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {table} (id, session_id, role, content, created_at)
                  VALUES ($1, $2, $3, $4, $5)
@@ -248,6 +273,7 @@ pub async fn add_message(
                 zk::MAX_MESSAGE_ENVELOPE,
             )?;
             state.ensure_not_rotating()?;
+            // Dynamic: the legacy messages table of `system` is spliced in.
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk, created_at)
                  VALUES ($1, $2, $3, $4, $5, true, $6)
@@ -270,11 +296,11 @@ pub async fn add_message(
     };
     if system == System::Sessions {
         // Keep the legacy counters that the old code shows.
-        sqlx::query(
+        sqlx::query!(
             "UPDATE sessions SET message_count = coalesce(message_count, 0) + 1,
                     last_activity_at = now(), updated_at = now() WHERE id = $1",
+            session_id
         )
-        .bind(session_id)
         .execute(&mut *tx)
         .await?;
     }
@@ -291,7 +317,8 @@ async fn same_message_again(
     id: Uuid,
     message: &NewMessage,
 ) -> Result<(ChatMessage, bool)> {
-    // Only a message of the same session can be the same message.
+    // Only a message of the same session can be the same message. Dynamic: the legacy messages
+    // table of `system` is spliced in.
     let stored: Option<ChatMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM {} WHERE id = $1 AND session_id = $2",
         system.messages_table()
@@ -363,18 +390,19 @@ pub async fn create_session(
         state.ensure_not_rotating()?;
     }
     let id = session.id.unwrap_or_else(Uuid::new_v4);
-    let created: Option<ChatSession> = sqlx::query_as(
-        "INSERT INTO chat_sessions (id, user_id, title, encrypted_meta_v2, archived)
-         VALUES ($1, $2, $3, $4, false)
-         ON CONFLICT (id) DO NOTHING
-         RETURNING id, 'chat' AS system, title, encrypted_meta_v2 AS encrypted_meta,
-                   NULL::text AS description, NULL::text AS system_prompt, archived,
-                   created_at, updated_at",
+    let created = sqlx::query_as!(
+        ChatSession,
+        r#"INSERT INTO chat_sessions (id, user_id, title, encrypted_meta_v2, archived)
+           VALUES ($1, $2, $3, $4, false)
+           ON CONFLICT (id) DO NOTHING
+           RETURNING id, 'chat' AS "system!: SystemName", title,
+                     encrypted_meta_v2 AS encrypted_meta, NULL::text AS description,
+                     NULL::text AS system_prompt, archived, created_at, updated_at"#,
+        id,
+        user_id,
+        title,
+        session.encrypted_meta.as_deref()
     )
-    .bind(id)
-    .bind(user_id)
-    .bind(title)
-    .bind(&session.encrypted_meta)
     .fetch_optional(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -382,14 +410,15 @@ pub async fn create_session(
         return Ok((created, true));
     }
     // A retried create: the same session of the same user.
-    let stored: Option<ChatSession> = sqlx::query_as(
-        "SELECT id, 'chat' AS system, title, encrypted_meta_v2 AS encrypted_meta,
-                NULL::text AS description, NULL::text AS system_prompt, archived,
-                created_at, updated_at
-           FROM chat_sessions WHERE id = $1 AND user_id = $2",
+    let stored = sqlx::query_as!(
+        ChatSession,
+        r#"SELECT id, 'chat' AS "system!: SystemName", title,
+                  encrypted_meta_v2 AS encrypted_meta, NULL::text AS description,
+                  NULL::text AS system_prompt, archived, created_at, updated_at
+             FROM chat_sessions WHERE id = $1 AND user_id = $2"#,
+        id,
+        user_id
     )
-    .bind(id)
-    .bind(user_id)
     .fetch_optional(pool)
     .await?;
     match stored {

@@ -228,27 +228,29 @@ fn new_salt() -> Result<String> {
     Ok(hex::encode(salt))
 }
 
-/// salt, password proof hash, recovery proof hash
-type ProofRow = (Option<String>, Option<String>, Option<String>);
-
 /// Checks the presented proofs against the stored hashes, locking the user's row until the
 /// transaction ends (so the change that follows cannot race another). Accepts either proof.
 pub async fn verify_proof(conn: &mut PgConnection, user_id: Uuid, proofs: &Proofs) -> Result<()> {
     if proofs.password.is_none() && proofs.recovery.is_none() {
         return Err(Error::ZkProof(ProofFailure::Missing));
     }
-    let row: Option<ProofRow> = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT zk_proof_salt, zk_password_proof_hash, zk_recovery_proof_hash
            FROM users WHERE user_id = $1 AND coalesce(zero_knowledge_enabled, false) FOR UPDATE",
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((salt, password_hash, recovery_hash)) = row else {
+    let Some(row) = row else {
         return Err(Error::Invalid(
             "zero-knowledge is not enabled for this account".into(),
         ));
     };
+    let (salt, password_hash, recovery_hash) = (
+        row.zk_proof_salt,
+        row.zk_password_proof_hash,
+        row.zk_recovery_proof_hash,
+    );
     let mut any_registered = false;
     for (presented, stored, kind) in [
         (&proofs.password, &password_hash, ProofKind::Password),
@@ -273,58 +275,46 @@ pub async fn verify_proof(conn: &mut PgConnection, user_id: Uuid, proofs: &Proof
     }))
 }
 
-/// zero_knowledge_enabled, password envelope, recovery envelope, hint envelope, version,
-/// password proof stored, recovery proof stored, rotation envelope
-type StatusRow = (
-    Option<bool>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    bool,
-    bool,
-    Option<String>,
-);
-
 pub async fn status(pool: &PgPool, user_id: Uuid) -> Result<ZkStatus> {
-    let row: Option<StatusRow> = sqlx::query_as(
-        "SELECT zero_knowledge_enabled, zk_password_wrapped_key, zk_recovery_wrapped_key,
-                encrypted_master_key_hint, zk_material_version,
-                zk_password_proof_hash IS NOT NULL, zk_recovery_proof_hash IS NOT NULL,
-                zk_rotation_wrapped_key
-           FROM users WHERE user_id = $1",
+    let row = sqlx::query!(
+        r#"SELECT zero_knowledge_enabled, zk_password_wrapped_key, zk_recovery_wrapped_key,
+                  encrypted_master_key_hint, zk_material_version,
+                  zk_password_proof_hash IS NOT NULL AS "password_proof!",
+                  zk_recovery_proof_hash IS NOT NULL AS "recovery_proof!",
+                  zk_rotation_wrapped_key
+             FROM users WHERE user_id = $1"#,
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(pool)
-    .await?;
-    let (enabled, password, recovery, hint, version, password_proof, recovery_proof, rotation) =
-        row.ok_or(Error::NotFound("user"))?;
-    let material = match (password, recovery) {
+    .await?
+    .ok_or(Error::NotFound("user"))?;
+    let material = match (row.zk_password_wrapped_key, row.zk_recovery_wrapped_key) {
         (Some(password_wrapped), Some(recovery_wrapped)) => Some(KeyMaterial {
             password_wrapped,
             recovery_wrapped,
-            password_hint: hint,
+            password_hint: row.encrypted_master_key_hint,
         }),
         _ => None,
     };
     Ok(ZkStatus {
-        enabled: enabled.unwrap_or(false),
-        version: version.unwrap_or(0),
+        enabled: row.zero_knowledge_enabled.unwrap_or(false),
+        version: row.zk_material_version.unwrap_or(0),
         material,
         proofs: Registered {
-            password: password_proof,
-            recovery: recovery_proof,
+            password: row.password_proof,
+            recovery: row.recovery_proof,
         },
-        rotation,
+        rotation: row.zk_rotation_wrapped_key,
     })
 }
 
 pub async fn is_enabled(pool: &PgPool, user_id: Uuid) -> Result<bool> {
-    let enabled: Option<Option<bool>> =
-        sqlx::query_scalar("SELECT zero_knowledge_enabled FROM users WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(pool)
-            .await?;
+    let enabled = sqlx::query_scalar!(
+        "SELECT zero_knowledge_enabled FROM users WHERE user_id = $1",
+        user_id
+    )
+    .fetch_optional(pool)
+    .await?;
     Ok(enabled.flatten().unwrap_or(false))
 }
 
@@ -351,14 +341,16 @@ impl WriteState {
 /// The write state inside a transaction, holding a share lock on the user's row until it ends:
 /// a write that depends on the answer cannot race past a concurrent `enable` or rotation.
 pub async fn write_state_locked(conn: &mut PgConnection, user_id: Uuid) -> Result<WriteState> {
-    let row: Option<(Option<bool>, bool)> = sqlx::query_as(
-        "SELECT zero_knowledge_enabled, zk_rotation_wrapped_key IS NOT NULL
-           FROM users WHERE user_id = $1 FOR SHARE",
+    let row = sqlx::query!(
+        r#"SELECT zero_knowledge_enabled, zk_rotation_wrapped_key IS NOT NULL AS "rotating!"
+             FROM users WHERE user_id = $1 FOR SHARE"#,
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(conn)
     .await?;
-    let (enabled, rotating) = row.unwrap_or((None, false));
+    let (enabled, rotating) = row.map_or((None, false), |row| {
+        (row.zero_knowledge_enabled, row.rotating)
+    });
     Ok(WriteState {
         enabled: enabled.unwrap_or(false),
         rotating,
@@ -378,22 +370,22 @@ pub async fn enable(pool: &PgPool, user_id: Uuid, request: &Enable) -> Result<()
     let password_proof = new_proof(Some(&request.password_proof), "password_proof")?;
     let recovery_proof = new_proof(Some(&request.recovery_proof), "recovery_proof")?;
     let proof_salt = new_salt()?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zero_knowledge_enabled = true, zk_password_wrapped_key = $2,
                 zk_recovery_wrapped_key = $3, encrypted_master_key_hint = $4,
                 key_derivation_salt = $5, zk_proof_salt = $6, zk_password_proof_hash = $7,
                 zk_recovery_proof_hash = $8, zk_material_version = coalesce(zk_material_version, 0) + 1,
                 zk_rotation_wrapped_key = NULL, updated_at = now()
           WHERE user_id = $1 AND NOT coalesce(zero_knowledge_enabled, false)",
+        user_id,
+        &material.password_wrapped,
+        &material.recovery_wrapped,
+        material.password_hint.as_deref(),
+        salt,
+        &proof_salt,
+        proof_hash(&proof_salt, ProofKind::Password, &password_proof),
+        proof_hash(&proof_salt, ProofKind::Recovery, &recovery_proof)
     )
-    .bind(user_id)
-    .bind(&material.password_wrapped)
-    .bind(&material.recovery_wrapped)
-    .bind(&material.password_hint)
-    .bind(salt)
-    .bind(&proof_salt)
-    .bind(proof_hash(&proof_salt, ProofKind::Password, &password_proof))
-    .bind(proof_hash(&proof_salt, ProofKind::Recovery, &recovery_proof))
     .execute(pool)
     .await?;
     if updated.rows_affected() == 0 {
@@ -425,18 +417,23 @@ pub async fn register_proofs(
         .map(|p| new_proof(Some(p), "recovery_proof"))
         .transpose()?;
     let mut tx = pool.begin().await?;
-    let row: Option<ProofRow> = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT zk_proof_salt, zk_password_proof_hash, zk_recovery_proof_hash
            FROM users WHERE user_id = $1 AND coalesce(zero_knowledge_enabled, false) FOR UPDATE",
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((salt, password_hash, recovery_hash)) = row else {
+    let Some(row) = row else {
         return Err(Error::Invalid(
             "zero-knowledge is not enabled for this account".into(),
         ));
     };
+    let (salt, password_hash, recovery_hash) = (
+        row.zk_proof_salt,
+        row.zk_password_proof_hash,
+        row.zk_recovery_proof_hash,
+    );
     let salt = match salt {
         Some(salt) => salt,
         None => new_salt()?,
@@ -445,15 +442,15 @@ pub async fn register_proofs(
         password_hash.or_else(|| password.map(|p| proof_hash(&salt, ProofKind::Password, &p)));
     let recovery_hash =
         recovery_hash.or_else(|| recovery.map(|p| proof_hash(&salt, ProofKind::Recovery, &p)));
-    sqlx::query(
+    sqlx::query!(
         "UPDATE users SET zk_proof_salt = $2, zk_password_proof_hash = $3,
                 zk_recovery_proof_hash = $4
           WHERE user_id = $1",
+        user_id,
+        &salt,
+        password_hash.as_deref(),
+        recovery_hash.as_deref()
     )
-    .bind(user_id)
-    .bind(&salt)
-    .bind(&password_hash)
-    .bind(&recovery_hash)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -465,11 +462,12 @@ pub async fn register_proofs(
 
 /// The stored proof salt (under the row lock taken by [`verify_proof`]).
 async fn proof_salt(conn: &mut PgConnection, user_id: Uuid) -> Result<String> {
-    let salt: Option<String> =
-        sqlx::query_scalar("SELECT zk_proof_salt FROM users WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_one(&mut *conn)
-            .await?;
+    let salt = sqlx::query_scalar!(
+        "SELECT zk_proof_salt FROM users WHERE user_id = $1",
+        user_id
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(match salt {
         Some(salt) => salt,
         None => new_salt()?,
@@ -493,21 +491,21 @@ pub async fn replace_password_envelope(
     let mut tx = pool.begin().await?;
     verify_proof(&mut tx, user_id, proofs).await?;
     let proof_salt = proof_salt(&mut tx, user_id).await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zk_password_wrapped_key = $3, key_derivation_salt = $4,
                 encrypted_master_key_hint = $5, zk_proof_salt = $7, zk_password_proof_hash = $8,
                 zk_material_version = coalesce(zk_material_version, 0) + 1, updated_at = now()
           WHERE user_id = $1 AND zero_knowledge_enabled AND zk_password_wrapped_key = $2
             AND zk_recovery_wrapped_key = $6 AND zk_rotation_wrapped_key IS NULL",
+        user_id,
+        previous,
+        &material.password_wrapped,
+        salt,
+        material.password_hint.as_deref(),
+        &material.recovery_wrapped,
+        &proof_salt,
+        proof_hash(&proof_salt, ProofKind::Password, &new_proof)
     )
-    .bind(user_id)
-    .bind(previous)
-    .bind(&material.password_wrapped)
-    .bind(salt)
-    .bind(&material.password_hint)
-    .bind(&material.recovery_wrapped)
-    .bind(&proof_salt)
-    .bind(proof_hash(&proof_salt, ProofKind::Password, &new_proof))
     .execute(&mut *tx)
     .await?;
     ensure_swapped(updated.rows_affected())?;
@@ -530,19 +528,19 @@ pub async fn replace_recovery_envelope(
     let mut tx = pool.begin().await?;
     verify_proof(&mut tx, user_id, proofs).await?;
     let proof_salt = proof_salt(&mut tx, user_id).await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zk_recovery_wrapped_key = $3, zk_proof_salt = $5,
                 zk_recovery_proof_hash = $6,
                 zk_material_version = coalesce(zk_material_version, 0) + 1, updated_at = now()
           WHERE user_id = $1 AND zero_knowledge_enabled AND zk_recovery_wrapped_key = $2
             AND zk_password_wrapped_key = $4 AND zk_rotation_wrapped_key IS NULL",
+        user_id,
+        previous,
+        &material.recovery_wrapped,
+        &material.password_wrapped,
+        &proof_salt,
+        proof_hash(&proof_salt, ProofKind::Recovery, &new_proof)
     )
-    .bind(user_id)
-    .bind(previous)
-    .bind(&material.recovery_wrapped)
-    .bind(&material.password_wrapped)
-    .bind(&proof_salt)
-    .bind(proof_hash(&proof_salt, ProofKind::Recovery, &new_proof))
     .execute(&mut *tx)
     .await?;
     ensure_swapped(updated.rows_affected())?;
@@ -569,10 +567,11 @@ pub struct ManifestChunk {
 
 /// The caller's manifest chunks, in order.
 pub async fn manifest(pool: &PgPool, user_id: Uuid) -> Result<Vec<ManifestChunk>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        ManifestChunk,
         "SELECT chunk, envelope FROM zk_manifest_chunks WHERE user_id = $1 ORDER BY chunk",
+        user_id
     )
-    .bind(user_id)
     .fetch_all(pool)
     .await?)
 }
@@ -610,14 +609,14 @@ pub async fn store_manifest(
     }
     let mut stored = 0;
     for chunk in chunks {
-        let existing: Option<String> = sqlx::query_scalar(
+        let existing = sqlx::query_scalar!(
             "INSERT INTO zk_manifest_chunks (user_id, chunk, envelope) VALUES ($1, $2, $3)
              ON CONFLICT (user_id, chunk) DO UPDATE SET envelope = zk_manifest_chunks.envelope
              RETURNING envelope",
+            user_id,
+            chunk.chunk,
+            &chunk.envelope
         )
-        .bind(user_id)
-        .bind(chunk.chunk)
-        .bind(&chunk.envelope)
         .fetch_optional(&mut *tx)
         .await?;
         if existing.as_deref() != Some(chunk.envelope.as_str()) {

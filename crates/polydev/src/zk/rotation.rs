@@ -194,10 +194,10 @@ pub struct Commit {
 }
 
 pub(super) async fn is_rotating(conn: &mut PgConnection, user_id: Uuid) -> Result<bool> {
-    let rotating: Option<bool> = sqlx::query_scalar(
-        "SELECT zk_rotation_wrapped_key IS NOT NULL FROM users WHERE user_id = $1",
+    let rotating = sqlx::query_scalar!(
+        r#"SELECT zk_rotation_wrapped_key IS NOT NULL AS "rotating!" FROM users WHERE user_id = $1"#,
+        user_id
     )
-    .bind(user_id)
     .fetch_optional(conn)
     .await?;
     Ok(rotating.unwrap_or(false))
@@ -209,12 +209,12 @@ pub async fn start(pool: &PgPool, user_id: Uuid, proofs: &Proofs, request: &Star
     check_password_envelope(&request.wrapped_key, user_id)?;
     let mut tx = pool.begin().await?;
     verify_proof(&mut tx, user_id, proofs).await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zk_rotation_wrapped_key = $2, updated_at = now()
           WHERE user_id = $1 AND zero_knowledge_enabled AND zk_rotation_wrapped_key IS NULL",
+        user_id,
+        &request.wrapped_key
     )
-    .bind(user_id)
-    .bind(&request.wrapped_key)
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 0 {
@@ -231,6 +231,7 @@ pub async fn start(pool: &PgPool, user_id: Uuid, proofs: &Proofs, request: &Star
 pub async fn items(pool: &PgPool, user_id: Uuid, query: &ItemsQuery) -> Result<Vec<RotationItem>> {
     let s = query.kind.storage();
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_BATCH);
+    // Dynamic: the table, id and envelope column of the item kind are spliced in.
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {id}::text AS id, m.{column} AS envelope FROM {table}{join}
           WHERE {owner} AND m.{column} IS NOT NULL AND {id}::text COLLATE \"C\" > $2
@@ -253,6 +254,7 @@ pub async fn count(pool: &PgPool, user_id: Uuid) -> Result<i64> {
     let mut total = 0;
     for kind in ItemKind::ALL {
         let s = kind.storage();
+        // Dynamic: the table and envelope column of each item kind are spliced in.
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT count(*) FROM {table}{join} WHERE {owner} AND m.{column} IS NOT NULL",
             table = s.table,
@@ -315,6 +317,7 @@ pub async fn reseal(
     let ids: Vec<&str> = request.items.iter().map(|i| i.id.as_str()).collect();
     let previous: Vec<&str> = request.items.iter().map(|i| i.previous.as_str()).collect();
     let envelopes: Vec<&str> = request.items.iter().map(|i| i.envelope.as_str()).collect();
+    // Dynamic: the table, id and envelope column of the item kind are spliced in.
     let done: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE {table} SET {column} = w.envelope
            FROM unnest($2::text[], $3::text[], $4::text[]) AS w(id, previous, envelope){join}
@@ -345,7 +348,7 @@ pub async fn commit(pool: &PgPool, user_id: Uuid, proofs: &Proofs, request: &Com
     let mut tx = pool.begin().await?;
     verify_proof(&mut tx, user_id, proofs).await?;
     let proof_salt = proof_salt(&mut tx, user_id).await?;
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "UPDATE users SET zk_password_wrapped_key = $3, zk_recovery_wrapped_key = $4,
                 encrypted_master_key_hint = $5, key_derivation_salt = $6, zk_proof_salt = $7,
                 zk_password_proof_hash = $8, zk_recovery_proof_hash = $9,
@@ -353,24 +356,16 @@ pub async fn commit(pool: &PgPool, user_id: Uuid, proofs: &Proofs, request: &Com
                 zk_rotation_wrapped_key = NULL, updated_at = now()
           WHERE user_id = $1 AND zero_knowledge_enabled AND zk_password_wrapped_key = $2
             AND zk_rotation_wrapped_key IS NOT NULL",
+        user_id,
+        &request.previous,
+        &material.password_wrapped,
+        &material.recovery_wrapped,
+        material.password_hint.as_deref(),
+        salt,
+        &proof_salt,
+        proof_hash(&proof_salt, ProofKind::Password, &password_proof),
+        proof_hash(&proof_salt, ProofKind::Recovery, &recovery_proof)
     )
-    .bind(user_id)
-    .bind(&request.previous)
-    .bind(&material.password_wrapped)
-    .bind(&material.recovery_wrapped)
-    .bind(&material.password_hint)
-    .bind(salt)
-    .bind(&proof_salt)
-    .bind(proof_hash(
-        &proof_salt,
-        ProofKind::Password,
-        &password_proof,
-    ))
-    .bind(proof_hash(
-        &proof_salt,
-        ProofKind::Recovery,
-        &recovery_proof,
-    ))
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 0 {
