@@ -33,6 +33,8 @@ let me = null;
 let proofs = {};
 let busy = 0;
 let idleTimer = null;
+// Grows with every lock: what was rendering when the page locked stops adding to it.
+let lockEpoch = 0;
 
 // ---- The worker that holds the keys ----------------------------------------------------------
 
@@ -54,8 +56,11 @@ function startWorker() {
   };
 }
 
-// One operation in the worker (see worker.js).
+// One operation in the worker (see worker.js). Operations with a keyring are refused while the
+// page is locked (a flow that was running when it locked stops there).
+const KEYLESS = new Set(["setup", "unlock", "unlockPasswordEnvelope", "recordHash", "contentHash", "materialFingerprint", "materialKdfParams"]);
 function zk(op, args = {}) {
+  if (!KEYLESS.has(op) && !Object.keys(proofs).length) return Promise.reject(new Error("locked"));
   if (!worker) startWorker();
   return new Promise((resolve, reject) => {
     const id = ++calls;
@@ -381,6 +386,7 @@ async function doUnlock() {
 }
 
 async function afterUnlock() {
+  $("history").setAttribute("aria-busy", "true");
   await refreshStatus();
   await renderHistory();
   $("history-title").focus();
@@ -388,6 +394,7 @@ async function afterUnlock() {
 
 // Drops the keys: the worker (and its WASM memory) goes; what was shown goes too.
 function lock(why) {
+  lockEpoch += 1;
   if (worker) worker.terminate();
   worker = null;
   for (const call of waiting.values()) call.reject(new Error("locked"));
@@ -535,8 +542,15 @@ function line(roleText, textValue, badge, badgeClass) {
 // somewhere else (moved, reordered, role flipped), are listed apart, quarantined, never as the
 // user's.
 async function renderHistory() {
+  const epoch = lockEpoch;
+  $("history").setAttribute("aria-busy", "true");
+  try { await renderInto(epoch); } finally { $("history").removeAttribute("aria-busy"); }
+}
+
+async function renderInto(epoch) {
   const manifest = await checkedManifest(false);
   const box = $("sessions");
+  const append = (node) => { if (epoch !== lockEpoch) throw new Error("locked"); box.append(node); };
   box.replaceChildren();
   const quarantined = [];
   const quarantine = (what, id, reason, text) => quarantined.push({ what, id, reason, text });
@@ -554,10 +568,10 @@ async function renderHistory() {
       title = "(untitled)";
     }
     h.textContent = title;
-    box.append(h);
+    append(h);
     let messages;
     try { messages = await api("GET", `/v1/chat/sessions/${session.id}/messages`); } catch (e) {
-      box.append(line("", `This session's messages could not be read: ${e.message}`, "unreadable", "flag unreadable-flag"));
+      append(line("", `This session's messages could not be read: ${e.message}`, "unreadable", "flag unreadable-flag"));
       continue;
     }
     for (const m of messages) {
@@ -567,22 +581,23 @@ async function renderHistory() {
           const shown = line(m.role, `This message cannot be opened: ${e.message}`, "unreadable", "flag unreadable-flag");
           shown.classList.add("unreadable");
           shown.dataset.id = m.id;
-          box.append(shown);
+          append(shown);
           continue;
         }
-        if (opened.bare !== undefined) { box.append(line(m.role, opened.bare, "older format, not bound", "flag")); continue; }
+        if (opened.bare !== undefined) { append(line(m.role, opened.bare, "older format, not bound", "flag")); continue; }
         const r = opened.record;
         const why = r.kind !== "message" ? "not a message" : r.session !== session.id ? `moved from session ${r.session}`
           : (r.role ?? null) !== (m.role ?? null) ? `role changed from ${r.role} to ${m.role}` : (r.created_at_us ?? null) !== micros(m.created_at) ? "reordered (its time was changed)" : null;
         if (why) { quarantine("message", m.id, why, r.text); continue; }
-        box.append(line(m.role, r.text, "encrypted", "lock"));
+        append(line(m.role, r.text, "encrypted", "lock"));
       } else if (await listedIn(manifest, session.system, "message", m.id, messageRecord({ ...m, session_id: session.id }))) {
-        box.append(line(m.role, m.content ?? "", "not yet encrypted", "flag"));
+        append(line(m.role, m.content ?? "", "not yet encrypted", "flag"));
       } else {
         quarantine("message", m.id, "plaintext not in the manifest", m.content ?? "");
       }
     }
   }
+  if (epoch !== lockEpoch) throw new Error("locked");
   const list = $("quarantined");
   list.replaceChildren();
   for (const q of quarantined) {
@@ -738,10 +753,12 @@ async function rotate() {
 function on(id, handler) {
   $(id).addEventListener("click", async () => {
     $(id).disabled = true;
+    $(id).setAttribute("aria-busy", "true");
     busy += 1;
     try { $("error").textContent = ""; await handler(); } catch (e) {
-      if (e instanceof KeysChanged) keysChanged(e); else fail(e);
-    } finally { busy -= 1; $(id).disabled = false; }
+      if (e instanceof KeysChanged) keysChanged(e);
+      else if (!(e?.message === "locked" && !Object.keys(proofs).length)) fail(e); // stopped by the lock
+    } finally { busy -= 1; $(id).disabled = false; $(id).removeAttribute("aria-busy"); }
   });
 }
 

@@ -10,7 +10,7 @@ const keyrings = new Map();
 
 function keyring(name = "current") {
   const k = keyrings.get(name);
-  if (!k) throw new Error("locked: unlock first");
+  if (!k) throw new Error("locked");
   return k;
 }
 
