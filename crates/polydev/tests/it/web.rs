@@ -1,6 +1,8 @@
 //! The zero-knowledge web page in a real browser (Debian's Chromium driven by playwright-core):
 //! plaintext history → master password → migration → reload → unlock → the history reads
-//! correctly, and the database holds no plaintext for the user.
+//! correctly, and the database holds no plaintext for the user; then the page against a server
+//! that lies (`LyingProxy`): pins, quarantine, bound records, unreadable envelopes, credentials,
+//! a stuck migration, lock and idle lock, rotation.
 
 use std::path::PathBuf;
 
@@ -532,6 +534,7 @@ async fn the_page_quarantines_injected_plaintext_and_flags_moved_or_broken_recor
         "{result}"
     );
     assert!(quarantined(&result, b1).contains("reordered"), "{result}");
+    assert_eq!(quarantined(&result, a3), "", "left where it was: {result}");
     let unreadable = result["unreadable"].as_array().unwrap();
     assert_eq!(unreadable.len(), 1, "{result}");
     assert_eq!(unreadable[0]["id"], json!(b2), "{result}");
