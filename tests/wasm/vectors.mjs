@@ -52,6 +52,28 @@ check("round trip, and a moved envelope is refused", () => {
   assert.equal(zk.contentHash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 });
 
+check("frozen KDF parameters are read without a key", () => {
+  assert.deepEqual(JSON.parse(zk.materialKdfParams(vectors("material-v1.json"))), { memory_kib: 19456, iterations: 2, parallelism: 1 });
+});
+check("bytes, rotation helpers and a new recovery key", () => {
+  const old = zk.setup("the old one", USER).keyring();
+  const made = zk.setup("the new one", USER);
+  const material = made.material;
+  const fresh = made.keyring();
+  const sealed = old.sealBase64("credential.cli", USER, "c1", "AP8Q");
+  assert.equal(old.openBase64("credential.cli", USER, "c1", sealed), "AP8Q");
+  assert.equal(fresh.opens("credential.cli", USER, "c1", sealed), false);
+  const resealed = fresh.resealFrom(old, "credential.cli", USER, "c1", sealed);
+  assert.equal(fresh.openBase64("credential.cli", USER, "c1", resealed), "AP8Q");
+  assert.equal(old.opens("credential.cli", USER, "c1", resealed), false);
+  const pending = zk.unlockPasswordEnvelope(JSON.parse(material).password_wrapped, "the new one", USER);
+  assert.equal(pending.opens("credential.cli", USER, "c1", resealed), true);
+  const replaced = JSON.parse(fresh.replaceRecoveryKey(material));
+  assert.equal(replaced.material.password_wrapped, JSON.parse(material).password_wrapped);
+  const byRecovery = zk.unlockWithRecovery(JSON.stringify(replaced.material), replaced.recovery_key, USER);
+  assert.equal(byRecovery.proof, replaced.recovery_proof);
+});
+
 for (const line of results) console.log(line);
 const failed = results.filter((r) => r.startsWith("FAIL")).length;
 console.log(`${results.length - failed} passed, ${failed} failed`);

@@ -71,6 +71,18 @@ pub fn unlock(material_json: &str, password: &str, user_id: &str) -> Result<ZkKe
         .map_err(js_error)
 }
 
+/// Unlocks one password envelope (the new key of a key rotation in progress).
+#[wasm_bindgen(js_name = unlockPasswordEnvelope)]
+pub fn unlock_password_envelope(
+    password_wrapped: &str,
+    password: &str,
+    user_id: &str,
+) -> Result<ZkKeyring, JsError> {
+    Keyring::unlock_password_envelope(password_wrapped, password, user_id)
+        .map(ZkKeyring)
+        .map_err(js_error)
+}
+
 #[wasm_bindgen(js_name = unlockWithRecovery)]
 pub fn unlock_with_recovery(
     material_json: &str,
@@ -153,6 +165,94 @@ impl ZkKeyring {
         )
     }
 
+    /// A new recovery key for this account key: JSON `{material, recovery_key, recovery_proof}`
+    /// (the material keeps its password envelope and hint).
+    #[wasm_bindgen(js_name = replaceRecoveryKey)]
+    pub fn replace_recovery_key(&self, material_json: &str) -> Result<String, JsError> {
+        let (material, recovery) = self
+            .0
+            .replace_recovery_key(&parse_material(material_json)?)
+            .map_err(js_error)?;
+        Ok(serde_json::json!({
+            "material": material,
+            "recovery_key": recovery.display(),
+            "recovery_proof": recovery.proof().to_hex(),
+        })
+        .to_string())
+    }
+
+    /// Seals bytes given as standard base64 (credentials).
+    #[wasm_bindgen(js_name = sealBase64)]
+    pub fn seal_base64(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        base64: &str,
+    ) -> Result<String, JsError> {
+        use base64::Engine;
+        let bytes = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map_err(|_| JsError::new("not base64"))?,
+        );
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        self.0.seal(&ctx, &bytes).map_err(js_error)
+    }
+
+    /// Opens an item as standard base64 of its bytes (credentials).
+    #[wasm_bindgen(js_name = openBase64)]
+    pub fn open_base64(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        envelope: &str,
+    ) -> Result<String, JsError> {
+        use base64::Engine;
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        let bytes = zeroize::Zeroizing::new(self.0.open(&ctx, envelope).map_err(js_error)?);
+        Ok(base64::engine::general_purpose::STANDARD.encode(bytes.as_slice()))
+    }
+
+    /// Whether the item opens with this key (a rotation skips what is already re-sealed).
+    pub fn opens(&self, namespace: &str, user_id: &str, row_id: &str, envelope: &str) -> bool {
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        self.0.open(&ctx, envelope).is_ok()
+    }
+
+    /// Key rotation: opens an item with `old` and seals the same bytes for the same place with
+    /// this key. The plaintext never leaves WASM.
+    #[wasm_bindgen(js_name = resealFrom)]
+    pub fn reseal_from(
+        &self,
+        old: &ZkKeyring,
+        namespace: &str,
+        user_id: &str,
+        row_id: &str,
+        envelope: &str,
+    ) -> Result<String, JsError> {
+        let ctx = Context {
+            namespace,
+            user_id,
+            row_id,
+        };
+        let bytes = zeroize::Zeroizing::new(old.0.open(&ctx, envelope).map_err(js_error)?);
+        self.0.seal(&ctx, &bytes).map_err(js_error)
+    }
+
     /// Seals a chat record (JSON, see `Record`): its text and its place.
     #[wasm_bindgen(js_name = sealRecord)]
     pub fn seal_record(
@@ -211,6 +311,16 @@ pub fn record_hash(record_json: &str) -> Result<String, JsError> {
 #[wasm_bindgen(js_name = materialFingerprint)]
 pub fn material_fingerprint(material_json: &str) -> Result<String, JsError> {
     Ok(parse_material(material_json)?.fingerprint())
+}
+
+/// The Argon2id parameters of key material (JSON), read from the password envelope's header
+/// without a key, as JSON `{memory_kib, iterations, parallelism}`: what a client pins.
+#[wasm_bindgen(js_name = materialKdfParams)]
+pub fn material_kdf_params(material_json: &str) -> Result<String, JsError> {
+    let params = parse_material(material_json)?
+        .kdf_params()
+        .map_err(js_error)?;
+    Ok(serde_json::to_string(&params).expect("params serialize"))
 }
 
 /// SHA-256 (hex) of a text's UTF-8 bytes: the migration's compare-and-swap token.

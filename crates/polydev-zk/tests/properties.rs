@@ -215,6 +215,31 @@ fn stored_kdf_parameters_below_the_floor_are_refused() {
     ));
 }
 
+/// The ceiling a browser can bear (256 MiB, 10 passes): above it, stored parameters are refused
+/// before any derivation, so a server cannot make the page's worker run out of memory or hang.
+#[test]
+fn stored_kdf_parameters_above_the_browser_ceiling_are_refused() {
+    let (_, material, _) = account();
+    for (range, value) in [(2..6, 256 * 1024 + 1), (6..10, 11u32)] {
+        let mut bytes = base64_body(&material.password_wrapped);
+        bytes[range].copy_from_slice(&value.to_be_bytes());
+        let heavier = polydev_zk::KeyMaterial {
+            password_wrapped: rebuild(&bytes),
+            ..material.clone()
+        };
+        assert!(matches!(
+            Keyring::unlock(&heavier, "hunter2 but longer", USER),
+            Err(Error::WeakKdfParams { .. })
+        ));
+    }
+    let at_ceiling = KdfParams {
+        memory_kib: KdfParams::MAX_MEMORY_KIB,
+        iterations: KdfParams::MAX_ITERATIONS,
+        parallelism: 1,
+    };
+    assert!(at_ceiling.check().is_ok());
+}
+
 #[test]
 fn ciphertext_length_reveals_only_the_bucket() {
     let (keyring, _, _) = account();

@@ -8,7 +8,7 @@ use axum::routing::get;
 
 use super::AppState;
 
-const FILES: [(&str, &str, &[u8]); 5] = [
+const FILES: [(&str, &str, &[u8]); 6] = [
     (
         "/",
         "text/html; charset=utf-8",
@@ -18,6 +18,11 @@ const FILES: [(&str, &str, &[u8]); 5] = [
         "/app.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../../../../web/app.js"),
+    ),
+    (
+        "/worker.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../../../web/worker.js"),
     ),
     (
         "/app.css",

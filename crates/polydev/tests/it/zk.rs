@@ -710,7 +710,7 @@ async fn without_the_legacy_secret_the_server_says_so() {
 }
 
 /// A server with the legacy secret for `db`, and a client of `token`.
-async fn legacy_server(db: &TestDb, master: &[u8]) -> TestServer {
+pub async fn legacy_server(db: &TestDb, master: &[u8]) -> TestServer {
     let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
     let state = polydev::app::AppState::new(
         db.pool.clone(),
@@ -721,7 +721,7 @@ async fn legacy_server(db: &TestDb, master: &[u8]) -> TestServer {
 }
 
 /// Inserts `count` well-formed legacy provider credentials of `user_id`.
-async fn insert_legacy(db: &TestDb, user_id: Uuid, master: &[u8], count: usize) {
+pub async fn insert_legacy(db: &TestDb, user_id: Uuid, master: &[u8], count: usize) {
     for i in 0..count {
         let salt = [i as u8; 16];
         let (ct, tag) = legacy_seal(master, &salt, [3u8; 12], format!("secret {i}").as_bytes());
