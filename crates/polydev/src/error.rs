@@ -57,6 +57,9 @@ pub enum Error {
     },
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A call with the same idempotency key is still running: retry after `retry_after`.
+    #[error("a call with this idempotency_key is still running; retry in {} s", retry_after.as_secs())]
+    InProgress { retry_after: std::time::Duration },
     /// The server lacks configuration this request needs (a secret, a provider). Not the
     /// caller's fault, and safe to say: the message names what the operator must set.
     #[error("{0}")]
@@ -83,6 +86,7 @@ impl Error {
             Error::Unauthorized(failure) => failure.code(),
             Error::RateLimited { .. } => "rate_limited",
             Error::QuotaExceeded(_) => "quota_exceeded",
+            Error::InProgress { .. } => "in_progress",
             Error::NotConfigured(_) => "not_configured",
             Error::Internal(_) => "internal",
             Error::Unavailable(_) => "database_unavailable",

@@ -155,6 +155,17 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Stops the cluster the way a crash would (immediate shutdown: clients are cut, nothing is
+    /// checkpointed, the next start recovers from the WAL), if this process started it. For
+    /// failure tests.
+    pub async fn crash(self) -> Result<(), EmbeddedError> {
+        if !self.owned {
+            return Ok(());
+        }
+        self.pg_ctl("stopping PostgreSQL", &["stop", "-w", "-m", "immediate"])
+            .await
+    }
+
     async fn init(&self) -> Result<(), EmbeddedError> {
         // initdb into a scratch directory and rename: a crash mid-initdb leaves no half cluster.
         let scratch = self.cluster_dir.with_file_name("postgres.initdb");

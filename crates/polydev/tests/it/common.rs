@@ -271,3 +271,106 @@ where
     }
     condition().await
 }
+
+/// [`mock_gateway`] with more models (`[[models]]` TOML appended to the mock catalogue).
+pub fn mock_gateway_with(base: &str, extra_models: &str) -> polydev::perspectives::Gateway {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use polydev::perspectives::provider::{HttpProvider, Provider};
+    let catalogue = polydev::perspectives::Catalogue::parse(&format!(
+        "{}{extra_models}",
+        mock_catalogue(base)
+    ))
+    .expect("mock catalogue");
+    let client = polydev::net::http_client();
+    let providers: HashMap<String, Arc<dyn Provider>> = catalogue
+        .providers
+        .iter()
+        .map(|(name, spec)| {
+            let provider = HttpProvider::new(
+                name,
+                spec.kind,
+                &spec.base_url,
+                Some("test-key".into()),
+                spec.streaming,
+                client.clone(),
+            );
+            (name.clone(), Arc::new(provider) as Arc<dyn Provider>)
+        })
+        .collect();
+    polydev::perspectives::Gateway::with_providers(catalogue, providers)
+}
+
+/// A PostgreSQL cluster of the test's own (in a temporary directory), which the test may stop,
+/// crash and start again: for outage tests, which must not disturb the shared server.
+pub struct OwnedCluster {
+    dir: tempfile::TempDir,
+    cluster: Option<EmbeddedPostgres>,
+    pub options: PgConnectOptions,
+}
+
+impl OwnedCluster {
+    /// A new cluster with every migration applied to its `polydev` database.
+    pub async fn start() -> OwnedCluster {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Root runs the cluster as `postgres`, which must be able to traverse into it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cluster = EmbeddedPostgres::start(&dir.path().join("data"), None)
+            .await
+            .expect("start a test-owned PostgreSQL cluster");
+        let options = cluster.connect_options();
+        let mut conn = PgConnection::connect_with(&options).await.expect("connect");
+        migrate::run(&mut conn).await.expect("migrate");
+        conn.close().await.ok();
+        OwnedCluster {
+            dir,
+            cluster: Some(cluster),
+            options,
+        }
+    }
+
+    /// Its URL (a Unix socket), for `polydev --database-url` and `Database::open`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/polydev?host={}",
+            self.options.get_socket().expect("a socket").display()
+        )
+    }
+
+    /// Stops it as a crash would (immediate shutdown).
+    pub async fn crash(&mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.crash().await.expect("crash the cluster");
+        }
+    }
+
+    /// Starts it again (recovering from the WAL after a crash).
+    pub async fn restart(&mut self) {
+        assert!(self.cluster.is_none(), "the cluster is running");
+        self.cluster = Some(
+            EmbeddedPostgres::start(&self.dir.path().join("data"), None)
+                .await
+                .expect("restart the cluster"),
+        );
+    }
+}
+
+impl Drop for OwnedCluster {
+    fn drop(&mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(async move {
+                        let _ = cluster.crash().await;
+                    });
+            })
+            .join()
+            .ok();
+        }
+    }
+}

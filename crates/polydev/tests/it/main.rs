@@ -1,13 +1,14 @@
 //! Integration tests against real PostgreSQL (one binary, so the suite links once).
 
 mod accounts;
+mod billing;
 mod architecture;
 mod common;
 mod errors;
 pub mod http_api;
 mod mcp;
 mod migrations;
-mod perspectives;
+pub mod perspectives;
 mod providers;
 mod serve;
 mod web;
