@@ -532,11 +532,15 @@ async fn quota_contention(pool: &PgPool) -> anyhow::Result<Value> {
         .map(|_| {
             let pool = pool.clone();
             let user_id = user.user_id;
-            tokio::spawn(
-                async move {
-                    quota::reserve(&pool, user_id, sqlx::types::Uuid::new_v4(), Counter::Premium).await
-                },
-            )
+            tokio::spawn(async move {
+                quota::reserve(
+                    &pool,
+                    user_id,
+                    sqlx::types::Uuid::new_v4(),
+                    Counter::Premium,
+                )
+                .await
+            })
         })
         .collect();
     let mut granted = 0;

@@ -235,9 +235,9 @@ fn index_name(sql: &str) -> Option<String> {
         .collect::<Vec<_>>()
         .join(" ");
     let words: Vec<&str> = code.split_whitespace().collect();
-    let at = words
-        .windows(2)
-        .position(|w| w[0].eq_ignore_ascii_case("INDEX") && w[1].eq_ignore_ascii_case("CONCURRENTLY"))?;
+    let at = words.windows(2).position(|w| {
+        w[0].eq_ignore_ascii_case("INDEX") && w[1].eq_ignore_ascii_case("CONCURRENTLY")
+    })?;
     let mut rest = words[at + 2..].iter();
     let mut name = rest.next()?;
     if name.eq_ignore_ascii_case("IF") {
@@ -251,7 +251,10 @@ fn index_name(sql: &str) -> Option<String> {
 /// Those of [`concurrent_indexes`] that exist and are INVALID: a `CREATE INDEX CONCURRENTLY`
 /// that failed part way (a lock or statement timeout, a duplicate for a unique index, a crash).
 pub async fn invalid_indexes(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    let names: Vec<String> = concurrent_indexes().into_iter().map(|(name, _)| name).collect();
+    let names: Vec<String> = concurrent_indexes()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     sqlx::query_scalar!(
         r#"SELECT c.relname::text AS "name!"
              FROM pg_index i
@@ -290,27 +293,6 @@ async fn rebuild_invalid_indexes(conn: &mut PgConnection) -> Result<(), MigrateE
             .await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_concurrent_index_of_the_migrations_is_found() {
-        assert_eq!(
-            index_name("-- no-transaction\n-- a comment\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS a_idx ON t (c);"),
-            Some("a_idx".into())
-        );
-        assert_eq!(
-            index_name("CREATE INDEX CONCURRENTLY b_idx ON t (c)"),
-            Some("b_idx".into())
-        );
-        let names: Vec<String> = concurrent_indexes().into_iter().map(|(n, _)| n).collect();
-        assert!(names.contains(&"user_perspective_quotas_user_id_idx".to_string()), "{names:?}");
-        let no_tx = MIGRATOR.iter().filter(|m| m.no_tx).count();
-        assert_eq!(names.len(), no_tx, "every no-transaction file builds one index");
-    }
 }
 
 async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Error> {
@@ -404,4 +386,34 @@ async fn columns(conn: &mut PgConnection, schema: &str) -> Result<Columns, sqlx:
         .into_iter()
         .map(|row| ((row.table, row.column), row.r#type))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_concurrent_index_of_the_migrations_is_found() {
+        assert_eq!(
+            index_name(
+                "-- no-transaction\n-- a comment\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS a_idx ON t (c);"
+            ),
+            Some("a_idx".into())
+        );
+        assert_eq!(
+            index_name("CREATE INDEX CONCURRENTLY b_idx ON t (c)"),
+            Some("b_idx".into())
+        );
+        let names: Vec<String> = concurrent_indexes().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            names.contains(&"user_perspective_quotas_user_id_idx".to_string()),
+            "{names:?}"
+        );
+        let no_tx = MIGRATOR.iter().filter(|m| m.no_tx).count();
+        assert_eq!(
+            names.len(),
+            no_tx,
+            "every no-transaction file builds one index"
+        );
+    }
 }

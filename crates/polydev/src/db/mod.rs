@@ -106,10 +106,10 @@ impl Database {
             .close()
             .await
             .map_err(DbError::Connect)?;
-        let pool = request_pool(config.max_connections).connect_lazy_with(request_options(&options));
-        let relaxed_pool = request_pool(config.max_connections.div_ceil(2)).connect_lazy_with(
-            request_options(&options).options([("synchronous_commit", "off")]),
-        );
+        let pool =
+            request_pool(config.max_connections).connect_lazy_with(request_options(&options));
+        let relaxed_pool = request_pool(config.max_connections.div_ceil(2))
+            .connect_lazy_with(request_options(&options).options([("synchronous_commit", "off")]));
         Ok(Database {
             pool,
             relaxed_pool,

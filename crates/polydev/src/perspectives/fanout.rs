@@ -44,10 +44,19 @@ pub async fn get_perspectives(
     let pool = pools.durable;
     let deadline = Duration::from_millis(request.deadline_ms());
     let Some(key) = request.idempotency_key.as_deref() else {
-        return run(pools, gateway, user_id, request, &progress, deadline, Resume::fresh()).await;
+        return run(
+            pools,
+            gateway,
+            user_id,
+            request,
+            &progress,
+            deadline,
+            Resume::fresh(),
+        )
+        .await;
     };
     let secret = gateway.idempotency_secret(pool).await?;
-    let hash = idempotency::request_hash(&secret, request);
+    let hash = idempotency::request_hash(secret, request);
     // A first call that has not finished well after its deadline has crashed: take over.
     let running_for = deadline + CALL_MARGIN;
     let claim = match idempotency::claim(
@@ -73,7 +82,10 @@ pub async fn get_perspectives(
             keep_text,
         }),
     };
-    let result = run(pools, gateway, user_id, request, &progress, deadline, resume).await;
+    let result = run(
+        pools, gateway, user_id, request, &progress, deadline, resume,
+    )
+    .await;
     match &result {
         Ok(result) => {
             if let Err(error) = claim.complete(result, keep_text).await {
@@ -137,7 +149,11 @@ async fn run(
             .iter()
             .find(|p| p.model == m.id && p.status == Status::Ok)
     };
-    let to_run: Vec<&ModelSpec> = models.iter().copied().filter(|m| paid(m).is_none()).collect();
+    let to_run: Vec<&ModelSpec> = models
+        .iter()
+        .copied()
+        .filter(|m| paid(m).is_none())
+        .collect();
     // The message was paid with the first answer of an earlier holder of the key.
     let with_message = !resume.paid.iter().any(|p| p.status == Status::Ok);
     let reserved = reserve_all(pools, user_id, resume.request_id, &to_run, with_message).await?;
@@ -147,6 +163,7 @@ async fn run(
         gateway,
         user_id,
         request,
+        request_id: resume.request_id,
         session_id: resume.request_id.to_string(),
         cancel: CancellationToken::new(),
         progress,
@@ -238,7 +255,8 @@ async fn reserve_all(
         quota::reserve_all(pools.relaxed, user_id, request_id, &wants).await?
     {
         let mut guards = reservations.into_iter().map(guard);
-        let message = with_message.then(|| Arc::new(guards.next().expect("the message was reserved")));
+        let message =
+            with_message.then(|| Arc::new(guards.next().expect("the message was reserved")));
         return Ok(Reserved {
             message,
             models: guards.map(Some).collect(),
@@ -358,6 +376,7 @@ struct ModelCall<'a> {
     gateway: &'a Gateway,
     user_id: Uuid,
     request: &'a PerspectivesRequest,
+    request_id: Uuid,
     /// The request id, as the usage rows' `session_id`.
     session_id: String,
     /// Cancelled at the deadline.
@@ -405,7 +424,10 @@ impl ModelCall<'_> {
         let reservation = self.reserve(model, prepaid).await?;
         let request = self.completion_request(model);
         let mut charge = PartialCharge::new(self, model, &request, reservation, started);
-        match self.call(provider, model, &request, &charge.delivered).await {
+        match self
+            .call(provider, model, &request, &charge.delivered)
+            .await
+        {
             Ok(completion) => {
                 let latency_ms = elapsed_ms(started);
                 self.record(model, &request, charge.take(), completion, latency_ms)
@@ -445,8 +467,7 @@ impl ModelCall<'_> {
             return Ok(reservation);
         }
         let counter = model.tier.counter();
-        let request_id = self.session_id.parse().unwrap_or_default();
-        match quota::reserve(self.pools.relaxed, self.user_id, request_id, counter).await {
+        match quota::reserve(self.pools.relaxed, self.user_id, self.request_id, counter).await {
             Ok(Ok(reservation)) => Ok(ReservationGuard::new(self.pools.durable, reservation)),
             Ok(Err(exhausted)) => Err(Failure::new(
                 Status::Skipped,
@@ -702,9 +723,7 @@ impl ChargeWork {
         // No usage was reported for a cut stream: about four characters per token.
         let input_tokens = self.prompt_chars.div_ceil(4) as u32;
         let output_tokens = self.delivered.div_ceil(4) as u32;
-        let cost = self
-            .model
-            .cost(input_tokens.into(), output_tokens.into());
+        let cost = self.model.cost(input_tokens.into(), output_tokens.into());
         let record = UsageRecord {
             user_id: self.user_id,
             session_id: &self.session_id,

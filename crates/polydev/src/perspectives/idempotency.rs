@@ -59,11 +59,10 @@ impl Secret {
         )
         .execute(pool)
         .await?;
-        let value = sqlx::query_scalar!(
-            "SELECT value FROM server_secrets WHERE name = 'idempotency_hmac'"
-        )
-        .fetch_one(pool)
-        .await?;
+        let value =
+            sqlx::query_scalar!("SELECT value FROM server_secrets WHERE name = 'idempotency_hmac'")
+                .fetch_one(pool)
+                .await?;
         let bytes: [u8; 32] = value
             .try_into()
             .map_err(|_| Error::internal("server_secrets.idempotency_hmac is not 32 bytes"))?;

@@ -77,9 +77,8 @@ impl Gateway {
     /// Hashes idempotent requests with the operator's secret (`--idempotency-secret`) instead
     /// of the one kept in the database.
     pub fn with_idempotency_secret(self, passphrase: &[u8]) -> Gateway {
-        let secret = tokio::sync::OnceCell::new_with(Some(idempotency::Secret::from_passphrase(
-            passphrase,
-        )));
+        let secret =
+            tokio::sync::OnceCell::new_with(Some(idempotency::Secret::from_passphrase(passphrase)));
         Gateway {
             idempotency_secret: secret,
             ..self

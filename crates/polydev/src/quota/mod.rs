@@ -323,16 +323,15 @@ pub async fn reserve_all(
     let counters: Vec<&str> = wants.iter().map(|c| c.as_str()).collect();
     for _ in 0..2 {
         // Dynamic: the SET list and the limit checks depend on which counters are wanted.
-        let reserved: Option<(Uuid, NaiveDate)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
-                .bind(user_id)
-                .bind(request_id)
-                .bind(&ids)
-                .bind(&counters)
-                .fetch_all(pool)
-                .await?
-                .into_iter()
-                .next();
+        let reserved: Option<(Uuid, NaiveDate)> = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(user_id)
+            .bind(request_id)
+            .bind(&ids)
+            .bind(&counters)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .next();
         if let Some((quota_id, month)) = reserved {
             let reservations = wants
                 .iter()

@@ -75,13 +75,12 @@ async fn streamed_text_that_reached_the_client_is_charged_when_the_client_leaves
     assert!(eventually(balanced).await);
     let (counters, usage) = ledger(&db.pool, user_id).await;
     assert_eq!((counters, usage), ((1, 1, 0, 0), (1, 1, 0, 0)));
-    let output: i32 = sqlx::query_scalar(
-        "SELECT output_tokens FROM perspective_usage WHERE user_id = $1",
-    )
-    .bind(user_id)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let output: i32 =
+        sqlx::query_scalar("SELECT output_tokens FROM perspective_usage WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert!(output >= 1, "the delivered text is paid for");
 }
 
@@ -108,8 +107,11 @@ async fn while_the_database_is_down_requests_fail_fast_with_503_and_recover_with
         .unwrap()
         .token;
     let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
-    let state = AppState::new(db.pool.clone(), polydev::perspectives::Gateway::new(catalogue))
-        .with_relaxed_pool(db.relaxed_pool.clone());
+    let state = AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    )
+    .with_relaxed_pool(db.relaxed_pool.clone());
     let server = TestServer::start_state(state).await;
     let me = || server.get("/v1/me", Some(&token)).send();
     assert_eq!(me().await.unwrap().status(), StatusCode::OK);

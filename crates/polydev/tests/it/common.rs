@@ -278,11 +278,9 @@ pub fn mock_gateway_with(base: &str, extra_models: &str) -> polydev::perspective
     use std::sync::Arc;
 
     use polydev::perspectives::provider::{HttpProvider, Provider};
-    let catalogue = polydev::perspectives::Catalogue::parse(&format!(
-        "{}{extra_models}",
-        mock_catalogue(base)
-    ))
-    .expect("mock catalogue");
+    let catalogue =
+        polydev::perspectives::Catalogue::parse(&format!("{}{extra_models}", mock_catalogue(base)))
+            .expect("mock catalogue");
     let client = polydev::net::http_client();
     let providers: HashMap<String, Arc<dyn Provider>> = catalogue
         .providers

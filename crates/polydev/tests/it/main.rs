@@ -1,8 +1,8 @@
 //! Integration tests against real PostgreSQL (one binary, so the suite links once).
 
 mod accounts;
-mod billing;
 mod architecture;
+mod billing;
 mod common;
 mod errors;
 pub mod http_api;

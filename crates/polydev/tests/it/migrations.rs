@@ -372,7 +372,9 @@ async fn an_invalid_index_keeps_readyz_down_until_migrate_rebuilds_it() {
     // A real failed build: a unique index over duplicate data fails and stays INVALID; `IF NOT
     // EXISTS` would skip it, so migrate drops it and builds it again once the data allows.
     conn.execute("CREATE TABLE dup (v int)").await.unwrap();
-    conn.execute("INSERT INTO dup VALUES (1), (1)").await.unwrap();
+    conn.execute("INSERT INTO dup VALUES (1), (1)")
+        .await
+        .unwrap();
     let failed = conn
         .execute("CREATE UNIQUE INDEX CONCURRENTLY dup_idx ON dup (v)")
         .await;

@@ -18,7 +18,10 @@ use crate::common::{TestDb, eventually, mock_gateway};
 
 /// The user's counters against their usage rows this month: messages = calls with a usage row,
 /// each tier = its usage rows.
-pub async fn ledger(pool: &sqlx::PgPool, user: Uuid) -> ((i32, i32, i32, i32), (i32, i32, i32, i32)) {
+pub async fn ledger(
+    pool: &sqlx::PgPool,
+    user: Uuid,
+) -> ((i32, i32, i32, i32), (i32, i32, i32, i32)) {
     let counters: (i32, i32, i32, i32) = sqlx::query_as(
         "SELECT messages_used, premium_perspectives_used, normal_perspectives_used, eco_perspectives_used
            FROM user_perspective_quotas WHERE user_id = $1",
@@ -38,7 +41,12 @@ pub async fn ledger(pool: &sqlx::PgPool, user: Uuid) -> ((i32, i32, i32, i32), (
     .unwrap();
     (
         counters,
-        (usage.0 as i32, usage.1 as i32, usage.2 as i32, usage.3 as i32),
+        (
+            usage.0 as i32,
+            usage.1 as i32,
+            usage.2 as i32,
+            usage.3 as i32,
+        ),
     )
 }
 
@@ -544,7 +552,10 @@ async fn the_month_comes_from_the_database_clock_and_never_moves_backwards() {
     .fetch_one(&f.db.pool)
     .await
     .unwrap();
-    assert_eq!(start, next_month, "current_month_start never moves backwards");
+    assert_eq!(
+        start, next_month,
+        "current_month_start never moves backwards"
+    );
     assert_eq!(
         used(&f.db, f.user).await,
         (5, 4, 0, 0),
@@ -612,15 +623,23 @@ async fn a_cancelled_first_call_frees_its_key_at_once() {
 #[tokio::test]
 async fn a_second_call_with_a_running_key_is_told_in_progress() {
     let f = fixture(Plan::Pro).await;
-    let gateway = Arc::new(mock_gateway(&f.mock.base_url()).with_idempotency_wait(Duration::from_millis(300)));
+    let gateway = Arc::new(
+        mock_gateway(&f.mock.base_url()).with_idempotency_wait(Duration::from_millis(300)),
+    );
     let mut request = ask(&["slow-premium"]);
     request.idempotency_key = Some("busy".into());
     let first = {
         let (pool, gateway, user, request) =
             (f.db.pool.clone(), gateway.clone(), f.user, request.clone());
         tokio::spawn(async move {
-            get_perspectives(Pools::single(&pool), &gateway, user, &request, ProgressSink::none())
-                .await
+            get_perspectives(
+                Pools::single(&pool),
+                &gateway,
+                user,
+                &request,
+                ProgressSink::none(),
+            )
+            .await
         })
     };
     assert!(eventually(|| async { f.mock.stats().started() >= 1 }).await);
@@ -669,7 +688,10 @@ async fn idempotency_rows_keep_no_answer_text_for_zero_knowledge_users_and_no_pl
     let mut request = ask(&["gpt-premium"]);
     request.idempotency_key = Some("zk".into());
     let first = f.call(&request).await.unwrap();
-    let text = first.perspectives[0].text.clone().expect("the caller gets the answer");
+    let text = first.perspectives[0]
+        .text
+        .clone()
+        .expect("the caller gets the answer");
     let (stored, hash): (String, String) = sqlx::query_as(
         "SELECT p::text, request_hash FROM perspective_idempotency p WHERE user_id = $1",
     )
@@ -677,7 +699,10 @@ async fn idempotency_rows_keep_no_answer_text_for_zero_knowledge_users_and_no_pl
     .fetch_one(&f.db.pool)
     .await
     .unwrap();
-    assert!(!stored.contains(text.trim()), "no answer text stored: {stored}");
+    assert!(
+        !stored.contains(text.trim()),
+        "no answer text stored: {stored}"
+    );
     // The hash is keyed: the plain SHA-256 of the arguments does not match it.
     use sha2::Digest;
     let mut plain = request.clone();
@@ -705,11 +730,17 @@ async fn the_sweeper_deletes_idempotency_keys_older_than_a_day() {
         .execute(&f.db.pool)
         .await
         .unwrap();
-    assert_eq!(polydev::perspectives::sweep_idempotency(&f.db.pool).await.unwrap(), 1);
-    let keys: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM perspective_idempotency")
-        .fetch_all(&f.db.pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        polydev::perspectives::sweep_idempotency(&f.db.pool)
+            .await
+            .unwrap(),
+        1
+    );
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM perspective_idempotency")
+            .fetch_all(&f.db.pool)
+            .await
+            .unwrap();
     assert_eq!(keys, ["new"]);
 }
 
@@ -718,10 +749,15 @@ async fn stale_reservations_are_refunded_once_and_live_ones_are_not() {
     let f = fixture(Plan::Pro).await;
     use polydev::quota::{self, Counter};
     // A call whose process died after reserving (its reservation is never settled).
-    let dead = quota::reserve_all(&f.db.pool, f.user, Uuid::new_v4(), &[Counter::Messages, Counter::Premium])
-        .await
-        .unwrap()
-        .unwrap();
+    let dead = quota::reserve_all(
+        &f.db.pool,
+        f.user,
+        Uuid::new_v4(),
+        &[Counter::Messages, Counter::Premium],
+    )
+    .await
+    .unwrap()
+    .unwrap();
     sqlx::query("UPDATE quota_reservations SET created_at = now() - interval '1 hour'")
         .execute(&f.db.pool)
         .await

@@ -339,7 +339,10 @@ async fn after_serve_is_killed_mid_call_the_sweeper_brings_the_counters_back_to_
     kill(Pid::from_raw(server.id().unwrap() as i32), Signal::SIGKILL).unwrap();
     server.wait().await.unwrap();
     for call in calls {
-        assert!(call.await.unwrap().is_err(), "the connection died with the process");
+        assert!(
+            call.await.unwrap().is_err(),
+            "the connection died with the process"
+        );
     }
     let reserved: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_reservations")
         .fetch_one(&db.pool)
