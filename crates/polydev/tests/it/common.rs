@@ -306,6 +306,8 @@ pub struct OwnedCluster {
     dir: tempfile::TempDir,
     cluster: Option<EmbeddedPostgres>,
     pub options: PgConnectOptions,
+    /// Processes stopped by [`OwnedCluster::freeze`].
+    frozen: std::sync::Mutex<Vec<i32>>,
 }
 
 impl OwnedCluster {
@@ -326,6 +328,7 @@ impl OwnedCluster {
             dir,
             cluster: Some(cluster),
             options,
+            frozen: Default::default(),
         }
     }
 
@@ -344,6 +347,52 @@ impl OwnedCluster {
         }
     }
 
+    /// Freezes every process of the cluster (SIGSTOP to the postmaster and each of its
+    /// children, which PostgreSQL puts in sessions of their own): connections are accepted by
+    /// the kernel but nothing answers, as with a hung host or a network partition.
+    pub fn freeze(&self) {
+        let pid_file = self.dir.path().join("data/postgres/postmaster.pid");
+        let postmaster: i32 = std::fs::read_to_string(&pid_file)
+            .expect("postmaster.pid")
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces, so read after the last ')'.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        *self.frozen.lock().unwrap() = pids;
+    }
+
+    /// Lets a frozen cluster run on.
+    pub fn thaw(&self) {
+        for pid in std::mem::take(&mut *self.frozen.lock().unwrap()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+
     /// Starts it again (recovering from the WAL after a crash).
     pub async fn restart(&mut self) {
         assert!(self.cluster.is_none(), "the cluster is running");
@@ -357,6 +406,7 @@ impl OwnedCluster {
 
 impl Drop for OwnedCluster {
     fn drop(&mut self) {
+        self.thaw();
         if let Some(cluster) = self.cluster.take() {
             std::thread::spawn(move || {
                 tokio::runtime::Builder::new_current_thread()
