@@ -174,13 +174,21 @@ async fn run(
         .await
         .into_iter();
     drop(call);
-    let perspectives: Vec<ModelResult> = models
+    let mut perspectives: Vec<ModelResult> = models
         .iter()
         .map(|m| match paid(m) {
             Some(answer) => answer.clone(),
             None => fresh.next().expect("a result per model run"),
         })
         .collect();
+    // Paid answers of models no longer chosen (settings changed in between) are kept too.
+    let unchosen: Vec<ModelResult> = resume
+        .paid
+        .iter()
+        .filter(|p| p.status == Status::Ok && !models.iter().any(|m| m.id == p.model))
+        .cloned()
+        .collect();
+    perspectives.extend(unchosen);
     charge_message(reserved.message, &perspectives).await?;
     let totals = totals(gateway, &perspectives, started.elapsed());
     Ok(PerspectivesResult {
