@@ -503,7 +503,6 @@ async fn quota_contention(pool: &PgPool) -> anyhow::Result<Value> {
     .bind(LIMIT)
     .execute(pool)
     .await?;
-    let today = chrono::Utc::now().date_naive();
 
     // Baseline: the same number of unconditional increments of the same row.
     let quota_id: sqlx::types::Uuid =
@@ -533,9 +532,15 @@ async fn quota_contention(pool: &PgPool) -> anyhow::Result<Value> {
         .map(|_| {
             let pool = pool.clone();
             let user_id = user.user_id;
-            tokio::spawn(
-                async move { quota::reserve(&pool, user_id, Counter::Premium, today).await },
-            )
+            tokio::spawn(async move {
+                quota::reserve(
+                    &pool,
+                    user_id,
+                    sqlx::types::Uuid::new_v4(),
+                    Counter::Premium,
+                )
+                .await
+            })
         })
         .collect();
     let mut granted = 0;

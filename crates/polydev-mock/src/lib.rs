@@ -9,6 +9,7 @@
 //! | directive | effect |
 //! |---|---|
 //! | `delay<ms>` | wait before answering |
+//! | `trickle<ms>` | streaming: wait this long before each event after the first |
 //! | `status<code>` | answer with that HTTP status and the provider's error body |
 //! | `flaky<n>` | the first n requests for this model get 503, then success |
 //! | `drop` | the connection is cut (non-streaming: before any byte; streaming: mid-stream) |
@@ -122,6 +123,7 @@ struct Directives {
     drop: bool,
     malformed: bool,
     no_usage: bool,
+    trickle: Option<Duration>,
 }
 
 fn directives(model: &str) -> Directives {
@@ -135,6 +137,8 @@ fn directives(model: &str) -> Directives {
             d.delay = Some(Duration::from_millis(ms));
         } else if let Some(code) = number("status") {
             d.status = Some(code as u16);
+        } else if let Some(ms) = number("trickle") {
+            d.trickle = Some(Duration::from_millis(ms));
         } else if let Some(n) = number("flaky") {
             d.flaky = Some(n as u32);
         } else {
@@ -256,14 +260,18 @@ fn json_response(value: Value, guard: Guard) -> Response {
 }
 
 /// An SSE body of `events`; with `drop`, the stream errors half way, which cuts the connection.
-fn sse(events: Vec<String>, drop: bool, guard: Guard) -> Response {
-    let cut = if drop { events.len() / 2 } else { usize::MAX };
+fn sse(events: Vec<String>, d: &Directives, guard: Guard) -> Response {
+    let cut = if d.drop { events.len() / 2 } else { usize::MAX };
+    let trickle = d.trickle;
     let mut guard = Some(guard);
     let total = events.len();
     let body = stream::iter(events.into_iter().enumerate()).then(move |(i, event)| {
         let finish = (i + 1 == total).then(|| guard.take()).flatten();
         async move {
-            tokio::task::yield_now().await;
+            match trickle {
+                Some(pause) if i > 0 => tokio::time::sleep(pause).await,
+                _ => tokio::task::yield_now().await,
+            }
             if i >= cut {
                 return Err(std::io::Error::other("connection dropped by mock"));
             }
@@ -352,7 +360,7 @@ async fn openai(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Strin
             events.push(data(json!({ "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage })));
         }
         events.push("data: [DONE]\n\n".into());
-        sse(events, d.drop, guard)
+        sse(events, d, guard)
     })
     .await
 }
@@ -408,7 +416,7 @@ async fn anthropic(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: St
         events.push(event("message_delta", json!({ "type": "message_delta",
             "delta": { "stop_reason": "end_turn", "stop_sequence": null }, "usage": end_usage })));
         events.push(event("message_stop", json!({ "type": "message_stop" })));
-        sse(events, d.drop, guard)
+        sse(events, d, guard)
     })
     .await
 }
@@ -477,7 +485,7 @@ async fn gemini(
                 data(chunk)
             })
             .collect();
-        sse(events, d.drop, guard)
+        sse(events, d, guard)
     })
     .await
 }

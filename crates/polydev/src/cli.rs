@@ -144,6 +144,18 @@ pub struct ServeArgs {
     /// get_perspectives deadline, 600 s).
     #[arg(long, env = "POLYDEV_REQUEST_TIMEOUT", default_value_t = crate::app::DEFAULT_REQUEST_TIMEOUT.as_secs())]
     request_timeout: u64,
+    /// The HMAC key of idempotency request hashes, the same on every replica [default: one
+    /// generated once and kept in the database (`server_secrets`)].
+    #[arg(long, env = "POLYDEV_IDEMPOTENCY_SECRET", hide_env_values = true)]
+    idempotency_secret: Option<String>,
+    /// Seconds between two runs of the sweeper (refunds quota reservations of calls that died,
+    /// deletes idempotency keys older than 24 hours).
+    #[arg(long, env = "POLYDEV_SWEEP_INTERVAL", default_value_t = 60.0)]
+    sweep_interval: f64,
+    /// Seconds after which a quota reservation that was neither settled nor refunded belongs
+    /// to a call that died, and is refunded [default: the longest deadline + 30 s].
+    #[arg(long, env = "POLYDEV_RESERVATION_STALE_AFTER")]
+    reservation_stale_after: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,7 +335,12 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving HTTP");
     println!("polydev listening on http://{addr}");
-    let state = AppState::new(db.pool.clone(), Gateway::new(catalogue))
+    let mut gateway = Gateway::new(catalogue);
+    if let Some(secret) = args.idempotency_secret.as_deref().filter(|s| !s.is_empty()) {
+        gateway = gateway.with_idempotency_secret(secret.as_bytes());
+    }
+    let sweeper = Sweeper::new(&args)?;
+    let state = AppState::new(db.pool.clone(), gateway)
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
@@ -339,12 +356,75 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
                 .map(|s| crate::vault::LegacySecret::new(s.as_bytes())),
         );
-    tokio::select! {
-        served = http::serve(listener, state, shutdown_signal()) => served?,
+    let stop_sweeper = tokio_util::sync::CancellationToken::new();
+    let sweeping = tokio::spawn(sweeper.run(db.pool.clone(), stop_sweeper.clone()));
+    let served = tokio::select! {
+        served = http::serve(listener, state, shutdown_signal()) => served,
         () = db.supervise(std::time::Duration::from_secs(2)) => unreachable!("supervise never returns"),
-    }
+    };
+    stop_sweeper.cancel();
+    let _ = sweeping.await;
+    served?;
     tracing::info!("in-flight requests finished; shutting down");
     Ok(())
+}
+
+/// The background upkeep of `polydev serve`. Every replica runs one; the work is safe to do
+/// concurrently (reservations are taken with `FOR UPDATE SKIP LOCKED`, deletes are idempotent).
+struct Sweeper {
+    interval: std::time::Duration,
+    stale_after: std::time::Duration,
+}
+
+impl Sweeper {
+    fn new(args: &ServeArgs) -> anyhow::Result<Sweeper> {
+        use std::time::Duration;
+        let longest_call = Duration::from_millis(crate::perspectives::limits::MAX_DEADLINE_MS)
+            + crate::perspectives::CALL_MARGIN;
+        let seconds = |name: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--{name} must be a positive number of seconds"))
+        };
+        let interval = seconds("sweep-interval", args.sweep_interval)?;
+        let stale_after = match args.reservation_stale_after {
+            Some(value) => seconds("reservation-stale-after", value)?,
+            None => longest_call,
+        };
+        if stale_after < longest_call {
+            tracing::warn!(
+                ?stale_after,
+                ?longest_call,
+                "--reservation-stale-after is shorter than the longest call: a call still running may be refunded and then not charged"
+            );
+        }
+        Ok(Sweeper {
+            interval,
+            stale_after,
+        })
+    }
+
+    async fn run(self, pool: sqlx::PgPool, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            match crate::quota::reconcile(&pool, self.stale_after).await {
+                Ok(0) => {}
+                Ok(refunded) => {
+                    tracing::info!(refunded, "refunded quota reservations of calls that died")
+                }
+                Err(error) => tracing::warn!(%error, "quota reconciliation failed"),
+            }
+            match crate::perspectives::sweep_idempotency(&pool).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "deleted expired idempotency keys"),
+                Err(error) => tracing::warn!(%error, "idempotency sweep failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.interval) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

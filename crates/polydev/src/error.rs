@@ -127,6 +127,9 @@ pub enum Error {
     },
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A call with the same idempotency key is still running: retry after `retry_after`.
+    #[error("a call with this idempotency_key is still running; retry in {} s", retry_after.as_secs())]
+    InProgress { retry_after: std::time::Duration },
     /// The server lacks configuration this request needs (a secret, a provider). Not the
     /// caller's fault, and safe to say: the message names what the operator must set.
     #[error("{0}")]
@@ -157,6 +160,7 @@ impl Error {
             Error::ZkProof(failure) => failure.code(),
             Error::RateLimited { .. } => "rate_limited",
             Error::QuotaExceeded(_) => "quota_exceeded",
+            Error::InProgress { .. } => "in_progress",
             Error::NotConfigured(_) => "not_configured",
             Error::Internal(_) => "internal",
             Error::Unavailable(_) => "database_unavailable",

@@ -198,6 +198,14 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Stops the cluster the way a crash would (immediate shutdown: clients are cut, nothing is
+    /// checkpointed, the next start recovers from the WAL), whoever else uses it. For failure
+    /// tests on a cluster of their own.
+    pub async fn crash(self) -> Result<(), EmbeddedError> {
+        self.pg_ctl("stopping PostgreSQL", &["stop", "-w", "-m", "immediate"])
+            .await
+    }
+
     async fn init(&self) -> Result<(), EmbeddedError> {
         // initdb into a scratch directory and rename: a crash mid-initdb leaves no half cluster.
         let scratch = self.cluster_dir.with_file_name("postgres.initdb");

@@ -199,6 +199,9 @@ async fn run_locked(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
             "existing schema matches the baseline: recorded as applied"
         );
     }
+    // Before the pending ones run: a pending `CREATE INDEX CONCURRENTLY IF NOT EXISTS` would
+    // skip its INVALID leftover and be recorded as applied.
+    rebuild_invalid_indexes(conn).await?;
     for (version, description) in plan.pending() {
         tracing::info!(version, %description, "applying migration");
     }
@@ -206,10 +209,90 @@ async fn run_locked(conn: &mut PgConnection) -> Result<Plan, MigrateError> {
     Ok(plan)
 }
 
-/// True when every shipped migration has been applied successfully (for `/readyz`).
+/// True when every shipped migration has been applied successfully and none of the indexes
+/// they build is INVALID (for `/readyz`).
 pub async fn is_current(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     let applied = applied_versions(conn).await?;
-    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version))
+        && invalid_indexes(conn).await?.is_empty())
+}
+
+/// The indexes the migrations build concurrently, with the file that builds each: `(name,
+/// version)`. Such a file holds that one statement (see operations.md).
+pub fn concurrent_indexes() -> Vec<(String, i64)> {
+    MIGRATOR
+        .iter()
+        .filter(|m| m.no_tx)
+        .filter_map(|m| index_name(m.sql.as_str()).map(|name| (name, m.version)))
+        .collect()
+}
+
+/// The name in `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] name ON ...`, comments aside.
+fn index_name(sql: &str) -> Option<String> {
+    let code: String = sql
+        .lines()
+        .map(|line| line.split("--").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let words: Vec<&str> = code.split_whitespace().collect();
+    let at = words.windows(2).position(|w| {
+        w[0].eq_ignore_ascii_case("INDEX") && w[1].eq_ignore_ascii_case("CONCURRENTLY")
+    })?;
+    let mut rest = words[at + 2..].iter();
+    let mut name = rest.next()?;
+    if name.eq_ignore_ascii_case("IF") {
+        rest.next(); // NOT
+        rest.next(); // EXISTS
+        name = rest.next()?;
+    }
+    Some(name.trim_matches('"').to_string())
+}
+
+/// Those of [`concurrent_indexes`] that exist and are INVALID: a `CREATE INDEX CONCURRENTLY`
+/// that failed part way (a lock or statement timeout, a duplicate for a unique index, a crash).
+pub async fn invalid_indexes(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let names: Vec<String> = concurrent_indexes()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    sqlx::query_scalar!(
+        r#"SELECT c.relname::text AS "name!"
+             FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = current_schema()
+              AND c.relname = ANY($1) AND NOT i.indisvalid
+            ORDER BY 1"#,
+        &names
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Drops each INVALID index of the migrations and builds it again concurrently, with the SQL of
+/// the migration that creates it. `IF NOT EXISTS` would otherwise skip it for ever.
+async fn rebuild_invalid_indexes(conn: &mut PgConnection) -> Result<(), MigrateError> {
+    let invalid = invalid_indexes(conn).await?;
+    for (name, version) in concurrent_indexes() {
+        if !invalid.contains(&name) {
+            continue;
+        }
+        let migration = MIGRATOR
+            .iter()
+            .find(|m| m.version == version)
+            .expect("the index comes from a shipped migration");
+        tracing::warn!(index = %name, version, "index is INVALID (a concurrent build failed): rebuilding it");
+        // Dynamic: the index name comes from the shipped migration files, not from input.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS \"{name}\""
+        )))
+        .execute(&mut *conn)
+        .await?;
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Error> {
@@ -303,4 +386,34 @@ async fn columns(conn: &mut PgConnection, schema: &str) -> Result<Columns, sqlx:
         .into_iter()
         .map(|row| ((row.table, row.column), row.r#type))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_concurrent_index_of_the_migrations_is_found() {
+        assert_eq!(
+            index_name(
+                "-- no-transaction\n-- a comment\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS a_idx ON t (c);"
+            ),
+            Some("a_idx".into())
+        );
+        assert_eq!(
+            index_name("CREATE INDEX CONCURRENTLY b_idx ON t (c)"),
+            Some("b_idx".into())
+        );
+        let names: Vec<String> = concurrent_indexes().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            names.contains(&"user_perspective_quotas_user_id_idx".to_string()),
+            "{names:?}"
+        );
+        let no_tx = MIGRATOR.iter().filter(|m| m.no_tx).count();
+        assert_eq!(
+            names.len(),
+            no_tx,
+            "every no-transaction file builds one index"
+        );
+    }
 }

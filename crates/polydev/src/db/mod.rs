@@ -54,6 +54,27 @@ pub enum DbError {
     Migrate(#[from] MigrateError),
 }
 
+/// How long a request waits for a connection. When the database is down a request answers 503
+/// after this long rather than hanging (the driver retries the connect until then).
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest a request's statement may run: a stuck query frees its connection.
+pub const STATEMENT_TIMEOUT: &str = "30s";
+
+/// The pools requests use: a short acquire timeout, so an unreachable database fails requests
+/// fast (503) and the pool reconnects by itself once it is back.
+pub fn request_pool(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+}
+
+/// Session settings of request connections: every statement is bounded.
+pub fn request_options(options: &PgConnectOptions) -> PgConnectOptions {
+    options
+        .clone()
+        .options([("statement_timeout", STATEMENT_TIMEOUT)])
+}
+
 /// An open database: the pool, and the embedded cluster when there is one.
 pub struct Database {
     pub pool: PgPool,
@@ -77,16 +98,18 @@ impl Database {
             }
         };
         let options = options.application_name("polydev");
-        let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone())
+        // One connection first, so a wrong URL or a server that is down fails start-up with
+        // its own error; the pools then connect as requests need them.
+        PgConnection::connect_with(&options)
+            .await
+            .map_err(DbError::Connect)?
+            .close()
             .await
             .map_err(DbError::Connect)?;
-        let relaxed_pool = PgPoolOptions::new()
-            .max_connections(config.max_connections.div_ceil(2))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options.clone().options([("synchronous_commit", "off")]));
+        let pool =
+            request_pool(config.max_connections).connect_lazy_with(request_options(&options));
+        let relaxed_pool = request_pool(config.max_connections.div_ceil(2))
+            .connect_lazy_with(request_options(&options).options([("synchronous_commit", "off")]));
         Ok(Database {
             pool,
             relaxed_pool,

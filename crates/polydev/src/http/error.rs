@@ -36,6 +36,7 @@ pub fn status(error: &Error) -> StatusCode {
         Error::ZkProof(_) => StatusCode::FORBIDDEN,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
+        Error::InProgress { .. } => StatusCode::CONFLICT,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -49,7 +50,9 @@ impl IntoResponse for ApiError {
         let mut response = (status(&error), Json(ErrorResponse::from(&error))).into_response();
         let headers = response.headers_mut();
         match &error {
-            Error::RateLimited { retry_after, .. } | Error::AuthRateLimited { retry_after } => {
+            Error::RateLimited { retry_after, .. }
+            | Error::AuthRateLimited { retry_after }
+            | Error::InProgress { retry_after } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs()),

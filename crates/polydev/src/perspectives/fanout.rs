@@ -1,6 +1,8 @@
 //! `get_perspectives`: ask the chosen models in parallel, each paid for by a quota reservation
 //! taken before its upstream call and given back if the call fails, times out or is cancelled.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
@@ -17,15 +19,20 @@ use super::provider::{
     Completion, CompletionRequest, DeltaSink, ErrorClass, Provider, ProviderError,
 };
 use super::result::{ModelError, ModelResult, PerspectivesResult, ProgressSink, Status, Totals};
-use super::usage::{self, UsageRecord};
+use super::usage::{self, Settles, UsageRecord};
 use super::{Gateway, PerspectivesRequest, get_settings};
 use crate::db::Pools;
 use crate::error::{Error, Result};
 use crate::quota::{self, Counter, ReservationGuard};
 
+/// How long past its deadline a call may still be writing its usage rows; a claim or a quota
+/// reservation older than deadline + this belongs to a call that died.
+pub const CALL_MARGIN: Duration = Duration::from_secs(30);
+
 /// Runs `get_perspectives` for `user_id`, sending its progress events to `progress`. Dropping
 /// the returned future cancels the upstream calls still running and gives their reservations
-/// back.
+/// back (a model whose text already reached the client is charged for it), and frees its
+/// idempotency key.
 pub async fn get_perspectives(
     pools: Pools<'_>,
     gateway: &Gateway,
@@ -36,25 +43,90 @@ pub async fn get_perspectives(
     request.validate(gateway)?;
     let pool = pools.durable;
     let deadline = Duration::from_millis(request.deadline_ms());
-    let key = request.idempotency_key.as_deref();
-    if let Some(key) = key {
-        let hash = idempotency::request_hash(request);
-        // A first call that has not finished well after its deadline has crashed: take over.
-        let running_for = deadline + Duration::from_secs(30);
-        if let Claim::Replay(result) =
-            idempotency::claim(pool, user_id, key, &hash, running_for).await?
-        {
-            return Ok(*result);
+    let Some(key) = request.idempotency_key.as_deref() else {
+        return run(
+            pools,
+            gateway,
+            user_id,
+            request,
+            &progress,
+            deadline,
+            Resume::fresh(),
+        )
+        .await;
+    };
+    let secret = gateway.idempotency_secret(pool).await?;
+    let hash = idempotency::request_hash(secret, request);
+    // A first call that has not finished well after its deadline has crashed: take over.
+    let running_for = deadline + CALL_MARGIN;
+    let claim = match idempotency::claim(
+        pool,
+        user_id,
+        key,
+        &hash,
+        running_for,
+        gateway.idempotency_wait(),
+    )
+    .await?
+    {
+        Claim::Replay(result) => return Ok(*result),
+        Claim::Owner(claim) => claim,
+    };
+    let keep_text = !crate::zk::is_enabled(pool, user_id).await?;
+    let resume = Resume {
+        request_id: claim.request_id,
+        paid: claim.outcomes.clone(),
+        keep: Some(Keep {
+            key,
+            token: claim.token(),
+            keep_text,
+        }),
+    };
+    let result = run(
+        pools, gateway, user_id, request, &progress, deadline, resume,
+    )
+    .await;
+    match &result {
+        Ok(result) => {
+            if let Err(error) = claim.complete(result, keep_text).await {
+                // The answers are paid for and kept with the claim: a retry reuses them.
+                tracing::error!(%error, "storing the idempotent result failed");
+            }
         }
-    }
-    let result = run(pools, gateway, user_id, request, &progress, deadline).await;
-    if let Some(key) = key {
-        match &result {
-            Ok(result) => idempotency::complete(pool, user_id, key, result).await?,
-            Err(_) => idempotency::release(pool, user_id, key).await?,
+        Err(_) => {
+            if let Err(error) = claim.release().await {
+                tracing::warn!(%error, "idempotency key release failed");
+            }
         }
     }
     result
+}
+
+/// Where a call starts: afresh, or taking over an idempotency key with answers already paid for.
+struct Resume<'a> {
+    request_id: Uuid,
+    /// Answers an earlier holder of the key paid for, reused as they are.
+    paid: Vec<ModelResult>,
+    keep: Option<Keep<'a>>,
+}
+
+impl Resume<'_> {
+    fn fresh() -> Self {
+        Resume {
+            request_id: Uuid::new_v4(),
+            paid: Vec::new(),
+            keep: None,
+        }
+    }
+}
+
+/// Where each answer is kept for retries: the claim of an idempotency key.
+#[derive(Clone, Copy)]
+struct Keep<'a> {
+    key: &'a str,
+    token: Uuid,
+    /// False for zero-knowledge accounts: the kept outcome has no text.
+    keep_text: bool,
 }
 
 /// One call past its idempotency check: choose the models, reserve their quota, fan out until
@@ -66,28 +138,61 @@ async fn run(
     request: &PerspectivesRequest,
     progress: &ProgressSink,
     deadline: Duration,
+    resume: Resume<'_>,
 ) -> Result<PerspectivesResult> {
     let started = Instant::now();
     let today = chrono::Utc::now().date_naive();
     let models = choose_models(pools.durable, gateway, user_id, request, today).await?;
-    let reserved = reserve_all(pools, user_id, &models, today).await?;
+    let paid = |m: &ModelSpec| {
+        resume
+            .paid
+            .iter()
+            .find(|p| p.model == m.id && p.status == Status::Ok)
+    };
+    let to_run: Vec<&ModelSpec> = models
+        .iter()
+        .copied()
+        .filter(|m| paid(m).is_none())
+        .collect();
+    // The message was paid with the first answer of an earlier holder of the key.
+    let with_message = !resume.paid.iter().any(|p| p.status == Status::Ok);
+    let reserved = reserve_all(pools, user_id, resume.request_id, &to_run, with_message).await?;
     progress.started(&models);
-    let request_id = Uuid::new_v4();
     let call = ModelCall {
         pools,
         gateway,
         user_id,
         request,
-        session_id: request_id.to_string(),
+        request_id: resume.request_id,
+        session_id: resume.request_id.to_string(),
         cancel: CancellationToken::new(),
         progress,
-        today,
+        message: reserved.message.clone(),
+        keep: resume.keep,
     };
-    let perspectives = fan_out(&call, &models, reserved.models, deadline).await;
+    let mut fresh = fan_out(&call, &to_run, reserved.models, deadline)
+        .await
+        .into_iter();
+    drop(call);
+    let mut perspectives: Vec<ModelResult> = models
+        .iter()
+        .map(|m| match paid(m) {
+            Some(answer) => answer.clone(),
+            None => fresh.next().expect("a result per model run"),
+        })
+        .collect();
+    // Paid answers of models no longer chosen (settings changed in between) are kept too.
+    let unchosen: Vec<ModelResult> = resume
+        .paid
+        .iter()
+        .filter(|p| p.status == Status::Ok && !models.iter().any(|m| m.id == p.model))
+        .cloned()
+        .collect();
+    perspectives.extend(unchosen);
     charge_message(reserved.message, &perspectives).await?;
     let totals = totals(gateway, &perspectives, started.elapsed());
     Ok(PerspectivesResult {
-        request_id,
+        request_id: resume.request_id,
         perspectives,
         totals,
         replayed: false,
@@ -122,7 +227,9 @@ async fn choose_models<'g>(
 
 /// What is reserved before any model is called.
 struct Reserved {
-    message: ReservationGuard,
+    /// The message, shared with the model calls: the first usage row settles it, and a model
+    /// charged after its call was dropped holds it until its row is written.
+    message: Option<Arc<ReservationGuard>>,
     /// One per model, in order; `None` when the model reserves its own unit as it starts.
     models: Vec<Option<ReservationGuard>>,
 }
@@ -133,26 +240,45 @@ struct Reserved {
 async fn reserve_all(
     pools: Pools<'_>,
     user_id: Uuid,
+    request_id: Uuid,
     models: &[&ModelSpec],
-    today: NaiveDate,
+    with_message: bool,
 ) -> Result<Reserved> {
-    let wants: Vec<Counter> = std::iter::once(Counter::Messages)
+    let wants: Vec<Counter> = with_message
+        .then_some(Counter::Messages)
+        .into_iter()
         .chain(models.iter().map(|m| m.tier.counter()))
         .collect();
+    if wants.is_empty() {
+        return Ok(Reserved {
+            message: None,
+            models: Vec::new(),
+        });
+    }
     let guard = |reservation| ReservationGuard::new(pools.durable, reservation);
     // Reservations commit without waiting for the WAL flush: the usage row's durable commit
-    // later flushes them too (WAL is flushed in order); concurrency is unaffected.
-    if let Some(reservations) = quota::reserve_all(pools.relaxed, user_id, &wants, today).await? {
+    // later flushes them too (WAL is flushed in order); concurrency is unaffected. A crash
+    // loses the counter increment and its reservation row together.
+    if let Some(reservations) =
+        quota::reserve_all(pools.relaxed, user_id, request_id, &wants).await?
+    {
         let mut guards = reservations.into_iter().map(guard);
-        let message = guards.next().expect("the message was reserved");
+        let message =
+            with_message.then(|| Arc::new(guards.next().expect("the message was reserved")));
         return Ok(Reserved {
             message,
             models: guards.map(Some).collect(),
         });
     }
-    match quota::reserve(pools.relaxed, user_id, Counter::Messages, today).await? {
+    if !with_message {
+        return Ok(Reserved {
+            message: None,
+            models: models.iter().map(|_| None).collect(),
+        });
+    }
+    match quota::reserve(pools.relaxed, user_id, request_id, Counter::Messages).await? {
         Ok(reservation) => Ok(Reserved {
-            message: guard(reservation),
+            message: Some(Arc::new(guard(reservation))),
             models: models.iter().map(|_| None).collect(),
         }),
         Err(exhausted) => Err(Error::QuotaExceeded(exhausted.to_string())),
@@ -167,6 +293,9 @@ async fn fan_out(
     prepaid: Vec<Option<ReservationGuard>>,
     deadline: Duration,
 ) -> Vec<ModelResult> {
+    if models.is_empty() {
+        return Vec::new();
+    }
     let mut pending: FuturesUnordered<_> = models
         .iter()
         .zip(prepaid)
@@ -191,15 +320,23 @@ async fn fan_out(
     results.into_iter().flatten().collect()
 }
 
-/// The message stays used when some model answered. With no answer it goes back too (no
-/// answer, no charge), and when every model was skipped for its quota the call fails.
-async fn charge_message(message: ReservationGuard, perspectives: &[ModelResult]) -> Result<()> {
-    if perspectives.iter().any(|p| p.status == Status::Ok) {
-        message.settle();
-        return Ok(());
+/// The message was settled by the call's first usage row, if any. With no answer it goes back
+/// (no answer, no charge: the refund finds nothing when a partial answer settled it), and when
+/// every model was skipped for its quota the call fails.
+async fn charge_message(
+    message: Option<Arc<ReservationGuard>>,
+    perspectives: &[ModelResult],
+) -> Result<()> {
+    let answered = perspectives.iter().any(|p| p.status == Status::Ok);
+    if let Some(message) = message {
+        match Arc::try_unwrap(message) {
+            Ok(message) if answered => message.settle(),
+            Ok(message) => message.refund().await,
+            // Still held by a model's background charge: it refunds when that finishes.
+            Err(_) => {}
+        }
     }
-    message.refund().await;
-    if !perspectives.iter().all(|p| p.status == Status::Skipped) {
+    if answered || !perspectives.iter().all(|p| p.status == Status::Skipped) {
         return Ok(());
     }
     let reasons: Vec<String> = perspectives
@@ -247,19 +384,16 @@ struct ModelCall<'a> {
     gateway: &'a Gateway,
     user_id: Uuid,
     request: &'a PerspectivesRequest,
+    request_id: Uuid,
     /// The request id, as the usage rows' `session_id`.
     session_id: String,
     /// Cancelled at the deadline.
     cancel: CancellationToken,
     progress: &'a ProgressSink,
-    today: NaiveDate,
-}
-
-/// A model's answer, recorded in a usage row and paid for.
-struct Answer {
-    completion: Completion,
-    cost: Cost,
-    latency_ms: u64,
+    /// The call's message unit: the first usage row settles it.
+    message: Option<Arc<ReservationGuard>>,
+    /// Where answers are kept for retries (an idempotency key's claim).
+    keep: Option<Keep<'a>>,
 }
 
 /// Why a model has no answer.
@@ -273,18 +407,19 @@ impl ModelCall<'_> {
     async fn run(&self, model: &ModelSpec, prepaid: Option<ReservationGuard>) -> ModelResult {
         let started = Instant::now();
         match self.answer(model, prepaid, started).await {
-            Ok(answer) => answer.into_result(model),
+            Ok(answer) => answer,
             Err(failure) => failure.into_result(model, elapsed_ms(started)),
         }
     }
 
-    /// The answer, its unit settled; or why there is none, its unit given back.
+    /// The answer, its unit settled; or why there is none, its unit given back (or charged for
+    /// the text that already reached the client).
     async fn answer(
         &self,
         model: &ModelSpec,
         prepaid: Option<ReservationGuard>,
         started: Instant,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<ModelResult, Failure> {
         let Some(provider) = self.configured_provider(model) else {
             if let Some(unused) = prepaid {
                 unused.refund().await;
@@ -296,14 +431,18 @@ impl ModelCall<'_> {
         };
         let reservation = self.reserve(model, prepaid).await?;
         let request = self.completion_request(model);
-        match self.call(provider, model, &request).await {
+        let mut charge = PartialCharge::new(self, model, &request, reservation, started);
+        match self
+            .call(provider, model, &request, &charge.delivered)
+            .await
+        {
             Ok(completion) => {
                 let latency_ms = elapsed_ms(started);
-                self.record(model, &request, reservation, completion, latency_ms)
+                self.record(model, &request, charge.take(), completion, latency_ms)
                     .await
             }
             Err(failure) => {
-                reservation.refund().await;
+                charge.finish().await;
                 Err(failure)
             }
         }
@@ -336,7 +475,7 @@ impl ModelCall<'_> {
             return Ok(reservation);
         }
         let counter = model.tier.counter();
-        match quota::reserve(self.pools.relaxed, self.user_id, counter, self.today).await {
+        match quota::reserve(self.pools.relaxed, self.user_id, self.request_id, counter).await {
             Ok(Ok(reservation)) => Ok(ReservationGuard::new(self.pools.durable, reservation)),
             Ok(Err(exhausted)) => Err(Failure::new(
                 Status::Skipped,
@@ -353,16 +492,21 @@ impl ModelCall<'_> {
         }
     }
 
-    /// Asks the model, streaming its text to the progress sink when it wants deltas, until it
-    /// answers or the deadline cancels the call.
+    /// Asks the model, streaming its text to the progress sink when it wants deltas (counting
+    /// the characters that were delivered), until it answers or the deadline cancels the call.
     async fn call(
         &self,
         provider: &dyn Provider,
         model: &ModelSpec,
         request: &CompletionRequest,
+        delivered: &AtomicUsize,
     ) -> Result<Completion, Failure> {
         let progress = self.progress;
-        let sink = |text: &str| progress.delta(&model.id, text);
+        let sink = |text: &str| {
+            if progress.delta(&model.id, text) {
+                delivered.fetch_add(text.chars().count(), Ordering::Relaxed);
+            }
+        };
         let deltas = progress.wants_deltas().then_some(&sink as DeltaSink<'_>);
         tokio::select! {
             outcome = provider.complete(request, deltas) => outcome.map_err(|error| {
@@ -377,7 +521,8 @@ impl ModelCall<'_> {
         }
     }
 
-    /// The answer's usage row, then its unit settled; without the row the unit goes back.
+    /// The answer's usage row (which settles its unit and the message, and keeps the answer
+    /// for retries); without the row the unit goes back.
     async fn record(
         &self,
         model: &ModelSpec,
@@ -385,70 +530,250 @@ impl ModelCall<'_> {
         reservation: ReservationGuard,
         completion: Completion,
         latency_ms: u64,
-    ) -> Result<Answer, Failure> {
+    ) -> Result<ModelResult, Failure> {
         let cost = model.cost(
             completion.input_tokens.into(),
             completion.output_tokens.into(),
         );
-        let record = self.usage_record(model, request, &completion, cost, latency_ms);
-        if let Err(error) = usage::record(self.pools.durable, &record).await {
-            // Without its usage row the call is not billable: give the unit back.
-            tracing::error!(%error, model = %model.id, "usage record failed");
-            reservation.refund().await;
-            return Err(Failure::error(
-                ErrorClass::Internal,
-                "the usage could not be recorded",
-            ));
-        }
-        reservation.settle();
-        Ok(Answer {
-            completion,
-            cost,
-            latency_ms,
-        })
-    }
-
-    fn usage_record<'r>(
-        &'r self,
-        model: &'r ModelSpec,
-        request: &CompletionRequest,
-        completion: &Completion,
-        cost: Cost,
-        latency_ms: u64,
-    ) -> UsageRecord<'r> {
-        UsageRecord {
+        let result = ModelResult {
+            text: Some(completion.text.clone()),
+            input_tokens: Some(completion.input_tokens),
+            output_tokens: Some(completion.output_tokens),
+            cost_usd: Some(cost.to_string()),
+            ..model_result(model, Status::Ok, latency_ms)
+        };
+        let record = UsageRecord {
             user_id: self.user_id,
             session_id: &self.session_id,
             model,
             input_tokens: completion.input_tokens,
             output_tokens: completion.output_tokens,
             cost,
-            request_metadata: json!({
-                "request_id": self.session_id,
-                "status": "ok",
-                "error_class": null,
-                "latency_ms": latency_ms,
-                "max_tokens": request.max_tokens,
-                "temperature": request.temperature,
-            }),
+            request_metadata: request_metadata(&self.session_id, request, "ok", latency_ms),
             response_metadata: json!({
                 "status": "ok",
                 "latency_ms": latency_ms,
                 "finish_reason": completion.finish_reason,
             }),
+        };
+        let outcome = self.keep.map(|keep| {
+            let mut kept = result.clone();
+            if !keep.keep_text {
+                idempotency::strip_text(&mut kept);
+            }
+            (
+                keep.key,
+                keep.token,
+                serde_json::to_value(kept).expect("a result serializes"),
+            )
+        });
+        let settles = Settles {
+            reservation: reservation.reservation().map(|r| r.id).unwrap_or_default(),
+            message: self.message_id(),
+            outcome,
+        };
+        match usage::record(self.pools.durable, &record, &settles).await {
+            Ok(true) => reservation.settle(),
+            Ok(false) => {
+                // The sweeper refunded this unit already (the call outlived every bound): the
+                // answer is given free rather than charged twice.
+                tracing::warn!(model = %model.id, "reservation gone before its usage row: not charged");
+                reservation.settle();
+            }
+            Err(error) => {
+                // Without its usage row the call is not billable: give the unit back.
+                tracing::error!(%error, model = %model.id, "usage record failed");
+                reservation.refund().await;
+                return Err(Failure::error(
+                    ErrorClass::Internal,
+                    "the usage could not be recorded",
+                ));
+            }
+        }
+        Ok(result)
+    }
+
+    fn message_id(&self) -> Option<Uuid> {
+        self.message
+            .as_ref()
+            .and_then(|m| m.reservation())
+            .map(|r| r.id)
+    }
+}
+
+fn request_metadata(
+    session_id: &str,
+    request: &CompletionRequest,
+    status: &str,
+    latency_ms: u64,
+) -> serde_json::Value {
+    json!({
+        "request_id": session_id,
+        "status": status,
+        "error_class": null,
+        "latency_ms": latency_ms,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+    })
+}
+
+/// A model's reserved unit while its call runs. When the call ends without an answer, the unit
+/// goes back, unless streamed text already reached the client: then that text is paid for (a
+/// usage row with `response_metadata.partial = true`). Dropped mid-call (the client left), it
+/// does the same in a background task.
+struct PartialCharge {
+    pool: PgPool,
+    reservation: Option<ReservationGuard>,
+    message: Option<Arc<ReservationGuard>>,
+    /// Characters of this model's text handed to the client.
+    delivered: AtomicUsize,
+    user_id: Uuid,
+    session_id: String,
+    model: ModelSpec,
+    prompt_chars: usize,
+    /// The completion request without its prompt (for the usage row's metadata).
+    request: CompletionRequest,
+    started: Instant,
+}
+
+impl PartialCharge {
+    fn new(
+        call: &ModelCall<'_>,
+        model: &ModelSpec,
+        request: &CompletionRequest,
+        reservation: ReservationGuard,
+        started: Instant,
+    ) -> Self {
+        PartialCharge {
+            pool: call.pools.durable.clone(),
+            reservation: Some(reservation),
+            message: call.message.clone(),
+            delivered: AtomicUsize::new(0),
+            user_id: call.user_id,
+            session_id: call.session_id.clone(),
+            model: model.clone(),
+            // The prompt itself is not kept; its length estimates the input tokens.
+            prompt_chars: request.prompt.chars().count(),
+            request: CompletionRequest {
+                prompt: String::new(),
+                ..request.clone()
+            },
+            started,
+        }
+    }
+
+    /// The unit, for an answer that is recorded in full.
+    fn take(&mut self) -> ReservationGuard {
+        self.reservation.take().expect("taken once")
+    }
+
+    /// The call ended without an answer: charge the delivered text, or give the unit back.
+    async fn finish(mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            let work = self.work(reservation);
+            work.run().await;
+        }
+    }
+
+    fn work(&mut self, reservation: ReservationGuard) -> ChargeWork {
+        ChargeWork {
+            pool: self.pool.clone(),
+            reservation,
+            message: self.message.take(),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            prompt_chars: self.prompt_chars,
+            user_id: self.user_id,
+            session_id: std::mem::take(&mut self.session_id),
+            model: self.model.clone(),
+            request: self.request.clone(),
+            latency_ms: elapsed_ms(self.started),
         }
     }
 }
 
-impl Answer {
-    fn into_result(self, model: &ModelSpec) -> ModelResult {
-        ModelResult {
-            text: Some(self.completion.text),
-            input_tokens: Some(self.completion.input_tokens),
-            output_tokens: Some(self.completion.output_tokens),
-            cost_usd: Some(self.cost.to_string()),
-            ..model_result(model, Status::Ok, self.latency_ms)
+impl Drop for PartialCharge {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let work = self.work(reservation);
+        if work.delivered == 0 {
+            // Nothing reached the client: the guard refunds in the background.
+            return;
         }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(work.run());
+        }
+    }
+}
+
+/// Charges the text a client already received, or gives the unit back.
+struct ChargeWork {
+    pool: PgPool,
+    reservation: ReservationGuard,
+    /// Held until the usage row is written, so the message is settled, not refunded, first.
+    message: Option<Arc<ReservationGuard>>,
+    delivered: usize,
+    prompt_chars: usize,
+    user_id: Uuid,
+    session_id: String,
+    model: ModelSpec,
+    request: CompletionRequest,
+    latency_ms: u64,
+}
+
+impl ChargeWork {
+    async fn run(self) {
+        if self.delivered == 0 {
+            self.reservation.refund().await;
+            return;
+        }
+        // No usage was reported for a cut stream: about four characters per token.
+        let input_tokens = self.prompt_chars.div_ceil(4) as u32;
+        let output_tokens = self.delivered.div_ceil(4) as u32;
+        let cost = self.model.cost(input_tokens.into(), output_tokens.into());
+        let record = UsageRecord {
+            user_id: self.user_id,
+            session_id: &self.session_id,
+            model: &self.model,
+            input_tokens,
+            output_tokens,
+            cost,
+            request_metadata: request_metadata(
+                &self.session_id,
+                &self.request,
+                "partial",
+                self.latency_ms,
+            ),
+            response_metadata: json!({
+                "status": "partial",
+                "partial": true,
+                "delivered_chars": self.delivered,
+                "latency_ms": self.latency_ms,
+                "tokens_estimated": true,
+            }),
+        };
+        let settles = Settles {
+            reservation: self
+                .reservation
+                .reservation()
+                .map(|r| r.id)
+                .unwrap_or_default(),
+            message: self
+                .message
+                .as_ref()
+                .and_then(|m| m.reservation())
+                .map(|r| r.id),
+            outcome: None,
+        };
+        match usage::record(&self.pool, &record, &settles).await {
+            Ok(_) => self.reservation.settle(),
+            Err(error) => {
+                tracing::error!(%error, model = %self.model.id, "usage record of a partial answer failed");
+                self.reservation.refund().await;
+            }
+        }
+        drop(self.message);
     }
 }
 
@@ -495,6 +820,7 @@ fn model_result(model: &ModelSpec, status: Status, latency_ms: u64) -> ModelResu
         tier: model.tier.as_str().to_string(),
         status,
         text: None,
+        text_withheld: false,
         latency_ms,
         input_tokens: None,
         output_tokens: None,

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
-pub use fanout::get_perspectives;
+pub use fanout::{CALL_MARGIN, get_perspectives};
+pub use idempotency::sweep as sweep_idempotency;
 pub use request::{PerspectivesRequest, limits};
 pub use result::{
     ModelError, ModelResult, PerspectivesResult, Progress, ProgressSink, Status, Totals,
@@ -22,6 +23,7 @@ pub use result::{
 pub use settings::{PerspectiveSettings, get_settings, put_settings};
 pub use usage::{MonthUsage, UsageReport, month_usage, usage_report};
 
+use crate::error;
 use provider::{HttpProvider, Provider};
 
 /// The catalogue with a live provider for each of its provider entries.
@@ -29,6 +31,10 @@ pub struct Gateway {
     catalogue: Catalogue,
     providers: HashMap<String, Arc<dyn Provider>>,
     configured: HashMap<String, bool>,
+    /// The HMAC key of idempotency request hashes: the operator's, else loaded (or created)
+    /// from the database on first use.
+    idempotency_secret: tokio::sync::OnceCell<idempotency::Secret>,
+    idempotency_wait: std::time::Duration,
 }
 
 impl Gateway {
@@ -48,6 +54,8 @@ impl Gateway {
             catalogue,
             providers,
             configured,
+            idempotency_secret: Default::default(),
+            idempotency_wait: idempotency::DEFAULT_WAIT,
         }
     }
 
@@ -61,7 +69,39 @@ impl Gateway {
             catalogue,
             providers,
             configured,
+            idempotency_secret: Default::default(),
+            idempotency_wait: idempotency::DEFAULT_WAIT,
         }
+    }
+
+    /// Hashes idempotent requests with the operator's secret (`--idempotency-secret`) instead
+    /// of the one kept in the database.
+    pub fn with_idempotency_secret(self, passphrase: &[u8]) -> Gateway {
+        let secret =
+            tokio::sync::OnceCell::new_with(Some(idempotency::Secret::from_passphrase(passphrase)));
+        Gateway {
+            idempotency_secret: secret,
+            ..self
+        }
+    }
+
+    /// How long a call waits for another call with the same idempotency key before it is told
+    /// `in_progress` (default 5 s).
+    pub fn with_idempotency_wait(self, wait: std::time::Duration) -> Gateway {
+        Gateway {
+            idempotency_wait: wait,
+            ..self
+        }
+    }
+
+    async fn idempotency_secret(&self, pool: &sqlx::PgPool) -> error::Result<&idempotency::Secret> {
+        self.idempotency_secret
+            .get_or_try_init(|| idempotency::Secret::load_or_create(pool))
+            .await
+    }
+
+    fn idempotency_wait(&self) -> std::time::Duration {
+        self.idempotency_wait
     }
 
     pub fn catalogue(&self) -> &Catalogue {

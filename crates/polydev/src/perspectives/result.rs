@@ -38,6 +38,10 @@ pub struct ModelResult {
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// True on a replay for a zero-knowledge account: the model answered, but its text was
+    /// not kept by the server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub text_withheld: bool,
     pub latency_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_tokens: Option<u32>,
@@ -91,6 +95,17 @@ impl PerspectivesResult {
                         p.output_tokens.unwrap_or(0),
                         p.cost_usd.as_deref().unwrap_or("0"),
                         text.trim_end()
+                    );
+                }
+                (None, _) if p.text_withheld => {
+                    let _ = writeln!(
+                        out,
+                        "_{} ms · {} in / {} out tokens · ${}_\n\n({})\n",
+                        p.latency_ms,
+                        p.input_tokens.unwrap_or(0),
+                        p.output_tokens.unwrap_or(0),
+                        p.cost_usd.as_deref().unwrap_or("0"),
+                        super::idempotency::TEXT_NOT_KEPT
                     );
                 }
                 (None, Some(error)) => {
@@ -175,27 +190,28 @@ impl ProgressSink {
     }
 
     pub(super) fn started(&self, models: &[&ModelSpec]) {
-        self.send(|| Progress::Started {
+        let _ = self.send(|| Progress::Started {
             models: models.iter().map(|m| m.id.clone()).collect(),
         });
     }
 
-    pub(super) fn delta(&self, model: &str, text: &str) {
-        if self.deltas {
-            self.send(|| Progress::Delta {
+    /// Sends a model's text; true when it went to a receiver that is still there.
+    pub(super) fn delta(&self, model: &str, text: &str) -> bool {
+        self.deltas
+            && self.send(|| Progress::Delta {
                 model: model.to_string(),
                 text: text.to_string(),
-            });
-        }
+            })
     }
 
     pub(super) fn finished(&self, result: &ModelResult) {
-        self.send(|| Progress::Finished(result.clone()));
+        let _ = self.send(|| Progress::Finished(result.clone()));
     }
 
-    fn send(&self, event: impl FnOnce() -> Progress) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(event());
+    fn send(&self, event: impl FnOnce() -> Progress) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(event()).is_ok(),
+            None => false,
         }
     }
 }

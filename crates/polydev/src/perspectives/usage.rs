@@ -20,13 +20,39 @@ pub struct UsageRecord<'a> {
     pub response_metadata: Value,
 }
 
-pub async fn record(pool: &PgPool, usage: &UsageRecord<'_>) -> Result<()> {
+/// What a usage row settles, and where the call keeps its outcome for idempotent retries.
+pub struct Settles<'a> {
+    /// The model's reserved unit: without it (refunded already) nothing is recorded.
+    pub reservation: Uuid,
+    /// The call's message unit, settled by its first usage row.
+    pub message: Option<Uuid>,
+    /// (idempotency key, claim token, outcome): the answer is kept with the claim.
+    pub outcome: Option<(&'a str, Uuid, Value)>,
+}
+
+/// Writes the usage row, settles its reservations and keeps the outcome for retries, all in one
+/// statement: a call is either charged and recorded, or neither. False when the reservation was
+/// no longer there (the sweeper refunded it): then nothing is written and the call is free.
+pub async fn record(pool: &PgPool, usage: &UsageRecord<'_>, settles: &Settles<'_>) -> Result<bool> {
+    let (key, token, outcome) = match &settles.outcome {
+        Some((key, token, outcome)) => (Some(*key), Some(*token), Some(outcome)),
+        None => (None, None, None),
+    };
     // The cost travels as exact decimal text (`$9::text`); sqlx has no decimal type enabled here.
-    sqlx::query!(
-        "INSERT INTO perspective_usage
-             (user_id, session_id, model_name, model_tier, provider, input_tokens, output_tokens,
-              total_tokens, estimated_cost, perspectives_deducted, request_metadata, response_metadata)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::numeric, 1, $10, $11)",
+    let recorded = sqlx::query_scalar!(
+        r#"WITH unit AS (DELETE FROM quota_reservations WHERE id = $12 RETURNING id),
+                message AS (DELETE FROM quota_reservations
+                             WHERE id = $13 AND EXISTS (SELECT 1 FROM unit) RETURNING id),
+                kept AS (UPDATE perspective_idempotency
+                            SET outcomes = coalesce(outcomes, '[]'::jsonb) || jsonb_build_array($16::jsonb)
+                          WHERE user_id = $1 AND idempotency_key = $14 AND claim_token = $15
+                            AND EXISTS (SELECT 1 FROM unit)
+                         RETURNING 1)
+           INSERT INTO perspective_usage
+               (user_id, session_id, model_name, model_tier, provider, input_tokens, output_tokens,
+                total_tokens, estimated_cost, perspectives_deducted, request_metadata, response_metadata)
+           SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9::text::numeric, 1, $10, $11 FROM unit
+           RETURNING true AS "recorded!""#,
         usage.user_id,
         usage.session_id,
         &usage.model.id,
@@ -37,11 +63,16 @@ pub async fn record(pool: &PgPool, usage: &UsageRecord<'_>) -> Result<()> {
         (usage.input_tokens + usage.output_tokens) as i32,
         usage.cost.to_string(),
         &usage.request_metadata,
-        &usage.response_metadata
+        &usage.response_metadata,
+        settles.reservation,
+        settles.message,
+        key,
+        token,
+        outcome
     )
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(())
+    Ok(recorded.is_some())
 }
 
 /// What a user's successful model calls added up to since `since` (for `get_usage`).

@@ -21,7 +21,12 @@ impl ReservationGuard {
         }
     }
 
-    /// The work was done: the unit stays used.
+    /// The guarded unit (its id settles it in the statement that records the work).
+    pub fn reservation(&self) -> Option<&Reservation> {
+        self.reservation.as_ref()
+    }
+
+    /// The work was done (its usage row settled the unit): the unit stays used.
     pub fn settle(mut self) {
         self.reservation = None;
     }
@@ -29,7 +34,7 @@ impl ReservationGuard {
     /// The work did not happen: the unit goes back now.
     pub async fn refund(mut self) {
         if let Some(reservation) = self.reservation.take()
-            && let Err(error) = refund(&self.pool, reservation).await
+            && let Err(error) = refund(&self.pool, &reservation).await
         {
             tracing::error!(%error, "quota refund failed");
         }
@@ -42,7 +47,7 @@ impl Drop for ReservationGuard {
             let pool = self.pool.clone();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    if let Err(error) = refund(&pool, reservation).await {
+                    if let Err(error) = refund(&pool, &reservation).await {
                         tracing::error!(%error, "quota refund after cancellation failed");
                     }
                 });

@@ -42,7 +42,8 @@ pub async fn create_for_user(conn: &mut PgConnection, user_id: Uuid, plan: &str)
               eco_perspectives_used, last_reset_date)
          SELECT $1, tier, messages_per_month, premium_perspectives_limit,
                 normal_perspectives_limit, eco_perspectives_limit,
-                date_trunc('month', current_date)::date, 0, 0, 0, 0, current_date
+                date_trunc('month', now() AT TIME ZONE 'UTC')::date, 0, 0, 0, 0,
+                (now() AT TIME ZONE 'UTC')::date
            FROM plan_tiers WHERE tier = $2
          RETURNING id, plan_tier, messages_per_month, premium_perspectives_limit,
                    normal_perspectives_limit, eco_perspectives_limit, current_month_start,
@@ -215,10 +216,12 @@ impl Counter {
     }
 }
 
-/// A unit taken from a counter. Give it back with [`refund`] if the work it paid for did not
-/// happen; keep it with [`Reservation::settle`] when it did.
+/// A unit taken from a counter, with its row in `quota_reservations`. Give it back with
+/// [`refund`] if the work it paid for did not happen; a usage row settles it (perspectives).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
+    /// Its `quota_reservations` row.
+    pub id: Uuid,
     pub quota_id: Uuid,
     pub counter: Counter,
     pub month: NaiveDate,
@@ -242,7 +245,9 @@ impl std::fmt::Display for Exhausted {
     }
 }
 
-const STALE: &str = "(current_month_start IS NULL OR current_month_start < $2)";
+/// The current month on the database's clock (UTC), never the calling process's: replicas
+/// with skewed clocks and calls that cross midnight agree on it.
+const MONTH: &str = "date_trunc('month', now() AT TIME ZONE 'UTC')::date";
 const ALL_COUNTERS: [Counter; 4] = [
     Counter::Messages,
     Counter::Premium,
@@ -250,24 +255,39 @@ const ALL_COUNTERS: [Counter; 4] = [
     Counter::Eco,
 ];
 
+impl Counter {
+    /// The `quota_reservations.counter` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counter::Messages => "messages",
+            Counter::Premium => "premium",
+            Counter::Normal => "normal",
+            Counter::Eco => "eco",
+        }
+    }
+}
+
 /// Takes one unit per entry of `wants` (a counter may appear more than once) for `user_id` this
-/// month, all or nothing, in a single UPDATE: it checks every limit and increments under the
-/// row lock, so concurrent callers can never exceed a limit. The first use in a new calendar
-/// month resets every counter in the same statement. `None` when a limit would be exceeded.
+/// month, all or nothing, for the call `request_id`. One statement: it checks every limit and
+/// increments under the row lock (concurrent callers can never exceed a limit), and writes a
+/// `quota_reservations` row per unit, so a unit whose call dies with its process is found and
+/// refunded by [`reconcile`]. The month is the database's: the first use in a new month resets
+/// every counter in the same statement, and `current_month_start` never moves backwards. `None`
+/// when a limit would be exceeded.
 pub async fn reserve_all(
     pool: &PgPool,
     user_id: Uuid,
+    request_id: Uuid,
     wants: &[Counter],
-    today: NaiveDate,
 ) -> Result<Option<Vec<Reservation>>> {
-    let month = month_start(today);
+    let stale = format!("(current_month_start IS NULL OR current_month_start < {MONTH})");
     let count = |c: Counter| wants.iter().filter(|w| **w == c).count();
-    let current = |col: &str| format!("(CASE WHEN {STALE} THEN 0 ELSE coalesce({col}, 0) END)");
+    let current = |col: &str| format!("(CASE WHEN {stale} THEN 0 ELSE coalesce({col}, 0) END)");
     let sets = ALL_COUNTERS
         .map(|c| {
             let (used, _) = c.columns();
             match count(c) {
-                0 => format!("{used} = CASE WHEN {STALE} THEN 0 ELSE {used} END"),
+                0 => format!("{used} = CASE WHEN {stale} THEN 0 ELSE {used} END"),
                 n => format!("{used} = {} + {n}", current(used)),
             }
         })
@@ -285,24 +305,39 @@ pub async fn reserve_all(
         })
         .collect();
     let sql = format!(
-        "UPDATE user_perspective_quotas SET {sets},
-                last_reset_date = CASE WHEN {STALE} THEN current_date ELSE last_reset_date END,
-                current_month_start = $2, updated_at = now()
-          WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
-                       ORDER BY created_at DESC LIMIT 1){checks}
-         RETURNING id"
+        "WITH taken AS (
+             UPDATE user_perspective_quotas SET {sets},
+                    last_reset_date = CASE WHEN {stale} THEN (now() AT TIME ZONE 'UTC')::date
+                                      ELSE last_reset_date END,
+                    current_month_start = greatest(current_month_start, {MONTH}),
+                    updated_at = now()
+              WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
+                           ORDER BY created_at DESC LIMIT 1){checks}
+             RETURNING id, current_month_start)
+         INSERT INTO quota_reservations (id, quota_id, user_id, request_id, counter, month)
+         SELECT unit.id, taken.id, $1, $2, unit.counter, taken.current_month_start
+           FROM taken, unnest($3::uuid[], $4::text[]) AS unit(id, counter)
+         RETURNING quota_id, month"
     );
+    let ids: Vec<Uuid> = wants.iter().map(|_| Uuid::new_v4()).collect();
+    let counters: Vec<&str> = wants.iter().map(|c| c.as_str()).collect();
     for _ in 0..2 {
         // Dynamic: the SET list and the limit checks depend on which counters are wanted.
-        let reserved: Option<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+        let reserved: Option<(Uuid, NaiveDate)> = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
             .bind(user_id)
-            .bind(month)
-            .fetch_optional(pool)
-            .await?;
-        if let Some(quota_id) = reserved {
+            .bind(request_id)
+            .bind(&ids)
+            .bind(&counters)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .next();
+        if let Some((quota_id, month)) = reserved {
             let reservations = wants
                 .iter()
-                .map(|&counter| Reservation {
+                .zip(&ids)
+                .map(|(&counter, &id)| Reservation {
+                    id,
                     quota_id,
                     counter,
                     month,
@@ -323,10 +358,10 @@ pub async fn reserve_all(
 pub async fn reserve(
     pool: &PgPool,
     user_id: Uuid,
+    request_id: Uuid,
     counter: Counter,
-    today: NaiveDate,
 ) -> Result<std::result::Result<Reservation, Exhausted>> {
-    if let Some(mut taken) = reserve_all(pool, user_id, &[counter], today).await? {
+    if let Some(mut taken) = reserve_all(pool, user_id, request_id, &[counter]).await? {
         return Ok(Ok(taken.remove(0)));
     }
     let quota = for_user(pool, user_id)
@@ -344,20 +379,74 @@ pub async fn reserve(
     }))
 }
 
-/// Gives a reserved unit back (a failed, timed-out or cancelled model call). A reservation from
-/// a month that has since rolled over has nothing to give back.
-pub async fn refund(pool: &PgPool, reservation: Reservation) -> Result<()> {
-    let (used, _) = reservation.counter.columns();
-    // Dynamic: the counter's column is spliced in.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE user_perspective_quotas SET {used} = greatest(coalesce({used}, 0) - 1, 0), updated_at = now()
-          WHERE id = $1 AND current_month_start = $2"
-    )))
-    .bind(reservation.quota_id)
-    .bind(reservation.month)
+/// Gives a reserved unit back (a failed, timed-out or cancelled model call): deletes its
+/// `quota_reservations` row and decrements its counter in one statement, so a unit is given
+/// back at most once (a second refund, or one racing the sweeper, finds no row). A reservation
+/// from a month that has since rolled over has nothing to give back.
+pub async fn refund(pool: &PgPool, reservation: &Reservation) -> Result<()> {
+    sqlx::query!(
+        "WITH unit AS (DELETE FROM quota_reservations WHERE id = $1 RETURNING quota_id, month, counter)
+         UPDATE user_perspective_quotas q SET
+                messages_used = CASE WHEN unit.counter = 'messages'
+                    THEN greatest(coalesce(messages_used, 0) - 1, 0) ELSE messages_used END,
+                premium_perspectives_used = CASE WHEN unit.counter = 'premium'
+                    THEN greatest(coalesce(premium_perspectives_used, 0) - 1, 0) ELSE premium_perspectives_used END,
+                normal_perspectives_used = CASE WHEN unit.counter = 'normal'
+                    THEN greatest(coalesce(normal_perspectives_used, 0) - 1, 0) ELSE normal_perspectives_used END,
+                eco_perspectives_used = CASE WHEN unit.counter = 'eco'
+                    THEN greatest(coalesce(eco_perspectives_used, 0) - 1, 0) ELSE eco_perspectives_used END,
+                updated_at = now()
+           FROM unit WHERE q.id = unit.quota_id AND q.current_month_start = unit.month",
+        reservation.id
+    )
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Refunds every reservation older than `stale_after` that was never settled nor refunded: its
+/// call died with its process or its database connection (no call lives longer than its
+/// deadline, and `stale_after` must exceed the longest). Safe on several replicas at once
+/// (`FOR UPDATE SKIP LOCKED`; each unit is refunded once). Returns how many units went back.
+pub async fn reconcile(pool: &PgPool, stale_after: std::time::Duration) -> Result<u64> {
+    const BATCH: i64 = 1000;
+    let mut total = 0;
+    loop {
+        let refunded = sqlx::query_scalar!(
+            r#"WITH stale AS (
+                   SELECT id FROM quota_reservations
+                    WHERE created_at < now() - make_interval(secs => $1)
+                    ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+               unit AS (
+                   DELETE FROM quota_reservations r USING stale WHERE r.id = stale.id
+                   RETURNING r.quota_id, r.month, r.counter),
+               per_quota AS (
+                   SELECT quota_id, month,
+                          count(*) FILTER (WHERE counter = 'messages') AS messages,
+                          count(*) FILTER (WHERE counter = 'premium') AS premium,
+                          count(*) FILTER (WHERE counter = 'normal') AS normal,
+                          count(*) FILTER (WHERE counter = 'eco') AS eco
+                     FROM unit GROUP BY quota_id, month),
+               fixed AS (
+                   UPDATE user_perspective_quotas q SET
+                          messages_used = greatest(coalesce(messages_used, 0) - p.messages, 0),
+                          premium_perspectives_used = greatest(coalesce(premium_perspectives_used, 0) - p.premium, 0),
+                          normal_perspectives_used = greatest(coalesce(normal_perspectives_used, 0) - p.normal, 0),
+                          eco_perspectives_used = greatest(coalesce(eco_perspectives_used, 0) - p.eco, 0),
+                          updated_at = now()
+                     FROM per_quota p WHERE q.id = p.quota_id AND q.current_month_start = p.month
+                   RETURNING 1)
+               SELECT count(*) AS "refunded!" FROM unit"#,
+            stale_after.as_secs_f64(),
+            BATCH
+        )
+        .fetch_one(pool)
+        .await?;
+        total += refunded as u64;
+        if refunded < BATCH {
+            return Ok(total);
+        }
+    }
 }
 
 async fn ensure_row(pool: &PgPool, user_id: Uuid) -> Result<()> {

@@ -271,3 +271,154 @@ where
     }
     condition().await
 }
+
+/// [`mock_gateway`] with more models (`[[models]]` TOML appended to the mock catalogue).
+pub fn mock_gateway_with(base: &str, extra_models: &str) -> polydev::perspectives::Gateway {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use polydev::perspectives::provider::{HttpProvider, Provider};
+    let catalogue =
+        polydev::perspectives::Catalogue::parse(&format!("{}{extra_models}", mock_catalogue(base)))
+            .expect("mock catalogue");
+    let client = polydev::net::http_client();
+    let providers: HashMap<String, Arc<dyn Provider>> = catalogue
+        .providers
+        .iter()
+        .map(|(name, spec)| {
+            let provider = HttpProvider::new(
+                name,
+                spec.kind,
+                &spec.base_url,
+                Some("test-key".into()),
+                spec.streaming,
+                client.clone(),
+            );
+            (name.clone(), Arc::new(provider) as Arc<dyn Provider>)
+        })
+        .collect();
+    polydev::perspectives::Gateway::with_providers(catalogue, providers)
+}
+
+/// A PostgreSQL cluster of the test's own (in a temporary directory), which the test may stop,
+/// crash and start again: for outage tests, which must not disturb the shared server.
+pub struct OwnedCluster {
+    dir: tempfile::TempDir,
+    cluster: Option<EmbeddedPostgres>,
+    pub options: PgConnectOptions,
+    /// Processes stopped by [`OwnedCluster::freeze`].
+    frozen: std::sync::Mutex<Vec<i32>>,
+}
+
+impl OwnedCluster {
+    /// A new cluster with every migration applied to its `polydev` database.
+    pub async fn start() -> OwnedCluster {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Root runs the cluster as `postgres`, which must be able to traverse into it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cluster = EmbeddedPostgres::start(&dir.path().join("data"), None)
+            .await
+            .expect("start a test-owned PostgreSQL cluster");
+        let options = cluster.connect_options();
+        let mut conn = PgConnection::connect_with(&options).await.expect("connect");
+        migrate::run(&mut conn).await.expect("migrate");
+        conn.close().await.ok();
+        OwnedCluster {
+            dir,
+            cluster: Some(cluster),
+            options,
+            frozen: Default::default(),
+        }
+    }
+
+    /// Its URL (a Unix socket), for `polydev --database-url` and `Database::open`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/polydev?host={}",
+            self.options.get_socket().expect("a socket").display()
+        )
+    }
+
+    /// Stops it as a crash would (immediate shutdown).
+    pub async fn crash(&mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.crash().await.expect("crash the cluster");
+        }
+    }
+
+    /// Freezes every process of the cluster (SIGSTOP to the postmaster and each of its
+    /// children, which PostgreSQL puts in sessions of their own): connections are accepted by
+    /// the kernel but nothing answers, as with a hung host or a network partition.
+    pub fn freeze(&self) {
+        let pid_file = self.dir.path().join("data/postgres/postmaster.pid");
+        let postmaster: i32 = std::fs::read_to_string(&pid_file)
+            .expect("postmaster.pid")
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces, so read after the last ')'.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        *self.frozen.lock().unwrap() = pids;
+    }
+
+    /// Lets a frozen cluster run on.
+    pub fn thaw(&self) {
+        for pid in std::mem::take(&mut *self.frozen.lock().unwrap()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+
+    /// Starts it again (recovering from the WAL after a crash).
+    pub async fn restart(&mut self) {
+        assert!(self.cluster.is_none(), "the cluster is running");
+        self.cluster = Some(
+            EmbeddedPostgres::start(&self.dir.path().join("data"), None)
+                .await
+                .expect("restart the cluster"),
+        );
+    }
+}
+
+impl Drop for OwnedCluster {
+    fn drop(&mut self) {
+        self.thaw();
+        if let Some(cluster) = self.cluster.take() {
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(async move {
+                        let _ = cluster.crash().await;
+                    });
+            })
+            .join()
+            .ok();
+        }
+    }
+}

@@ -2,13 +2,14 @@
 
 mod accounts;
 mod architecture;
+mod billing;
 mod common;
 mod errors;
 pub mod http_api;
 mod lying_proxy;
 mod mcp;
 mod migrations;
-mod perspectives;
+pub mod perspectives;
 mod providers;
 mod scopes;
 mod serve;

@@ -338,3 +338,52 @@ async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T
     }
     out
 }
+
+#[tokio::test]
+async fn an_invalid_index_keeps_readyz_down_until_migrate_rebuilds_it() {
+    let db = TestDb::migrated().await;
+    let mut conn = db.connect().await;
+    // What a CREATE INDEX CONCURRENTLY that failed part way leaves behind (the test runs as a
+    // superuser, which may mark it so directly).
+    conn.execute(
+        "UPDATE pg_index SET indisvalid = false
+          WHERE indexrelid = 'user_perspective_quotas_user_id_idx'::regclass",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        migrate::invalid_indexes(&mut conn).await.unwrap(),
+        ["user_perspective_quotas_user_id_idx"]
+    );
+    assert!(
+        !migrate::is_current(&mut conn).await.unwrap(),
+        "not ready while an index is invalid"
+    );
+    migrate::run(&mut conn).await.unwrap();
+    let valid: bool = sqlx::query_scalar(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'user_perspective_quotas_user_id_idx'::regclass",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(valid, "rebuilt");
+    assert!(migrate::is_current(&mut conn).await.unwrap());
+
+    // A real failed build: a unique index over duplicate data fails and stays INVALID; `IF NOT
+    // EXISTS` would skip it, so migrate drops it and builds it again once the data allows.
+    conn.execute("CREATE TABLE dup (v int)").await.unwrap();
+    conn.execute("INSERT INTO dup VALUES (1), (1)")
+        .await
+        .unwrap();
+    let failed = conn
+        .execute("CREATE UNIQUE INDEX CONCURRENTLY dup_idx ON dup (v)")
+        .await;
+    assert!(failed.is_err());
+    let invalid: bool = sqlx::query_scalar(
+        "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = 'dup_idx'::regclass",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(invalid, "a failed concurrent build leaves an INVALID index");
+}

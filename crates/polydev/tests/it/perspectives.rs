@@ -16,6 +16,40 @@ use uuid::Uuid;
 
 use crate::common::{TestDb, eventually, mock_gateway};
 
+/// The user's counters against their usage rows this month: messages = calls with a usage row,
+/// each tier = its usage rows.
+pub async fn ledger(
+    pool: &sqlx::PgPool,
+    user: Uuid,
+) -> ((i32, i32, i32, i32), (i32, i32, i32, i32)) {
+    let counters: (i32, i32, i32, i32) = sqlx::query_as(
+        "SELECT messages_used, premium_perspectives_used, normal_perspectives_used, eco_perspectives_used
+           FROM user_perspective_quotas WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let usage: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT session_id), count(*) FILTER (WHERE model_tier = 'premium'),
+                count(*) FILTER (WHERE model_tier = 'normal'), count(*) FILTER (WHERE model_tier = 'eco')
+           FROM perspective_usage WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (
+        counters,
+        (
+            usage.0 as i32,
+            usage.1 as i32,
+            usage.2 as i32,
+            usage.3 as i32,
+        ),
+    )
+}
+
 fn ask(models: &[&str]) -> PerspectivesRequest {
     PerspectivesRequest {
         prompt: "Is it worth rewriting our queue in Rust?".into(),
@@ -320,7 +354,9 @@ async fn cancelling_a_call_aborts_upstream_calls_and_refunds_them() {
     // Cancel (drop) once the slow model is in flight.
     let cancelled = tokio::time::timeout(Duration::from_millis(700), call).await;
     assert!(cancelled.is_err(), "the call was still running");
-    eventually_used(&f.db, f.user, (0, 0, 0, 1)).await;
+    // gemini-eco answered and was charged, and its usage row paid the message: the ledger
+    // (usage rows) and the counters agree.
+    eventually_used(&f.db, f.user, (1, 0, 0, 1)).await;
     eventually(|| async { f.mock.stats().abandoned() >= 1 }).await;
     assert_eq!(f.mock.stats().abandoned(), 1);
 }
@@ -482,4 +518,264 @@ async fn polydev_chooses_distinct_providers_by_tier_and_respects_exclusions() {
         .unwrap();
     let result = f.call(&request).await.unwrap();
     assert_ne!(result.perspectives[0].tier, "eco");
+}
+
+#[tokio::test]
+async fn the_month_comes_from_the_database_clock_and_never_moves_backwards() {
+    let f = fixture(Plan::Free).await;
+    // Another replica (or the database) is already in the next month, with used counters: to
+    // this process, whose clock says it is still the previous month, the row is "in the future".
+    sqlx::query(
+        "UPDATE user_perspective_quotas
+            SET current_month_start = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month')::date,
+                messages_used = 3, premium_perspectives_used = 2
+          WHERE user_id = $1",
+    )
+    .bind(f.user)
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    let next_month: chrono::NaiveDate = sqlx::query_scalar(
+        "SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month')::date",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let result = f.call(&ask(&["gpt-premium"])).await.unwrap();
+        assert_eq!(result.totals.succeeded, 1);
+    }
+    let start: chrono::NaiveDate = sqlx::query_scalar(
+        "SELECT current_month_start FROM user_perspective_quotas WHERE user_id = $1",
+    )
+    .bind(f.user)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        start, next_month,
+        "current_month_start never moves backwards"
+    );
+    assert_eq!(
+        used(&f.db, f.user).await,
+        (5, 4, 0, 0),
+        "the used-up counters of the later month were not reset"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_the_result_could_not_be_stored_charges_nothing_again() {
+    let f = fixture(Plan::Pro).await;
+    // Storing the result fails (as a database blip after the models answered would).
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_response() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'storage failure'; END $$;
+         CREATE TRIGGER refuse_response BEFORE UPDATE ON perspective_idempotency
+           FOR EACH ROW WHEN (NEW.response IS NOT NULL) EXECUTE FUNCTION refuse_response();",
+    )
+    .execute(&f.db.pool)
+    .await
+    .unwrap();
+    let mut request = ask(&["gpt-premium", "claude-normal", "broken-premium"]);
+    request.idempotency_key = Some("store-fails".into());
+    request.deadline_ms = Some(2000);
+    let first = f.call(&request).await;
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 1, 0));
+    sqlx::raw_sql("DROP TRIGGER refuse_response ON perspective_idempotency")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+
+    // Retries (the broken model runs again; the two answers are not paid for again).
+    for _ in 0..3 {
+        let retry = tokio::time::timeout(Duration::from_secs(20), f.call(&request))
+            .await
+            .expect("the retry does not wait for the first call's deadline")
+            .unwrap();
+        assert_eq!(retry.totals.succeeded, 2);
+        if let Ok(first) = &first {
+            assert_eq!(retry.request_id, first.request_id);
+        }
+    }
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 1, 0), "charged once");
+    assert_eq!(usage_rows(&f.db, f.user).await, 2);
+    let (counters, usage) = ledger(&f.db.pool, f.user).await;
+    assert_eq!(counters, usage);
+}
+
+#[tokio::test]
+async fn a_cancelled_first_call_frees_its_key_at_once() {
+    let f = fixture(Plan::Pro).await;
+    let mut request = ask(&["slow-premium"]);
+    request.idempotency_key = Some("cancelled".into());
+    request.deadline_ms = Some(1500);
+    let cancelled = tokio::time::timeout(Duration::from_millis(500), f.call(&request)).await;
+    assert!(cancelled.is_err(), "the first call was still running");
+    // The retry runs at once (not after the first call's deadline + 30 s).
+    let retry = tokio::time::timeout(Duration::from_secs(10), f.call(&request))
+        .await
+        .expect("the key was released when the first call was dropped")
+        .unwrap();
+    assert!(!retry.replayed);
+    assert_eq!(retry.perspectives[0].status, Status::Timeout);
+}
+
+#[tokio::test]
+async fn a_second_call_with_a_running_key_is_told_in_progress() {
+    let f = fixture(Plan::Pro).await;
+    let gateway = Arc::new(
+        mock_gateway(&f.mock.base_url()).with_idempotency_wait(Duration::from_millis(300)),
+    );
+    let mut request = ask(&["slow-premium"]);
+    request.idempotency_key = Some("busy".into());
+    let first = {
+        let (pool, gateway, user, request) =
+            (f.db.pool.clone(), gateway.clone(), f.user, request.clone());
+        tokio::spawn(async move {
+            get_perspectives(
+                Pools::single(&pool),
+                &gateway,
+                user,
+                &request,
+                ProgressSink::none(),
+            )
+            .await
+        })
+    };
+    assert!(eventually(|| async { f.mock.stats().started() >= 1 }).await);
+    let second = get_perspectives(
+        Pools::single(&f.db.pool),
+        &gateway,
+        f.user,
+        &request,
+        ProgressSink::none(),
+    )
+    .await;
+    match second {
+        Err(Error::InProgress { retry_after }) => assert!(retry_after >= Duration::from_secs(1)),
+        other => panic!("expected in_progress, got {other:?}"),
+    }
+    let error = Error::InProgress {
+        retry_after: Duration::from_secs(1),
+    };
+    assert_eq!(error.code(), "in_progress");
+    let response = axum::response::IntoResponse::into_response(polydev::http::ApiError(error));
+    assert_eq!(response.status(), axum::http::StatusCode::CONFLICT);
+    assert_eq!(response.headers()["retry-after"], "1");
+    first.abort();
+}
+
+#[tokio::test]
+async fn a_call_in_which_every_model_failed_is_not_cached() {
+    let f = fixture(Plan::Pro).await;
+    let mut request = ask(&["broken-premium"]);
+    request.idempotency_key = Some("all-failed".into());
+    let first = f.call(&request).await.unwrap();
+    assert_eq!(first.totals.succeeded, 0);
+    let second = f.call(&request).await.unwrap();
+    assert!(!second.replayed, "a failed call is run again, not replayed");
+    assert_eq!(used(&f.db, f.user).await, (0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn idempotency_rows_keep_no_answer_text_for_zero_knowledge_users_and_no_plain_hash() {
+    let f = fixture(Plan::Pro).await;
+    sqlx::query("UPDATE users SET zero_knowledge_enabled = true WHERE user_id = $1")
+        .bind(f.user)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let mut request = ask(&["gpt-premium"]);
+    request.idempotency_key = Some("zk".into());
+    let first = f.call(&request).await.unwrap();
+    let text = first.perspectives[0]
+        .text
+        .clone()
+        .expect("the caller gets the answer");
+    let (stored, hash): (String, String) = sqlx::query_as(
+        "SELECT p::text, request_hash FROM perspective_idempotency p WHERE user_id = $1",
+    )
+    .bind(f.user)
+    .fetch_one(&f.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        !stored.contains(text.trim()),
+        "no answer text stored: {stored}"
+    );
+    // The hash is keyed: the plain SHA-256 of the arguments does not match it.
+    use sha2::Digest;
+    let mut plain = request.clone();
+    plain.idempotency_key = None;
+    let unkeyed = hex::encode(sha2::Sha256::digest(serde_json::to_vec(&plain).unwrap()));
+    assert_ne!(hash, unkeyed);
+    let replay = f.call(&request).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.perspectives[0].text, None);
+    assert!(replay.perspectives[0].text_withheld);
+    assert_eq!(replay.perspectives[0].status, Status::Ok);
+    assert!(replay.to_text().contains("not kept"));
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 0, 0));
+}
+
+#[tokio::test]
+async fn the_sweeper_deletes_idempotency_keys_older_than_a_day() {
+    let f = fixture(Plan::Pro).await;
+    let mut request = ask(&["gpt-premium"]);
+    request.idempotency_key = Some("old".into());
+    f.call(&request).await.unwrap();
+    request.idempotency_key = Some("new".into());
+    f.call(&request).await.unwrap();
+    sqlx::query("UPDATE perspective_idempotency SET created_at = now() - interval '25 hours' WHERE idempotency_key = 'old'")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        polydev::perspectives::sweep_idempotency(&f.db.pool)
+            .await
+            .unwrap(),
+        1
+    );
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM perspective_idempotency")
+            .fetch_all(&f.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(keys, ["new"]);
+}
+
+#[tokio::test]
+async fn stale_reservations_are_refunded_once_and_live_ones_are_not() {
+    let f = fixture(Plan::Pro).await;
+    use polydev::quota::{self, Counter};
+    // A call whose process died after reserving (its reservation is never settled).
+    let dead = quota::reserve_all(
+        &f.db.pool,
+        f.user,
+        Uuid::new_v4(),
+        &[Counter::Messages, Counter::Premium],
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    sqlx::query("UPDATE quota_reservations SET created_at = now() - interval '1 hour'")
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+    let live = quota::reserve(&f.db.pool, f.user, Uuid::new_v4(), Counter::Eco)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(used(&f.db, f.user).await, (1, 1, 0, 1));
+    let (a, b) = tokio::join!(
+        quota::reconcile(&f.db.pool, Duration::from_secs(60)),
+        quota::reconcile(&f.db.pool, Duration::from_secs(60))
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 2, "each stale unit refunded once");
+    assert_eq!(used(&f.db, f.user).await, (0, 0, 0, 1));
+    // A late refund of a unit the sweeper already gave back changes nothing.
+    quota::refund(&f.db.pool, &dead[1]).await.unwrap();
+    quota::refund(&f.db.pool, &live).await.unwrap();
+    quota::refund(&f.db.pool, &live).await.unwrap();
+    assert_eq!(used(&f.db, f.user).await, (0, 0, 0, 0));
 }

@@ -430,3 +430,99 @@ async fn json_logs_carry_the_request_id_route_user_status_and_latency() {
         "{access}"
     );
 }
+
+#[tokio::test]
+async fn after_serve_is_killed_mid_call_the_sweeper_brings_the_counters_back_to_the_ledger() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    let dir = data_dir();
+    let models = dir.path().join("models.toml");
+    std::fs::write(&models, crate::common::mock_catalogue(&mock.base_url())).unwrap();
+    let mut users = Vec::new();
+    for i in 0..3 {
+        let user = polydev::accounts::create_user(
+            &db.pool,
+            &format!("killed{i}@example.com"),
+            polydev::accounts::Plan::Pro,
+        )
+        .await
+        .unwrap();
+        let token = polydev::accounts::create_token(&db.pool, user.user_id, "t", None)
+            .await
+            .unwrap()
+            .token;
+        users.push((user.user_id, token));
+    }
+    let start = |stale_after: &str| {
+        let mut cmd = polydev(dir.path());
+        cmd.env("DATABASE_URL", db.url())
+            .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
+            .env("POLYDEV_MODELS", &models)
+            .env("POLYDEV_SWEEP_INTERVAL", "0.2")
+            .env("POLYDEV_RESERVATION_STALE_AFTER", stale_after);
+        serve(cmd)
+    };
+    let (server, base) = start("600").await;
+    let client = polydev::net::http_client();
+    // Each call: one fast answer (charged), one slow model in flight when the process dies.
+    let calls: Vec<_> = users
+        .iter()
+        .map(|(_, token)| {
+            tokio::spawn(
+                client
+                    .post(format!("{base}/v1/perspectives"))
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({
+                        "prompt": "killed",
+                        "models": ["gpt-premium", "slow-premium"]
+                    }))
+                    .send(),
+            )
+        })
+        .collect();
+    let usage_rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM perspective_usage")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert!(eventually(|| async { usage_rows().await == 3 && mock.stats().started() == 6 }).await);
+    let mut server = server;
+    kill(Pid::from_raw(server.id().unwrap() as i32), Signal::SIGKILL).unwrap();
+    server.wait().await.unwrap();
+    for call in calls {
+        assert!(
+            call.await.unwrap().is_err(),
+            "the connection died with the process"
+        );
+    }
+    let reserved: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_reservations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(reserved, 3, "the slow models' units are left reserved");
+
+    // A restart whose sweeper treats anything older than a second as dead.
+    let (server, _) = start("1").await;
+    let settled = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_reservations")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            == 0
+    };
+    let mut swept = false;
+    for _ in 0..5 {
+        if eventually(settled).await {
+            swept = true;
+            break;
+        }
+    }
+    assert!(swept, "the sweeper refunded the dead calls' units");
+    for (user, _) in &users {
+        let (counters, usage) = crate::perspectives::ledger(&db.pool, *user).await;
+        assert_eq!(counters, usage, "user {user}");
+        assert_eq!(usage, (1, 1, 0, 0));
+    }
+    assert!(terminate(server).await.success());
+}
