@@ -233,6 +233,39 @@ pub async fn plaintext_batch(
     .await
 }
 
+/// The checks every batch of envelope writes starts with: zero-knowledge on, at most
+/// [`MAX_BATCH`] rows, each envelope an item of `namespace` bound to the caller and its row;
+/// then a transaction that holds the user's write state (no key rotation under way).
+async fn begin_batch<'a>(
+    pool: &PgPool,
+    user_id: Uuid,
+    envelopes: impl ExactSizeIterator<Item = (Uuid, &'a str)>,
+    namespace: &str,
+    max_envelope: usize,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    require_enabled(pool, user_id).await?;
+    if envelopes.len() as i64 > MAX_BATCH {
+        return Err(Error::TooLarge(format!(
+            "at most {MAX_BATCH} rows per batch"
+        )));
+    }
+    for (id, envelope) in envelopes {
+        zk::check_envelope(
+            envelope,
+            polydev_zk::Kind::Item,
+            user_id,
+            Some(namespace),
+            Some(&id.to_string()),
+            max_envelope,
+        )?;
+    }
+    let mut tx = pool.begin().await?;
+    zk::write_state_locked(&mut tx, user_id)
+        .await?
+        .ensure_not_rotating()?;
+    Ok(tx)
+}
+
 /// Writes envelopes, each only if its row is still the plaintext that was read (same hash, not
 /// yet migrated). Returns the ids written; the others changed meanwhile.
 pub async fn write_encrypted(
@@ -240,26 +273,15 @@ pub async fn write_encrypted(
     user_id: Uuid,
     writes: &[EncryptedWrite],
 ) -> Result<Vec<Uuid>> {
-    require_enabled(pool, user_id).await?;
-    if writes.len() as i64 > MAX_BATCH {
-        return Err(Error::TooLarge(format!(
-            "at most {MAX_BATCH} rows per batch"
-        )));
-    }
-    for write in writes {
-        zk::check_envelope(
-            &write.encrypted_content,
-            polydev_zk::Kind::Item,
-            user_id,
-            Some(zk::CHAT_MESSAGE),
-            Some(&write.id.to_string()),
-            zk::MAX_MESSAGE_ENVELOPE,
-        )?;
-    }
-    let mut tx = pool.begin().await?;
-    zk::write_state_locked(&mut tx, user_id)
-        .await?
-        .ensure_not_rotating()?;
+    let envelopes = writes.iter().map(|w| (w.id, w.encrypted_content.as_str()));
+    let mut tx = begin_batch(
+        pool,
+        user_id,
+        envelopes,
+        zk::CHAT_MESSAGE,
+        zk::MAX_MESSAGE_ENVELOPE,
+    )
+    .await?;
     // One statement per chat system for the whole batch.
     let mut written = Vec::new();
     for system in SYSTEMS {
@@ -492,26 +514,15 @@ pub async fn write_sessions(
     user_id: Uuid,
     writes: &[EncryptedSession],
 ) -> Result<Vec<Uuid>> {
-    require_enabled(pool, user_id).await?;
-    if writes.len() as i64 > MAX_BATCH {
-        return Err(Error::TooLarge(format!(
-            "at most {MAX_BATCH} rows per batch"
-        )));
-    }
-    for write in writes {
-        zk::check_envelope(
-            &write.encrypted_meta,
-            polydev_zk::Kind::Item,
-            user_id,
-            Some(zk::CHAT_SESSION),
-            Some(&write.id.to_string()),
-            zk::MAX_SESSION_ENVELOPE,
-        )?;
-    }
-    let mut tx = pool.begin().await?;
-    zk::write_state_locked(&mut tx, user_id)
-        .await?
-        .ensure_not_rotating()?;
+    let envelopes = writes.iter().map(|w| (w.id, w.encrypted_meta.as_str()));
+    let mut tx = begin_batch(
+        pool,
+        user_id,
+        envelopes,
+        zk::CHAT_SESSION,
+        zk::MAX_SESSION_ENVELOPE,
+    )
+    .await?;
     let mut written = Vec::new();
     for system in SYSTEMS {
         let rows: Vec<&EncryptedSession> = writes.iter().filter(|w| w.system == system).collect();
