@@ -35,7 +35,7 @@ pub fn status(error: &Error) -> StatusCode {
         Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Unavailable(_) | Error::RuntimeUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

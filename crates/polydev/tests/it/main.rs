@@ -9,6 +9,7 @@ mod mcp;
 mod migrations;
 mod perspectives;
 mod providers;
+pub mod runtime_local;
 mod serve;
 mod web;
 pub mod zk;
