@@ -23,6 +23,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Decrypts legacy server-encrypted credentials while they move to client-side keys.
     pub legacy_secret: Option<crate::vault::LegacySecret>,
+    /// Containers and sealed jobs (docs/runtime.md); `None`: the runtime routes answer 501.
+    pub runtime: Option<crate::runtime::Runtime>,
 }
 
 impl AppState {
@@ -35,7 +37,13 @@ impl AppState {
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             shutdown: CancellationToken::new(),
             legacy_secret: None,
+            runtime: None,
         }
+    }
+
+    pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Self {
+        self.runtime = runtime;
+        self
     }
 
     pub fn with_legacy_secret(mut self, secret: Option<crate::vault::LegacySecret>) -> Self {

@@ -117,7 +117,12 @@ struct Sandbox {
     name: String,
     state: watch::Receiver<State>,
     stop: CancellationToken,
+    /// Where the proxy tunnel leads (changed when the container is claimed).
+    proxy: Target,
 }
+
+/// The host end of a tunnel: read at each connection, so it can change while the sandbox runs.
+type Target = Arc<Mutex<Option<SocketAddr>>>;
 
 struct Inner {
     config: LocalConfig,
@@ -172,9 +177,17 @@ impl LocalDriver {
             .map_err(|e| OrchestratorError::Refused(format!("{}: {e}", dir.display())))?;
         let stop = self.inner.shutdown.child_token();
         let mut forwards = Vec::new();
+        let proxy: Target = Arc::new(Mutex::new(spec.network.proxy));
+        let server: Target = Arc::new(Mutex::new(spec.network.server));
+        // The proxy tunnel always exists (a warm sandbox gets its user's proxy when claimed);
+        // without a target it refuses every connection.
         for (name, target, inside) in [
-            ("proxy", spec.network.proxy, PROXY_INSIDE),
-            ("server", spec.network.server, SERVER_INSIDE),
+            ("proxy", Some(proxy.clone()), PROXY_INSIDE),
+            (
+                "server",
+                spec.network.server.is_some().then_some(server),
+                SERVER_INSIDE,
+            ),
         ] {
             let Some(target) = target else { continue };
             let socket = dir.join(format!("{name}.sock"));
@@ -228,7 +241,7 @@ impl LocalDriver {
                 c
             }
         };
-        command.args(bwrap_args(config, &spec, &dir, !forwards.is_empty()));
+        command.args(bwrap_args(config, &spec, &dir));
         command.arg(AGENT_INSIDE).arg("init");
         for forward in &forwards {
             command.arg("--forward").arg(forward);
@@ -272,6 +285,7 @@ impl LocalDriver {
                 name: spec.name.clone(),
                 state: state_rx,
                 stop: stop.clone(),
+                proxy,
             },
         );
         let _ = self.inner.events.send(Event {
@@ -322,12 +336,7 @@ impl LocalDriver {
     }
 }
 
-fn bwrap_args(
-    config: &LocalConfig,
-    spec: &ContainerSpec,
-    dir: &Path,
-    tunnels: bool,
-) -> Vec<std::ffi::OsString> {
+fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(Into::into));
     push(&[
@@ -365,11 +374,9 @@ fn bwrap_args(
     a.push("--ro-bind".into());
     a.push(config.agent.clone().into());
     a.push(AGENT_INSIDE.into());
-    if tunnels {
-        a.push("--ro-bind".into());
-        a.push(dir.into());
-        a.push(SOCKETS_INSIDE.into());
-    }
+    a.push("--ro-bind".into());
+    a.push(dir.into());
+    a.push(SOCKETS_INSIDE.into());
     let mut env = vec![
         ("HOME".to_string(), HOME_INSIDE.to_string()),
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
@@ -393,14 +400,18 @@ fn bwrap_args(
     a
 }
 
-/// Host end of a tunnel: each connection to the sandbox's socket goes to `target`, nowhere else.
-async fn tunnel(listener: UnixListener, target: SocketAddr, stop: CancellationToken) {
+/// Host end of a tunnel: each connection to the sandbox's socket goes to `target`, nowhere else
+/// (and is dropped while there is no target).
+async fn tunnel(listener: UnixListener, target: Target, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
         };
         let Ok((mut inside, _)) = accepted else {
+            continue;
+        };
+        let Some(target) = *target.lock().unwrap() else {
             continue;
         };
         let stop = stop.clone();
@@ -502,6 +513,21 @@ impl Orchestrator for LocalDriver {
                 )
                 .await;
             }
+            Ok(())
+        })
+    }
+
+    fn set_proxy<'a>(
+        &'a self,
+        id: &'a str,
+        proxy: Option<SocketAddr>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let sandboxes = self.inner.sandboxes.lock().unwrap();
+            let sandbox = sandboxes
+                .get(id)
+                .ok_or_else(|| OrchestratorError::Refused(format!("no sandbox {id}")))?;
+            *sandbox.proxy.lock().unwrap() = proxy;
             Ok(())
         })
     }

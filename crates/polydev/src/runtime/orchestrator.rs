@@ -166,6 +166,12 @@ pub trait Orchestrator: Send + Sync {
     fn stop<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<()>>;
     /// Its current state, or `None` if the orchestrator does not know it.
     fn inspect<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<ContainerInfo>>>;
+    /// Points the container's egress at `proxy` (the claiming user's proxy port), or at nothing.
+    /// A warm container starts with no egress; its user is known only when it is claimed. The
+    /// local driver enforces it; on Nomad the cluster's network policy must (docs/runtime.md),
+    /// and the agent hands the proxy to each job.
+    fn set_proxy<'a>(&'a self, id: &'a str, proxy: Option<SocketAddr>)
+    -> BoxFuture<'a, Result<()>>;
     /// Every container this orchestrator runs for polydev (live or ended but not yet purged).
     fn list(&self) -> BoxFuture<'_, Result<Vec<ContainerInfo>>>;
     /// State changes from now on. The stream ends when the driver is dropped; a consumer that
