@@ -3,9 +3,11 @@
 //!
 //! - [`orchestrator`]: the trait a driver implements (start, stop, inspect, list, events).
 //! - [`local`]: bubblewrap sandboxes on this machine (the default).
+//! - [`nomad`]: HashiCorp Nomad's HTTP API.
 //! - [`pool`]: warm pools, claims, the lifecycle, the reconcile loop.
 
 pub mod local;
+pub mod nomad;
 pub mod orchestrator;
 pub mod pool;
 
@@ -13,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 pub use local::{LocalConfig, LocalDriver};
+pub use nomad::{NomadConfig, NomadDriver};
 pub use orchestrator::{
     ContainerInfo, ContainerSpec, Event, ExitReason, NetworkPolicy, Orchestrator,
     OrchestratorError, Resources, State,

@@ -10,6 +10,7 @@ mod migrations;
 mod perspectives;
 mod providers;
 pub mod runtime_local;
+pub mod runtime_nomad;
 pub mod runtime_pool;
 mod serve;
 mod web;
