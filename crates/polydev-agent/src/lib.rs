@@ -6,7 +6,13 @@
 //! every connection through a Unix socket that the driver bind-mounted in from the host, where
 //! the driver connects it on to one fixed address (the user's proxy, or the polydev server).
 //! Then it runs CMD and exits with its status. A connection to anything else has no route.
+//!
+//! `polydev-agent serve` is the agent itself ([`serve`]); [`proto`] is its protocol with the
+//! server.
 #![forbid(unsafe_code)]
+
+pub mod proto;
+mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,7 +55,11 @@ pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("init") => init(&args[1..]),
-        _ => Err("usage: polydev-agent init [--forward ADDR=SOCKET]... -- CMD [ARGS]...".into()),
+        Some("serve") => serve::serve(),
+        _ => Err(
+            "usage: polydev-agent init [--forward ADDR=SOCKET]... -- CMD [ARGS]... | polydev-agent serve"
+                .into(),
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),

@@ -9,6 +9,7 @@ mod extract;
 mod health;
 mod me;
 mod perspectives;
+mod runtime;
 mod tokens;
 mod web;
 mod zk;
@@ -91,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(zk::routes())
         .merge(chat::routes())
         .merge(credentials::routes())
+        .merge(runtime::routes())
         .merge(web::routes())
         .fallback(error::not_found)
         .with_state(state)

@@ -146,6 +146,7 @@ pub struct LocalDriver {
 
 impl LocalDriver {
     pub fn new(config: LocalConfig) -> LocalDriver {
+        sweep(&config);
         LocalDriver {
             inner: Arc::new(Inner {
                 config,
@@ -172,7 +173,7 @@ impl LocalDriver {
     async fn start_sandbox(&self, spec: ContainerSpec) -> Result<String> {
         let config = &self.inner.config;
         let id = format!("pd-{}", random_hex(8));
-        let dir = config.state_dir.join(&id);
+        let dir = own(&config.state_dir).join(&id);
         create_private_dir(&dir)
             .map_err(|e| OrchestratorError::Refused(format!("{}: {e}", dir.display())))?;
         let stop = self.inner.shutdown.child_token();
@@ -200,8 +201,10 @@ impl LocalDriver {
 
         let cgroups = match &config.limits {
             Limits::Cgroups { memory, pids } => {
-                let (m, p) = (memory.join(&id), pids.join(&id));
+                let (m, p) = (own(memory).join(&id), own(pids).join(&id));
                 let made = (|| {
+                    std::fs::create_dir_all(m.parent().expect("a parent"))?;
+                    std::fs::create_dir_all(p.parent().expect("a parent"))?;
                     std::fs::create_dir(&m)?;
                     std::fs::create_dir(&p)?;
                     let bytes = spec.resources.memory_bytes.to_string();
@@ -425,6 +428,46 @@ async fn tunnel(listener: UnixListener, target: Target, stop: CancellationToken)
                 () = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// This process's directory under a shared parent: `<parent>/<pid>`. Sandboxes of a process
+/// that died without cleaning up (its tasks never ran to the end) are swept by the next
+/// driver: see [`sweep`].
+fn own(parent: &Path) -> PathBuf {
+    parent.join(std::process::id().to_string())
+}
+
+/// Removes what dead polydev processes left: per-process directories (cgroups, sockets) whose
+/// process is gone. Their sandboxes died with them (`--die-with-parent`).
+fn sweep(config: &LocalConfig) {
+    let mut parents = vec![config.state_dir.clone()];
+    if let Limits::Cgroups { memory, pids } = &config.limits {
+        parents.extend([memory.clone(), pids.clone()]);
+    }
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if Path::new("/proc").join(pid.to_string()).exists() {
+                continue;
+            }
+            let dir = entry.path();
+            if parent == config.state_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            } else if let Ok(children) = std::fs::read_dir(&dir) {
+                // cgroup directories go with rmdir only, children first.
+                for child in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! - [`local`]: bubblewrap sandboxes on this machine (the default).
 //! - [`nomad`]: HashiCorp Nomad's HTTP API.
 //! - [`pool`]: warm pools, claims, the lifecycle, the reconcile loop.
+//! - [`jobs`]: sealed jobs: submit, follow, cancel; the agent's register, next, output, finish.
 
+pub mod jobs;
 pub mod local;
 pub mod nomad;
 pub mod orchestrator;
@@ -14,6 +16,7 @@ pub mod pool;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+pub use jobs::{Follow, Job, SubmitJob, UserKey};
 pub use local::{LocalConfig, LocalDriver};
 pub use nomad::{NomadConfig, NomadDriver};
 pub use orchestrator::{

@@ -66,6 +66,10 @@ pub struct RuntimeConfig {
     pub reconcile_interval: Duration,
     /// The host of the users' proxy ports (`user_proxy_ports.proxy_ip` when NULL).
     pub proxy_host: Option<String>,
+    /// A job is killed when it has run this long.
+    pub job_wall_clock: Duration,
+    /// Plaintext output per stream of a job; the rest is dropped behind a marker.
+    pub max_output_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -80,6 +84,8 @@ impl Default for RuntimeConfig {
             server_url: None,
             reconcile_interval: Duration::from_secs(5),
             proxy_host: None,
+            job_wall_clock: Duration::from_secs(10 * 60),
+            max_output_bytes: 1024 * 1024,
         }
     }
 }
@@ -105,6 +111,19 @@ pub struct Claimed {
     pub public_key: String,
     pub decodo_port: Option<i32>,
     pub assigned_at: DateTime<Utc>,
+}
+
+/// A container as its user reads it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ContainerView {
+    pub id: Uuid,
+    pub provider: String,
+    pub status: String,
+    pub public_key: Option<String>,
+    pub decodo_port: Option<i32>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub destroyed_at: Option<DateTime<Utc>>,
 }
 
 /// What one reconcile pass did (`None` from [`Runtime::reconcile`]: another process held the
@@ -258,17 +277,39 @@ impl Runtime {
         }))
     }
 
-    /// The agent of a warming container registers its public key with the container's
-    /// bootstrap secret: the container becomes `ready`. Returns the row id. A secret that
-    /// matches no warming container is refused (as not found: it says nothing more).
-    pub async fn register_agent(&self, bootstrap_secret: &str, public_key: &str) -> Result<Uuid> {
+    /// The user's container (another user's, or an unknown id, is not found).
+    pub async fn container(&self, user_id: Uuid, id: Uuid) -> Result<ContainerView> {
+        sqlx::query_as!(
+            ContainerView,
+            r#"SELECT id, provider, status AS "status!", agent_public_key AS public_key,
+                      decodo_port, assigned_at, last_used_at, destroyed_at
+               FROM runtime_containers WHERE id = $1 AND user_id = $2"#,
+            id,
+            user_id
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::NotFound("container"))
+    }
+
+    /// Destroys the user's container (its unfinished jobs fail).
+    pub async fn release(&self, user_id: Uuid, id: Uuid) -> Result<ContainerView> {
+        self.container(user_id, id).await?;
+        self.destroy(id, "released by its user").await?;
+        self.container(user_id, id).await
+    }
+
+    /// The agent of a warming container registers its public key (authenticated by the
+    /// container's bootstrap secret, [`Runtime::authenticate_agent`]): the container becomes
+    /// `ready`. Once only: a second registration is refused (not found).
+    pub async fn register_agent(&self, container: Uuid, public_key: &str) -> Result<Uuid> {
         super::check_public_key(public_key)?;
         let id = sqlx::query_scalar!(
             "UPDATE runtime_containers
              SET status = 'ready', agent_public_key = $2, ready_at = NOW()
-             WHERE bootstrap_hash = $1 AND status = 'warming'
+             WHERE id = $1 AND status = 'warming' AND agent_public_key IS NULL
              RETURNING id",
-            sha256_hex(bootstrap_secret),
+            container,
             public_key
         )
         .fetch_optional(&self.pool)

@@ -9,6 +9,7 @@ mod mcp;
 mod migrations;
 mod perspectives;
 mod providers;
+pub mod runtime_jobs;
 pub mod runtime_local;
 pub mod runtime_nomad;
 pub mod runtime_pool;

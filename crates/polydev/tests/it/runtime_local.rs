@@ -286,3 +286,22 @@ async fn runtime_local_egress_only_through_the_configured_proxy() {
     ));
     assert_eq!(carried.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn runtime_local_sweeps_what_dead_processes_left() {
+    let config = LocalConfig::detect(agent());
+    // A pid above any pid_max: its process cannot exist.
+    let dead = "4194999";
+    let mut left = vec![config.state_dir.join(dead).join("pd-left")];
+    if let Limits::Cgroups { memory, pids } = &config.limits {
+        left.push(memory.join(dead).join("pd-left"));
+        left.push(pids.join(dead).join("pd-left"));
+    }
+    for dir in &left {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let _driver = LocalDriver::new(config);
+    for dir in &left {
+        assert!(!dir.parent().unwrap().exists(), "{} swept", dir.display());
+    }
+}

@@ -608,8 +608,8 @@ async fn runtime_pool_on_nomad_replaces_a_lost_allocation() {
     for alloc in fake.alloc_ids() {
         fake.set_status(&alloc, "running", json!([]));
         let env = fake.env_of_job(&fake.job_of_alloc(&alloc));
-        runtime
-            .register_agent(&env["POLYDEV_BOOTSTRAP"], &"A".repeat(43))
+        let credential = format!("{}.{}", env["POLYDEV_CONTAINER"], env["POLYDEV_BOOTSTRAP"]);
+        crate::runtime_pool::register(&runtime, &credential, &"A".repeat(43))
             .await
             .unwrap();
     }

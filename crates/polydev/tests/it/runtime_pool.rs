@@ -43,14 +43,19 @@ impl Fake {
         })
     }
 
-    /// The bootstrap secret a container was started with (what its agent would read).
+    /// `<container>.<bootstrap secret>` of each running container (what its agent presents).
     pub fn bootstrap_secrets(&self) -> Vec<String> {
         self.containers
             .lock()
             .unwrap()
             .values()
             .filter(|(_, state)| *state == State::Running)
-            .map(|(spec, _)| spec.env["POLYDEV_BOOTSTRAP"].clone())
+            .map(|(spec, _)| {
+                format!(
+                    "{}.{}",
+                    spec.env["POLYDEV_CONTAINER"], spec.env["POLYDEV_BOOTSTRAP"]
+                )
+            })
             .collect()
     }
 
@@ -199,11 +204,24 @@ fn public_key(n: u32) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([n as u8; 32])
 }
 
+/// What the agent's `register` call does: authenticate with the bootstrap credential, then
+/// register the public key.
+pub async fn register(
+    runtime: &Runtime,
+    credential: &str,
+    key: &str,
+) -> Result<Uuid, polydev::error::Error> {
+    let agent = runtime
+        .authenticate_agent(Some(&format!("Bearer {credential}")))
+        .await?;
+    runtime.register_agent(agent.container, key).await
+}
+
 /// Reconciles (starting the warm containers), then registers every agent.
 async fn warm_up(runtime: &Runtime, fake: &Fake) {
     runtime.reconcile().await.unwrap().expect("lock free");
     for (n, secret) in fake.bootstrap_secrets().iter().enumerate() {
-        let _ = runtime.register_agent(secret, &public_key(n as u32)).await;
+        let _ = register(runtime, secret, &public_key(n as u32)).await;
     }
 }
 
@@ -231,30 +249,28 @@ async fn runtime_pool_refills_registers_claims_and_reuses() {
     let error = runtime.claim(alice, "anthropic").await.unwrap_err();
     assert_eq!(error.code(), "runtime_unavailable");
     let secrets = fake.bootstrap_secrets();
-    runtime
-        .register_agent(&secrets[0], &public_key(1))
+    register(&runtime, &secrets[0], &public_key(1))
         .await
         .unwrap();
-    runtime
-        .register_agent(&secrets[1], &public_key(2))
+    register(&runtime, &secrets[1], &public_key(2))
         .await
         .unwrap();
     assert_eq!(
-        runtime
-            .register_agent(&secrets[0], &public_key(3))
+        register(&runtime, &secrets[0], &public_key(3))
             .await
             .unwrap_err()
             .code(),
         "not_found",
-        "a secret registers once"
+        "an agent registers once"
     );
+    let container = secrets[0].split('.').next().unwrap();
     assert_eq!(
-        runtime
-            .register_agent("guess", &public_key(3))
+        register(&runtime, &format!("{container}.guess"), &public_key(3))
             .await
             .unwrap_err()
             .code(),
-        "not_found"
+        "token_unknown",
+        "a wrong secret is refused"
     );
 
     sqlx::query("INSERT INTO user_proxy_ports (user_id, proxy_port, proxy_ip) VALUES ($1, 10001, '127.0.0.1')")
