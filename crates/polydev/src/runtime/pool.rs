@@ -186,56 +186,34 @@ impl Runtime {
 
     async fn try_claim(&self, user_id: Uuid, provider: &'static str) -> Result<Option<Claimed>> {
         let mut tx = self.pool.begin().await?;
-        let held = sqlx::query!(
-            r#"UPDATE runtime_containers SET last_used_at = NOW()
-               WHERE user_id = $1 AND provider = $2 AND status IN ('assigned', 'executing')
-               RETURNING id, agent_public_key AS "public_key!", decodo_port,
-                         assigned_at AS "assigned_at!""#,
+        // One statement (three round trips with BEGIN and COMMIT): the user's live container if
+        // they hold one, else the oldest ready one, with the user's proxy port.
+        let claimed = sqlx::query!(
+            r#"WITH held AS (
+                   UPDATE runtime_containers SET last_used_at = NOW()
+                   WHERE user_id = $1 AND provider = $2 AND status IN ('assigned', 'executing')
+                   RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
+                             true AS held
+               ), proxy AS (
+                   SELECT proxy_ip, proxy_port FROM user_proxy_ports WHERE user_id = $1
+               ), claimed AS (
+                   UPDATE runtime_containers
+                   SET status = 'assigned', user_id = $1, assigned_at = NOW(),
+                       last_used_at = NOW(), decodo_port = (SELECT proxy_port FROM proxy)
+                   WHERE NOT EXISTS (SELECT 1 FROM held)
+                     AND id = (SELECT id FROM runtime_containers
+                               WHERE provider = $2 AND status = 'ready' AND user_id IS NULL
+                               ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+                   RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
+                             false AS held
+               )
+               SELECT c.id AS "id!", c.container_id AS "container_id!",
+                      c.agent_public_key AS "public_key!", c.decodo_port,
+                      c.assigned_at AS "assigned_at!", c.held AS "held!",
+                      (SELECT proxy_ip FROM proxy) AS proxy_ip
+               FROM (SELECT * FROM held UNION ALL SELECT * FROM claimed) c"#,
             user_id,
             provider
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = held {
-            tx.commit().await?;
-            return Ok(Some(Claimed {
-                id: row.id,
-                provider: provider.into(),
-                public_key: row.public_key,
-                decodo_port: row.decodo_port,
-                assigned_at: row.assigned_at,
-            }));
-        }
-        let proxy = sqlx::query!(
-            "SELECT proxy_ip, proxy_port FROM user_proxy_ports WHERE user_id = $1",
-            user_id
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let port = proxy.as_ref().and_then(|p| p.proxy_port);
-        let host = proxy
-            .as_ref()
-            .and_then(|p| p.proxy_ip.clone())
-            .or_else(|| self.config.proxy_host.clone());
-        let proxy_addr = match (host, port) {
-            (Some(host), Some(port)) => tokio::net::lookup_host((host.as_str(), port as u16))
-                .await
-                .ok()
-                .and_then(|mut addrs| addrs.next()),
-            _ => None,
-        };
-        let claimed = sqlx::query!(
-            r#"UPDATE runtime_containers
-               SET status = 'assigned', user_id = $1, assigned_at = NOW(), last_used_at = NOW(),
-                   decodo_port = $3
-               WHERE id = (SELECT id FROM runtime_containers
-                           WHERE provider = $2 AND status = 'ready' AND user_id IS NULL
-                           ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-               RETURNING id, container_id, agent_public_key AS "public_key!",
-                         assigned_at AS "assigned_at!""#,
-            user_id,
-            provider,
-            port
         )
         .fetch_optional(&mut *tx)
         .await;
@@ -249,6 +227,28 @@ impl Runtime {
                 )));
             }
             Err(error) => return Err(error.into()), // 23505: the user's concurrent claim won
+        };
+        if claimed.held {
+            tx.commit().await?;
+            return Ok(Some(Claimed {
+                id: claimed.id,
+                provider: provider.into(),
+                public_key: claimed.public_key,
+                decodo_port: claimed.decodo_port,
+                assigned_at: claimed.assigned_at,
+            }));
+        }
+        let port = claimed.decodo_port;
+        let host = claimed
+            .proxy_ip
+            .clone()
+            .or_else(|| self.config.proxy_host.clone());
+        let proxy_addr = match (host, port) {
+            (Some(host), Some(port)) => tokio::net::lookup_host((host.as_str(), port as u16))
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next()),
+            _ => None,
         };
         let info = self.orchestrator.inspect(&claimed.container_id).await?;
         if !matches!(info.map(|i| i.state), Some(State::Running)) {

@@ -515,3 +515,53 @@ async fn runtime_claim_with_the_orchestrator_unreachable_is_503_and_claims_nothi
     fake.unreachable.store(false, Ordering::SeqCst);
     assert!(runtime.claim(alice, "openai").await.is_ok());
 }
+
+#[tokio::test]
+async fn runtime_api_claim_with_the_orchestrator_unreachable_is_503_and_claims_nothing() {
+    let db = TestDb::migrated().await;
+    let fake = Fake::new();
+    let runtime = Runtime::new(db.pool.clone(), fake.clone(), config("anthropic", 1));
+    warm_up(&runtime, &fake).await;
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    )
+    .with_runtime(Some(runtime.clone()));
+    let server = crate::http_api::TestServer::start_state(state).await;
+    let (_, token) =
+        crate::http_api::user_with_token(&db, "alice@example.com", polydev::accounts::Plan::Pro)
+            .await;
+    fake.unreachable.store(true, Ordering::SeqCst);
+    let response = server
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/runtime/containers",
+            &token,
+            &serde_json::json!({"provider": "anthropic"}),
+        )
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "runtime_unavailable");
+    assert!(
+        !body.to_string().contains("connection refused"),
+        "the detail stays in the log"
+    );
+    assert_eq!(
+        status_counts(&db.pool).await["ready"],
+        1,
+        "nothing half-claimed"
+    );
+    // Without a runtime, the routes say what the operator must set.
+    let off = crate::http_api::TestServer::start(&db).await;
+    let response = off
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/runtime/containers",
+            &token,
+            &serde_json::json!({"provider": "anthropic"}),
+        )
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_IMPLEMENTED);
+}
