@@ -2,7 +2,7 @@
 //! in the same run:
 //!
 //! 1. **Claim latency**: 100 ready warm containers, 32 users claiming at once (one claim each),
-//!    20 rounds; every container must be claimed once. Baseline: a primary-key `SELECT` of one
+//!    20 rounds after a warm-up round; every container must be claimed once. Baseline: a primary-key `SELECT` of one
 //!    row at the same concurrency over the same pool. The orchestrator is in memory (the local
 //!    driver's inspect and set_proxy are map lookups too): what is measured is the claim.
 //! 2. **Sealed `true`**: a sealed job running `true` end to end on a claimed local container
@@ -152,7 +152,9 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
     let mut claims = Vec::new();
     let mut baseline = Vec::new();
     let probe = new_user(pool, 0).await?;
-    for round in 0..rounds {
+    // Round 0 warms the pool up (its connections open and prepare statements) and is not
+    // counted.
+    for round in 0..=rounds {
         sqlx::query(
             "INSERT INTO runtime_containers
                  (provider, container_id, status, orchestrator, agent_public_key, ready_at)
@@ -183,7 +185,9 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
             if !seen.insert(id) {
                 bail!("container {id} claimed twice");
             }
-            claims.push(elapsed);
+            if round > 0 {
+                claims.push(elapsed);
+            }
         }
         // Baseline: the same concurrency, one primary-key SELECT each.
         let timed = futures_util::future::join_all((0..CLAIMERS).map(|_| {
@@ -201,7 +205,10 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
         }))
         .await;
         for elapsed in timed {
-            baseline.push(elapsed?);
+            let elapsed = elapsed?;
+            if round > 0 {
+                baseline.push(elapsed);
+            }
         }
         // Next round starts from a clean pool of 100.
         sqlx::query("UPDATE runtime_containers SET status = 'destroyed', destroyed_at = NOW() WHERE status <> 'destroyed'")
