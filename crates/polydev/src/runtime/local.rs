@@ -126,6 +126,7 @@ type Target = Arc<Mutex<Option<SocketAddr>>>;
 
 struct Inner {
     config: LocalConfig,
+    instance: String,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
     events: broadcast::Sender<Event>,
     /// Cancelled when the driver is dropped: every sandbox is killed.
@@ -150,6 +151,7 @@ impl LocalDriver {
         LocalDriver {
             inner: Arc::new(Inner {
                 config,
+                instance: format!("local:{}:{}", boot_id(), std::process::id()),
                 sandboxes: Mutex::new(HashMap::new()),
                 events: broadcast::channel(1024).0,
                 shutdown: CancellationToken::new(),
@@ -431,6 +433,22 @@ async fn tunnel(listener: UnixListener, target: Target, stop: CancellationToken)
     }
 }
 
+/// This machine's boot id: with a pid it names a process for as long as the machine is up.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_else(|_| "unknown-boot".into())
+}
+
+/// Whether the local instance `instance` (`local:<boot id>:<pid>`) still runs: `None` when
+/// this machine cannot tell (another machine, or not a local instance).
+pub fn instance_alive(instance: &str) -> Option<bool> {
+    let rest = instance.strip_prefix("local:")?;
+    let (boot, pid) = rest.rsplit_once(':')?;
+    let pid: u32 = pid.parse().ok()?;
+    (boot == boot_id()).then(|| Path::new("/proc").join(pid.to_string()).exists())
+}
+
 /// This process's directory under a shared parent: `<parent>/<pid>`. Sandboxes of a process
 /// that died without cleaning up (its tasks never ran to the end) are swept by the next
 /// driver: see [`sweep`].
@@ -538,6 +556,10 @@ fn truncate(line: &str, max: usize) -> &str {
 impl Orchestrator for LocalDriver {
     fn driver(&self) -> &'static str {
         "local"
+    }
+
+    fn instance(&self) -> String {
+        self.inner.instance.clone()
     }
 
     fn start(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<String>> {

@@ -158,6 +158,13 @@ pub type Result<T, E = OrchestratorError> = std::result::Result<T, E>;
 pub trait Orchestrator: Send + Sync {
     /// `local` or `nomad`.
     fn driver(&self) -> &'static str;
+    /// Who runs the containers, as `runtime_containers.orchestrator` records it: a process
+    /// judges, claims and reconciles only its own instance's containers. Nomad is one instance
+    /// for every polydev process (`nomad`); local sandboxes belong to the process that started
+    /// them (`local:<boot id>:<pid>`).
+    fn instance(&self) -> String {
+        self.driver().to_string()
+    }
     /// Starts a container and returns its id once the orchestrator has accepted it (it may
     /// still be [`State::Pending`]).
     fn start(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<String>>;
@@ -174,7 +181,7 @@ pub trait Orchestrator: Send + Sync {
     -> BoxFuture<'a, Result<()>>;
     /// Every container this orchestrator runs for polydev (live or ended but not yet purged).
     fn list(&self) -> BoxFuture<'_, Result<Vec<ContainerInfo>>>;
-    /// State changes from now on. The stream ends when the driver is dropped; a consumer that
-    /// falls behind may miss events, so it must reconcile with [`Orchestrator::list`].
+    /// State changes from now on. A consumer that falls behind may miss events, so it must
+    /// reconcile with [`Orchestrator::list`].
     fn events(&self) -> BoxStream<'static, Event>;
 }

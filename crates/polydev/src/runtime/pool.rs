@@ -30,9 +30,10 @@ use crate::error::{Error, Result};
 pub const PROVIDERS: [&str; 3] = ["openai", "anthropic", "google"];
 /// Orchestrator names of polydev's containers: `polydev-<row id>`.
 pub const NAME_PREFIX: &str = "polydev-";
-/// The reconcile loop's advisory lock (transaction-scoped: released when its pass ends, or
-/// when its connection dies).
-const RECONCILE_LOCK: i64 = 0x706f_6c79_7275_6e31; // "polyrun1"
+/// The seed of the reconcile loop's advisory lock key, `hashtextextended(<instance>, seed)`:
+/// one lock per orchestrator instance (transaction-scoped: released when its pass ends, or when
+/// its connection dies).
+pub const RECONCILE_LOCK_SEED: i64 = 0x706f_6c79_7275_6e31; // "polyrun1"
 
 pub fn check_provider(provider: &str) -> Result<&'static str> {
     PROVIDERS
@@ -203,6 +204,7 @@ impl Runtime {
                    WHERE NOT EXISTS (SELECT 1 FROM held)
                      AND id = (SELECT id FROM runtime_containers
                                WHERE provider = $2 AND status = 'ready' AND user_id IS NULL
+                                     AND orchestrator = $3
                                ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
                    RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
                              false AS held
@@ -213,7 +215,8 @@ impl Runtime {
                       (SELECT proxy_ip FROM proxy) AS proxy_ip
                FROM (SELECT * FROM held UNION ALL SELECT * FROM claimed) c"#,
             user_id,
-            provider
+            provider,
+            self.orchestrator.instance()
         )
         .fetch_optional(&mut *tx)
         .await;
@@ -368,7 +371,7 @@ impl Runtime {
             id,
             provider,
             name,
-            self.orchestrator.driver(),
+            self.orchestrator.instance(),
             sha256_hex(&secret)
         )
         .execute(&self.pool)
@@ -415,9 +418,11 @@ impl Runtime {
     /// assigned ones too; containers the table does not know are stopped; pools are refilled.
     pub async fn reconcile(&self) -> Result<Option<Reconciled>> {
         let mut lock = self.pool.begin().await?;
+        let instance = self.orchestrator.instance();
         let locked = sqlx::query_scalar!(
-            r#"SELECT pg_try_advisory_xact_lock($1) AS "locked!""#,
-            RECONCILE_LOCK
+            r#"SELECT pg_try_advisory_xact_lock(hashtextextended($1, $2)) AS "locked!""#,
+            instance,
+            RECONCILE_LOCK_SEED
         )
         .fetch_one(&mut *lock)
         .await?;
@@ -437,7 +442,7 @@ impl Runtime {
                       COALESCE(last_used_at < NOW() - make_interval(secs => $3), false) AS "idle!"
                FROM runtime_containers
                WHERE status <> 'destroyed' AND orchestrator = $1"#,
-            self.orchestrator.driver(),
+            instance,
             self.config.warming_timeout.as_secs_f64(),
             self.config.idle_timeout.as_secs_f64()
         )
@@ -475,11 +480,37 @@ impl Runtime {
         }
         // A destroyed row of a listed container is an orphan too (its stop failed earlier): the
         // loop above stopped it, as `known` holds only live rows.
+        // Local sandboxes of a polydev process on this machine that has ended died with it.
+        let others = sqlx::query_scalar!(
+            r#"SELECT DISTINCT orchestrator AS "orchestrator!" FROM runtime_containers
+               WHERE status <> 'destroyed' AND orchestrator LIKE 'local:%' AND orchestrator <> $1"#,
+            instance
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for other in others {
+            if super::local::instance_alive(&other) != Some(false) {
+                continue;
+            }
+            let rows = sqlx::query_scalar!(
+                "SELECT id FROM runtime_containers
+                 WHERE status <> 'destroyed' AND orchestrator = $1",
+                other
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            for id in rows {
+                if self.destroy(id, "its polydev process ended").await? {
+                    done.destroyed += 1;
+                }
+            }
+        }
         let counts = sqlx::query!(
             r#"SELECT provider AS "provider!", COUNT(*) AS "count!"
                FROM runtime_containers
-               WHERE status IN ('warming', 'ready') AND user_id IS NULL
-               GROUP BY provider"#
+               WHERE status IN ('warming', 'ready') AND user_id IS NULL AND orchestrator = $1
+               GROUP BY provider"#,
+            instance
         )
         .fetch_all(&self.pool)
         .await?;

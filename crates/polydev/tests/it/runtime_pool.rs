@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use futures_util::stream::BoxStream;
 use polydev::runtime::orchestrator::BoxFuture;
 use polydev::runtime::{
-    ContainerInfo, ContainerSpec, Event, Orchestrator, OrchestratorError, Runtime, RuntimeConfig,
-    State,
+    ContainerInfo, ContainerSpec, Event, Orchestrator, OrchestratorError, Reconciled, Runtime,
+    RuntimeConfig, State,
 };
 use sqlx::PgPool;
 use tokio::sync::broadcast;
@@ -23,6 +23,7 @@ use crate::common::TestDb;
 /// An orchestrator in memory: records specs and proxies, and lets a test kill containers or
 /// make it unreachable.
 pub struct Fake {
+    instance: String,
     containers: Mutex<BTreeMap<String, (ContainerSpec, State)>>,
     pub proxies: Mutex<HashMap<String, Option<SocketAddr>>>,
     pub stopped: Mutex<Vec<String>>,
@@ -33,7 +34,13 @@ pub struct Fake {
 
 impl Fake {
     pub fn new() -> Arc<Fake> {
+        Self::named("fake")
+    }
+
+    /// A fake that is its own orchestrator instance (like one process's local sandboxes).
+    pub fn named(instance: &str) -> Arc<Fake> {
         Arc::new(Fake {
+            instance: instance.into(),
             containers: Mutex::default(),
             proxies: Mutex::default(),
             stopped: Mutex::default(),
@@ -72,7 +79,11 @@ impl Fake {
 
     /// A container the table does not know.
     pub fn add_orphan(&self, name: &str) -> String {
-        let id = format!("fake-orphan-{}", self.next.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{}-orphan-{}",
+            self.instance,
+            self.next.fetch_add(1, Ordering::SeqCst)
+        );
         let spec = ContainerSpec {
             name: name.into(),
             command: vec![],
@@ -108,10 +119,18 @@ impl Orchestrator for Fake {
         "fake"
     }
 
+    fn instance(&self) -> String {
+        self.instance.clone()
+    }
+
     fn start(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<String, OrchestratorError>> {
         Box::pin(async move {
             self.check()?;
-            let id = format!("fake-{}", self.next.fetch_add(1, Ordering::SeqCst));
+            let id = format!(
+                "{}-{}",
+                self.instance,
+                self.next.fetch_add(1, Ordering::SeqCst)
+            );
             self.containers
                 .lock()
                 .unwrap()
@@ -480,7 +499,8 @@ async fn runtime_reconcile_runs_in_one_process_at_a_time() {
     assert_eq!(fake.running(), 3);
     // While another holds the lock, a pass does nothing.
     let mut other = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock(x'706f6c7972756e31'::bigint)")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fake', $1))")
+        .bind(polydev::runtime::pool::RECONCILE_LOCK_SEED)
         .execute(&mut *other)
         .await
         .unwrap();
@@ -564,4 +584,51 @@ async fn runtime_api_claim_with_the_orchestrator_unreachable_is_503_and_claims_n
         )
         .await;
     assert_eq!(response.status(), reqwest::StatusCode::NOT_IMPLEMENTED);
+}
+
+#[tokio::test]
+async fn runtime_instances_keep_to_their_own_containers_and_dead_local_ones_are_swept() {
+    let db = TestDb::migrated().await;
+    // Two serve processes with local sandboxes of their own: each judges, claims and refills
+    // only its own; neither takes the other's containers for vanished.
+    let (fake_a, fake_b) = (Fake::named("local-a"), Fake::named("local-b"));
+    let a = Runtime::new(db.pool.clone(), fake_a.clone(), config("openai", 2));
+    let b = Runtime::new(db.pool.clone(), fake_b.clone(), config("openai", 2));
+    warm_up(&a, &fake_a).await;
+    warm_up(&b, &fake_b).await;
+    for _ in 0..2 {
+        assert_eq!(a.reconcile().await.unwrap().unwrap(), Reconciled::default());
+        assert_eq!(b.reconcile().await.unwrap().unwrap(), Reconciled::default());
+    }
+    assert_eq!(status_counts(&db.pool).await["ready"], 4);
+    let alice = user(&db.pool).await;
+    let claimed = a.claim(alice, "openai").await.unwrap();
+    let owner: String =
+        sqlx::query_scalar("SELECT orchestrator FROM runtime_containers WHERE id = $1")
+            .bind(claimed.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(owner, "local-a");
+
+    // Rows of a local process on this machine that has ended are destroyed by whoever runs.
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let dead = format!("local:{}:4194999", boot.trim());
+    sqlx::query(
+        "INSERT INTO runtime_containers (provider, container_id, status, orchestrator)
+         VALUES ('openai', 'gone', 'ready', $1)",
+    )
+    .bind(&dead)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let done = a.reconcile().await.unwrap().unwrap();
+    assert_eq!(done.destroyed, 1);
+    let reason: Option<String> =
+        sqlx::query_scalar("SELECT destroy_reason FROM runtime_containers WHERE orchestrator = $1")
+            .bind(&dead)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reason.as_deref(), Some("its polydev process ended"));
 }
