@@ -23,6 +23,9 @@ mod pad;
 mod record;
 #[cfg(feature = "wasm")]
 mod wasm;
+#[cfg(feature = "wasm")]
+mod wasm_x25519;
+mod x25519;
 
 pub use envelope::{Context, Header, Kind, MAX_PLAINTEXT, inspect};
 pub use error::Error;
@@ -30,3 +33,7 @@ pub use kdf::KdfParams;
 pub use keyring::{KeyMaterial, Keyring};
 pub use keys::{AuthProof, ProofKind, RecoveryKey};
 pub use record::{Opened, Record, RecordKind};
+pub use x25519::{
+    SealedHeader, USER_KEY_NAMESPACE, X25519KeyPair, decode_public_key, encode_public_key,
+    inspect_sealed, kat_rfc7748, seal_to,
+};

@@ -29,6 +29,8 @@ pub struct AppState {
     pub legacy_secret: Option<crate::vault::LegacySecret>,
     /// Longest time a request may take to be answered (408 after it).
     pub request_timeout: Duration,
+    /// Containers and sealed jobs (docs/runtime.md); `None`: the runtime routes answer 501.
+    pub runtime: Option<crate::runtime::Runtime>,
 }
 
 /// The default request timeout: longer than the longest `get_perspectives` deadline (600 s).
@@ -47,7 +49,13 @@ impl AppState {
             shutdown: CancellationToken::new(),
             legacy_secret: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            runtime: None,
         }
+    }
+
+    pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Self {
+        self.runtime = runtime;
+        self
     }
 
     pub fn with_legacy_secret(mut self, secret: Option<crate::vault::LegacySecret>) -> Self {

@@ -156,6 +156,101 @@ pub struct ServeArgs {
     /// to a call that died, and is refunded [default: the longest deadline + 30 s].
     #[arg(long, env = "POLYDEV_RESERVATION_STALE_AFTER")]
     reservation_stale_after: Option<f64>,
+    #[command(flatten)]
+    runtime: Box<RuntimeArgs>,
+}
+
+/// The container runtime for the provider CLIs (docs/runtime.md).
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// `local` (bubblewrap sandboxes on this machine), `nomad`, or `off`.
+    #[arg(long = "runtime", env = "POLYDEV_RUNTIME", default_value = "local")]
+    driver: String,
+    /// Warm containers per provider, e.g. `anthropic=2,openai=1` (default: none).
+    #[arg(long, env = "POLYDEV_RUNTIME_WARM", value_delimiter = ',')]
+    runtime_warm: Vec<String>,
+    /// The server's URL as agents on other machines see it (Nomad).
+    #[arg(long, env = "POLYDEV_RUNTIME_SERVER_URL")]
+    runtime_server_url: Option<String>,
+    /// Host of the users' proxy ports when `user_proxy_ports.proxy_ip` is empty.
+    #[arg(long, env = "POLYDEV_RUNTIME_PROXY_HOST")]
+    runtime_proxy_host: Option<String>,
+    #[arg(
+        long,
+        env = "POLYDEV_NOMAD_ADDR",
+        default_value = "http://127.0.0.1:4646"
+    )]
+    nomad_addr: String,
+    #[arg(long, env = "POLYDEV_NOMAD_TOKEN", hide_env_values = true)]
+    nomad_token: Option<String>,
+    #[arg(long, env = "POLYDEV_NOMAD_NAMESPACE", default_value = "default")]
+    nomad_namespace: String,
+    #[arg(long, env = "POLYDEV_NOMAD_REGION")]
+    nomad_region: Option<String>,
+    /// The agent binary on the Nomad client nodes.
+    #[arg(
+        long,
+        env = "POLYDEV_NOMAD_AGENT",
+        default_value = "/opt/polydev/polydev-agent"
+    )]
+    nomad_agent: String,
+}
+
+impl RuntimeArgs {
+    /// The runtime, or `None` when it is off (or the local driver cannot run here).
+    fn build(
+        &self,
+        pool: sqlx::PgPool,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Option<crate::runtime::Runtime>> {
+        use std::sync::Arc;
+
+        use crate::runtime::{self, Orchestrator};
+        let mut config = runtime::RuntimeConfig::default();
+        for entry in &self.runtime_warm {
+            let (provider, count) = entry
+                .split_once('=')
+                .with_context(|| format!("--runtime-warm `{entry}`: expected PROVIDER=COUNT"))?;
+            let provider = runtime::pool::check_provider(provider.trim())?;
+            config.warm.insert(provider.into(), count.trim().parse()?);
+        }
+        config.server_url = self.runtime_server_url.clone();
+        config.proxy_host = self.runtime_proxy_host.clone();
+        let orchestrator: Arc<dyn Orchestrator> = match self.driver.as_str() {
+            "off" => return Ok(None),
+            "local" => {
+                let local = runtime::LocalConfig::detect(runtime::LocalConfig::default_agent());
+                if !local.bwrap.exists() || !local.agent.exists() {
+                    tracing::warn!(bwrap = %local.bwrap.display(), agent = %local.agent.display(),
+                        "the local runtime needs bubblewrap and polydev-agent; runtime off");
+                    return Ok(None);
+                }
+                // Agents reach this server through the sandbox's tunnel.
+                let ip = if listen.ip().is_unspecified() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    listen.ip()
+                };
+                config.server = Some(SocketAddr::new(ip, listen.port()));
+                Arc::new(runtime::LocalDriver::new(local))
+            }
+            "nomad" => {
+                let mut nomad = runtime::NomadConfig::new(&self.nomad_addr);
+                nomad.token = self.nomad_token.clone().filter(|t| !t.is_empty());
+                nomad.namespace = self.nomad_namespace.clone();
+                nomad.region = self.nomad_region.clone();
+                anyhow::ensure!(
+                    config.server_url.is_some(),
+                    "--runtime nomad needs --runtime-server-url (where agents reach this server)"
+                );
+                config.command = vec![self.nomad_agent.clone(), "serve".into()];
+                Arc::new(runtime::NomadDriver::new(nomad, crate::net::http_client()))
+            }
+            other => anyhow::bail!("--runtime `{other}`: expected local, nomad or off"),
+        };
+        tracing::info!(driver = orchestrator.driver(), warm = ?config.warm, "container runtime");
+        Ok(Some(runtime::Runtime::new(pool, orchestrator, config)))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,7 +435,9 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
         gateway = gateway.with_idempotency_secret(secret.as_bytes());
     }
     let sweeper = Sweeper::new(&args)?;
+    let runtime = args.runtime.build(db.pool.clone(), addr)?;
     let state = AppState::new(db.pool.clone(), gateway)
+        .with_runtime(runtime)
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
@@ -356,6 +453,9 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
                 .map(|s| crate::vault::LegacySecret::new(s.as_bytes())),
         );
+    if let Some(runtime) = &state.runtime {
+        runtime.spawn_background(state.shutdown.clone());
+    }
     let stop_sweeper = tokio_util::sync::CancellationToken::new();
     let sweeping = tokio::spawn(sweeper.run(db.pool.clone(), stop_sweeper.clone()));
     let served = tokio::select! {

@@ -141,6 +141,10 @@ pub enum Error {
     /// The database cannot be reached (connection refused, pool exhausted or closed).
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// The container orchestrator (bubblewrap, Nomad) cannot be reached or cannot start
+    /// containers now; nothing was changed. The detail is logged, never sent.
+    #[error("runtime unavailable: {0}")]
+    RuntimeUnavailable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -164,6 +168,7 @@ impl Error {
             Error::NotConfigured(_) => "not_configured",
             Error::Internal(_) => "internal",
             Error::Unavailable(_) => "database_unavailable",
+            Error::RuntimeUnavailable(_) => "runtime_unavailable",
         }
     }
 
@@ -175,6 +180,9 @@ impl Error {
                 "an internal error occurred; it has been logged with the request id".into()
             }
             Error::Unavailable(_) => "the database is unavailable; try again shortly".into(),
+            Error::RuntimeUnavailable(_) => {
+                "the container runtime is unavailable; try again shortly".into()
+            }
             other => other.to_string(),
         }
     }
@@ -186,6 +194,7 @@ impl Error {
             Error::NotConfigured(what) => tracing::warn!(%what, "refused: not configured"),
             Error::Internal(detail) => tracing::error!(%detail, "internal error"),
             Error::Unavailable(error) => tracing::error!(%error, "database unavailable"),
+            Error::RuntimeUnavailable(detail) => tracing::error!(%detail, "runtime unavailable"),
             _ => {}
         }
     }

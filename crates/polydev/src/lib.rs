@@ -17,5 +17,6 @@ pub mod net;
 pub mod perspectives;
 pub mod quota;
 pub mod retry;
+pub mod runtime;
 pub mod vault;
 pub mod zk;

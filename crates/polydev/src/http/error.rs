@@ -39,7 +39,7 @@ pub fn status(error: &Error) -> StatusCode {
         Error::InProgress { .. } => StatusCode::CONFLICT,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Unavailable(_) | Error::RuntimeUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -10,6 +10,7 @@ mod health;
 mod mcp;
 mod me;
 mod perspectives;
+mod runtime;
 mod tokens;
 mod web;
 mod zk;
@@ -74,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .merge(zk::routes())
         .merge(chat::routes())
         .merge(credentials::routes())
+        .merge(runtime::routes())
         .merge(web::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
