@@ -6,7 +6,8 @@ import init, { setup, unlock, contentHash } from "/pkg/polydev_zk.js";
 const $ = (id) => document.getElementById(id);
 const NAMESPACE = "chat.message";
 const BATCH = 100;
-let token = sessionStorage.getItem("polydev-token");
+// The browser session (an HttpOnly cookie) authenticates; writes carry its CSRF token.
+let csrf = null;
 let me = null;
 let keyring = null;
 
@@ -21,7 +22,7 @@ function fail(error) {
 async function api(method, path, body) {
   const response = await fetch(path, {
     method,
-    headers: { authorization: `Bearer ${token}`, ...(body ? { "content-type": "application/json" } : {}) },
+    headers: { "x-csrf-token": csrf ?? "", ...(body ? { "content-type": "application/json" } : {}) },
     body: body ? JSON.stringify(body) : undefined,
   });
   if (response.status === 204) return null;
@@ -150,11 +151,19 @@ function on(id, handler) {
 }
 
 await init();
-on("signin-button", async () => { token = $("token").value.trim(); sessionStorage.setItem("polydev-token", token); await signIn(); });
+on("signin-button", async () => {
+  csrf = (await api("GET", "/v1/account/session")).csrf_token;
+  csrf = (await api("POST", "/v1/account/signin", { email: $("email").value.trim(), password: $("account-password").value })).csrf_token;
+  $("account-password").value = "";
+  await signIn();
+});
 on("setup-button", turnOn);
 on("recovery-saved", afterUnlock);
 on("unlock-button", doUnlock);
 on("migrate-button", migrate);
 $("new-password").addEventListener("input", (e) => { $("strength").textContent = `Strength: ${strength(e.target.value)}`; });
-if (token) signIn().catch((e) => { sessionStorage.removeItem("polydev-token"); show("signin"); fail(e); });
-else show("signin");
+api("GET", "/v1/account/session").then((session) => {
+  csrf = session.csrf_token;
+  if (session.signed_in) return signIn();
+  show("signin");
+}).catch((e) => { show("signin"); fail(e); });

@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::{FailedAuthLimiter, LastUsedTracker};
+use crate::accounts::{FailedAuthLimiter, LastUsedTracker, Mailer};
 use crate::perspectives::Gateway;
 
 /// State shared by every handler.
@@ -29,6 +29,29 @@ pub struct AppState {
     pub legacy_secret: Option<crate::vault::LegacySecret>,
     /// Longest time a request may take to be answered (408 after it).
     pub request_timeout: Duration,
+    /// The server's public base URL (`--public-url`): the OAuth issuer, the MCP resource's
+    /// base, and the base of links in e-mail. No trailing slash.
+    pub public_url: String,
+    /// Account e-mail (verification, password reset): SMTP or the log.
+    pub mailer: Arc<Mailer>,
+    /// Requests per client address to the OAuth token and registration endpoints.
+    pub oauth_limits: Arc<OAuthLimits>,
+}
+
+/// Per-address request limits of the OAuth endpoints anyone can call.
+#[derive(Debug)]
+pub struct OAuthLimits {
+    pub token: FailedAuthLimiter,
+    pub register: FailedAuthLimiter,
+}
+
+impl Default for OAuthLimits {
+    fn default() -> Self {
+        OAuthLimits {
+            token: FailedAuthLimiter::new(120, Duration::from_secs(60)),
+            register: FailedAuthLimiter::new(30, Duration::from_secs(60)),
+        }
+    }
 }
 
 /// The default request timeout: longer than the longest `get_perspectives` deadline (600 s).
@@ -47,7 +70,40 @@ impl AppState {
             shutdown: CancellationToken::new(),
             legacy_secret: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            public_url: Self::new_default_public_url().into(),
+            mailer: Arc::new(Mailer::Log),
+            oauth_limits: Arc::new(OAuthLimits::default()),
         }
+    }
+
+    /// The public URL of a state nobody configured (`polydev serve` always sets one).
+    pub fn new_default_public_url() -> &'static str {
+        "http://127.0.0.1:8080"
+    }
+
+    pub fn with_public_url(mut self, url: &str) -> Self {
+        self.public_url = url.trim_end_matches('/').to_string();
+        self
+    }
+
+    pub fn with_mailer(mut self, mailer: Mailer) -> Self {
+        self.mailer = Arc::new(mailer);
+        self
+    }
+
+    pub fn with_oauth_limits(mut self, limits: OAuthLimits) -> Self {
+        self.oauth_limits = Arc::new(limits);
+        self
+    }
+
+    /// The OAuth configuration (issuer and resource) of this server.
+    pub fn oauth(&self) -> crate::oauth::Config {
+        crate::oauth::Config::new(&self.public_url)
+    }
+
+    /// True when cookies must be `Secure` (the public URL is https).
+    pub fn secure_cookies(&self) -> bool {
+        self.public_url.starts_with("https://")
     }
 
     pub fn with_legacy_secret(mut self, secret: Option<crate::vault::LegacySecret>) -> Self {

@@ -144,6 +144,23 @@ pub struct ServeArgs {
     /// get_perspectives deadline, 600 s).
     #[arg(long, env = "POLYDEV_REQUEST_TIMEOUT", default_value_t = crate::app::DEFAULT_REQUEST_TIMEOUT.as_secs())]
     request_timeout: u64,
+    /// The server's public URL as browsers and MCP clients reach it (`https://polydev.example.com`):
+    /// the OAuth issuer, the MCP resource (`<url>/mcp`) and the base of e-mailed links. Default:
+    /// `http://` and the listen address.
+    #[arg(long, env = "POLYDEV_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// SMTP server for account e-mail (`smtps://user:pass@mail.example.com`,
+    /// `smtp://mail.example.com?tls=required`, `smtp://127.0.0.1:2525` for a local relay).
+    /// Without it, e-mail (with its links) is written to the server log.
+    #[arg(long, env = "POLYDEV_SMTP_URL", hide_env_values = true)]
+    smtp_url: Option<String>,
+    /// The sender of account e-mail.
+    #[arg(
+        long,
+        env = "POLYDEV_SMTP_FROM",
+        default_value = "Polydev <no-reply@polydev.local>"
+    )]
+    smtp_from: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,7 +323,26 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving HTTP");
     println!("polydev listening on http://{addr}");
+    let public_url = match args.public_url.filter(|u| !u.trim().is_empty()) {
+        Some(url) => {
+            let parsed = url::Url::parse(url.trim())
+                .with_context(|| format!("--public-url `{url}` is not a URL"))?;
+            anyhow::ensure!(
+                matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(),
+                "--public-url must be an http(s) URL with a host"
+            );
+            url.trim().trim_end_matches('/').to_string()
+        }
+        None => format!("http://{addr}"),
+    };
+    let mailer = match args.smtp_url.filter(|u| !u.is_empty()) {
+        Some(url) => crate::accounts::Mailer::smtp(&url, &args.smtp_from)?,
+        None => crate::accounts::Mailer::Log,
+    };
+    tracing::info!(%public_url, "OAuth issuer and public URL");
     let state = AppState::new(db.pool.clone(), Gateway::new(catalogue))
+        .with_public_url(&public_url)
+        .with_mailer(mailer)
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))

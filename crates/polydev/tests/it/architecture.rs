@@ -8,7 +8,15 @@ use std::path::{Path, PathBuf};
 /// Modules that serve requests or run commands: only they may import `app`.
 const SURFACES: &[&str] = &["cli", "http", "mcp"];
 /// One module per domain; each owns the SQL of its tables.
-const DOMAINS: &[&str] = &["accounts", "chat", "perspectives", "quota", "vault", "zk"];
+const DOMAINS: &[&str] = &[
+    "accounts",
+    "chat",
+    "oauth",
+    "perspectives",
+    "quota",
+    "vault",
+    "zk",
+];
 /// Client code (of a polydev server), for the command line, the bench and agents.
 const CLIENTS: &[&str] = &["client"];
 

@@ -1,12 +1,14 @@
 //! Integration tests against real PostgreSQL (one binary, so the suite links once).
 
 mod accounts;
+pub mod accounts_web;
 mod architecture;
 mod common;
 mod errors;
 pub mod http_api;
 mod mcp;
 mod migrations;
+mod oauth;
 mod perspectives;
 mod providers;
 mod scopes;
