@@ -36,6 +36,8 @@ pub struct AppState {
     pub mailer: Arc<Mailer>,
     /// Requests per client address to the OAuth token and registration endpoints.
     pub oauth_limits: Arc<OAuthLimits>,
+    /// Hosts whose client ID metadata documents may be fetched from private addresses.
+    pub cimd_private_hosts: Vec<String>,
 }
 
 /// Per-address request limits of the OAuth endpoints anyone can call.
@@ -73,6 +75,7 @@ impl AppState {
             public_url: Self::new_default_public_url().into(),
             mailer: Arc::new(Mailer::Log),
             oauth_limits: Arc::new(OAuthLimits::default()),
+            cimd_private_hosts: Vec::new(),
         }
     }
 
@@ -96,9 +99,16 @@ impl AppState {
         self
     }
 
+    pub fn with_cimd_private_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.cimd_private_hosts = hosts;
+        self
+    }
+
     /// The OAuth configuration (issuer and resource) of this server.
     pub fn oauth(&self) -> crate::oauth::Config {
-        crate::oauth::Config::new(&self.public_url)
+        let mut config = crate::oauth::Config::new(&self.public_url);
+        config.cimd_private_hosts = self.cimd_private_hosts.clone();
+        config
     }
 
     /// True when cookies must be `Secure` (the public URL is https).

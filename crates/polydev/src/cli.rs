@@ -69,8 +69,20 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Sign in to a polydev server from this machine (OAuth device grant): shows a code and a
+    /// URL, waits for approval in the browser, and stores the token (mode 0600) for
+    /// `polydev mcp`.
+    Login {
+        /// The polydev server.
+        #[arg(
+            long,
+            env = "POLYDEV_SERVER_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server_url: String,
+    },
     /// MCP over stdio for IDEs: answers initialize and tools/list locally, forwards tool calls
-    /// to a polydev server with POLYDEV_USER_TOKEN.
+    /// to a polydev server with POLYDEV_USER_TOKEN (or the token `polydev login` stored).
     Mcp {
         /// The polydev server to forward tool calls to.
         #[arg(
@@ -154,6 +166,11 @@ pub struct ServeArgs {
     /// Without it, e-mail (with its links) is written to the server log.
     #[arg(long, env = "POLYDEV_SMTP_URL", hide_env_values = true)]
     smtp_url: Option<String>,
+    /// Host names whose client ID metadata documents (an https URL as OAuth client_id) may be
+    /// fetched even though they resolve to private or loopback addresses (internal clients,
+    /// tests). Others must resolve to public addresses only.
+    #[arg(long, env = "POLYDEV_CIMD_PRIVATE_HOSTS", value_delimiter = ',')]
+    cimd_private_hosts: Vec<String>,
     /// The sender of account e-mail.
     #[arg(
         long,
@@ -225,9 +242,24 @@ impl Cli {
         // The stdio bridge needs no database: it must answer the IDE at once.
         if let Command::Mcp { server_url, token } = self.command {
             crate::net::install_tls_provider();
-            return crate::mcp::bridge::Bridge::new(server_url, token.filter(|t| !t.is_empty()))
+            let token = match token.filter(|t| !t.is_empty()) {
+                Some(token) => Some(token),
+                None => crate::client::login::token_for(&server_url).await,
+            };
+            return crate::mcp::bridge::Bridge::new(server_url, token)
                 .run()
                 .await;
+        }
+        if let Command::Login { server_url } = self.command {
+            let mut stdout = std::io::stdout();
+            let login = crate::client::login::login(&server_url, &mut stdout).await?;
+            let path = crate::client::login::save(&login)?;
+            println!(
+                "Signed in. The token (scope `{}`) is stored in {}; `polydev mcp` uses it when POLYDEV_USER_TOKEN is unset.",
+                login.scope,
+                path.display()
+            );
+            return Ok(());
         }
         if let Command::Zk {
             server_url,
@@ -246,7 +278,9 @@ impl Cli {
                 .map(|plan| print!("{plan}"))
                 .map_err(Into::into),
             Command::Migrate { dry_run: false } => migrate(&db).await,
-            Command::Mcp { .. } | Command::Zk { .. } => unreachable!("handled above"),
+            Command::Mcp { .. } | Command::Zk { .. } | Command::Login { .. } => {
+                unreachable!("handled above")
+            }
             Command::User(command) => match ensure_schema(&db).await {
                 Ok(()) => user(&db, command).await,
                 Err(e) => Err(e),
@@ -343,6 +377,13 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     let state = AppState::new(db.pool.clone(), Gateway::new(catalogue))
         .with_public_url(&public_url)
         .with_mailer(mailer)
+        .with_cimd_private_hosts(
+            args.cimd_private_hosts
+                .into_iter()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        )
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))

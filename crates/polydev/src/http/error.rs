@@ -29,7 +29,6 @@ pub fn status(error: &Error) -> StatusCode {
         Error::Invalid(_) => StatusCode::BAD_REQUEST,
         Error::OAuth { code, .. } => match code {
             OAuthCode::InvalidClient | OAuthCode::InvalidToken => StatusCode::UNAUTHORIZED,
-            OAuthCode::AccessDenied => StatusCode::FORBIDDEN,
             _ => StatusCode::BAD_REQUEST,
         },
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

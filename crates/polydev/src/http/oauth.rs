@@ -54,6 +54,8 @@ pub fn routes() -> Router<AppState> {
         .route("/oauth/authorize", get(authorize).post(consent))
         .route("/oauth/token", post(token))
         .route("/oauth/revoke", post(revoke))
+        .route("/oauth/device_authorization", post(device_authorization))
+        .route("/device", get(device_page).post(device_decision))
         .route("/v1/oauth/grants", get(list_grants))
         .route("/v1/oauth/grants/{id}", delete(revoke_grant))
 }
@@ -191,12 +193,13 @@ async fn authorization_server(State(state): State<AppState>) -> Response {
         "scopes_supported": ["mcp", "account"],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": [clients::GRANT_AUTHORIZATION_CODE, clients::GRANT_REFRESH_TOKEN],
+        "device_authorization_endpoint": format!("{issuer}/oauth/device_authorization"),
+        "grant_types_supported": [clients::GRANT_AUTHORIZATION_CODE, clients::GRANT_REFRESH_TOKEN, clients::GRANT_DEVICE_CODE],
         "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
         "revocation_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
         "code_challenge_methods_supported": ["S256"],
         "authorization_response_iss_parameter_supported": true,
-        "client_id_metadata_document_supported": false,
+        "client_id_metadata_document_supported": true,
     }))
     .into_response();
     cors(response.headers_mut());
@@ -631,6 +634,7 @@ struct TokenForm {
     client_secret: Option<String>,
     token: Option<String>,
     token_type_hint: Option<String>,
+    device_code: Option<String>,
 }
 
 /// `Authorization: Basic` credentials (RFC 6749 §2.3.1: each part form-urlencoded).
@@ -725,12 +729,19 @@ async fn token(
             )
             .await?
         }
+        Some(clients::GRANT_DEVICE_CODE) => {
+            let device_code = form
+                .device_code
+                .as_deref()
+                .ok_or_else(|| missing("device_code"))?;
+            oauth::device::poll(&state.pool, &client, device_code).await?
+        }
         None => return Err(missing("grant_type")),
         Some(other) => {
             return Err(OAuthError(Error::oauth(
                 OAuthCode::UnsupportedGrantType,
                 format!(
-                    "the grant type `{}` is not supported: use authorization_code or refresh_token",
+                    "the grant type `{}` is not supported: use authorization_code, refresh_token or the device_code grant",
                     other.chars().take(100).collect::<String>()
                 ),
             )));
@@ -763,6 +774,145 @@ async fn revoke(
     let mut response = StatusCode::OK.into_response();
     no_store(response.headers_mut());
     Ok(response)
+}
+
+// ---- device authorization (RFC 8628) ----------------------------------------------------------
+
+async fn device_authorization(
+    State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
+    headers: HeaderMap,
+    form: Result<ApiForm<TokenForm>, ApiError>,
+) -> Result<Response, OAuthError> {
+    limit(&state.oauth_limits.token, client)?;
+    let ApiForm(form) = form.map_err(|e| OAuthError(e.0))?;
+    let oauth_client = client_of(&state, &headers, &form).await?;
+    let started = oauth::device::start(
+        &state.pool,
+        &state.oauth(),
+        &oauth_client,
+        form.scope.as_deref(),
+        form.resource.as_deref(),
+    )
+    .await?;
+    let mut response = axum::Json(started).into_response();
+    no_store(response.headers_mut());
+    Ok(response)
+}
+
+#[derive(Deserialize, Default)]
+struct DeviceQuery {
+    user_code: Option<String>,
+}
+
+/// `GET /device`: sign in first; then the code's request (client, scopes) with Allow / Deny,
+/// or a form to type the code.
+async fn device_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    query: Result<ApiQuery<DeviceQuery>, ApiError>,
+) -> Response {
+    let query = query.map(|q| q.0).unwrap_or_default();
+    match browser_user(&state, &headers).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let here = uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            let next: String = url::form_urlencoded::byte_serialize(here.as_bytes()).collect();
+            let mut response = StatusCode::SEE_OTHER.into_response();
+            if let Ok(location) = HeaderValue::from_str(&format!("/account/signin?next={next}")) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            return response;
+        }
+        Err(error) => return ApiError(error).into_response(),
+    }
+    let csrf = expected_csrf(&headers).unwrap_or_default();
+    let Some(code) = query.user_code.filter(|c| !c.trim().is_empty()) else {
+        return pages::page(
+            StatusCode::OK,
+            "Connect a device",
+            r#"<form method="get" action="/device"><label>The code your terminal shows <input id="user-code" name="user_code" autocomplete="off" autocapitalize="characters" required maxlength="16"></label>
+<button id="device-continue" type="submit">Continue</button></form>"#,
+        );
+    };
+    match oauth::device::find_pending(&state.pool, &state.oauth(), &code).await {
+        Ok(pending) => {
+            let body = format!(
+                r#"<p><strong id="client-name">{name}</strong> on a device or terminal asks to use Polydev as you, with the code <strong id="user-code">{code}</strong>.</p>
+<p>Only allow it if you started it yourself and the code matches what it shows.</p>
+<p>Scopes: <code>{scope}</code></p>
+<form method="post" action="/device">{user_code}{csrf}
+<button id="approve" type="submit" name="decision" value="approve">Allow</button>
+<button id="deny" type="submit" name="decision" value="deny">Deny</button></form>"#,
+                name = esc(pending.client.name()),
+                code = esc(&pending.user_code),
+                scope = esc(&pending.scope),
+                user_code = hidden("user_code", &pending.user_code),
+                csrf = hidden("csrf_token", &csrf),
+            );
+            pages::page(StatusCode::OK, "Connect a device", &body)
+        }
+        Err(Error::Invalid(message)) => {
+            pages::error_page(StatusCode::BAD_REQUEST, "Code not valid", &message)
+        }
+        Err(error) => ApiError(error).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeviceDecision {
+    user_code: String,
+    csrf_token: Option<String>,
+    decision: Option<String>,
+}
+
+async fn device_decision(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: Result<ApiForm<DeviceDecision>, ApiError>,
+) -> Response {
+    let form = match form {
+        Ok(ApiForm(form)) => form,
+        Err(error) => return error.into_response(),
+    };
+    if let Err(error) = accounts::check_csrf(
+        expected_csrf(&headers).as_deref(),
+        form.csrf_token.as_deref(),
+    ) {
+        return ApiError(error).into_response();
+    }
+    let user_id = match browser_user(&state, &headers).await {
+        Ok(Some(user_id)) => user_id,
+        Ok(None) => {
+            return pages::error_page(
+                StatusCode::UNAUTHORIZED,
+                "Signed out",
+                "your session has ended: sign in and enter the code again",
+            );
+        }
+        Err(error) => return ApiError(error).into_response(),
+    };
+    let approve = form.decision.as_deref() == Some("approve");
+    match oauth::device::decide(&state.pool, user_id, &form.user_code, approve).await {
+        Ok(()) if approve => pages::page(
+            StatusCode::OK,
+            "Device connected",
+            r#"<p id="done">Done: go back to your terminal.</p>"#,
+        ),
+        Ok(()) => pages::page(
+            StatusCode::OK,
+            "Request denied",
+            r#"<p id="done">Denied: the device gets no access.</p>"#,
+        ),
+        Err(Error::Invalid(message)) => {
+            pages::error_page(StatusCode::BAD_REQUEST, "Code not valid", &message)
+        }
+        Err(error) => ApiError(error).into_response(),
+    }
 }
 
 // ---- connected apps ---------------------------------------------------------------------------

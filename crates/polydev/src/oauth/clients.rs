@@ -352,6 +352,38 @@ pub async fn register(pool: &PgPool, metadata: ClientMetadata) -> Result<Registe
     })
 }
 
+/// Stores (or refreshes) the cached registration of a client ID metadata document.
+pub(super) async fn store_metadata_document(
+    pool: &PgPool,
+    client_id: &str,
+    metadata: &ClientMetadata,
+) -> Result<()> {
+    sqlx::query!(
+        "INSERT INTO mcp_registered_clients
+             (client_id, client_name, redirect_uris, scope, client_uri, logo_uri, tos_uri,
+              policy_uri, token_endpoint_auth_method, metadata, registration_kind, fetched_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'none', $9, 'metadata_document', now())
+         ON CONFLICT (client_id) DO UPDATE SET client_name = EXCLUDED.client_name,
+             redirect_uris = EXCLUDED.redirect_uris, scope = EXCLUDED.scope,
+             client_uri = EXCLUDED.client_uri, logo_uri = EXCLUDED.logo_uri,
+             tos_uri = EXCLUDED.tos_uri, policy_uri = EXCLUDED.policy_uri,
+             metadata = EXCLUDED.metadata, fetched_at = now(), updated_at = now()
+         WHERE mcp_registered_clients.registration_kind = 'metadata_document'",
+        client_id,
+        metadata.client_name,
+        serde_json::to_value(&metadata.redirect_uris).map_err(Error::internal)?,
+        metadata.scope,
+        metadata.client_uri,
+        metadata.logo_uri,
+        metadata.tos_uri,
+        metadata.policy_uri,
+        serde_json::to_value(metadata).map_err(Error::internal)?
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// A registered client by id (`None` for unknown ids and legacy rows).
 pub async fn find_client(pool: &PgPool, client_id: &str) -> Result<Option<Client>> {
     if client_id.len() > MAX_URI_LEN {

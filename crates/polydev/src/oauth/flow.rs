@@ -16,6 +16,9 @@ use crate::error::{Error, OAuthCode, Result};
 
 pub const CODE_LIFETIME_SECS: i64 = 120;
 pub const ACCESS_TOKEN_LIFETIME_SECS: i64 = 3600;
+/// Access tokens of clients registered for the device grant (command-line tools such as
+/// `polydev login`): a stdio bridge holds one connection for a whole IDE session.
+pub const DEVICE_ACCESS_TOKEN_LIFETIME_SECS: i64 = 30 * 86_400;
 pub const REFRESH_TOKEN_LIFETIME_DAYS: i64 = 30;
 pub const MAX_STATE_LEN: usize = 1000;
 
@@ -217,40 +220,14 @@ pub async fn approve(
     granted: Scopes,
 ) -> Result<String> {
     let mut tx = pool.begin().await?;
-    let existing = sqlx::query_scalar!(
-        "SELECT id FROM oauth_grants
-          WHERE user_id = $1 AND client_id = $2 AND resource = $3 AND revoked_at IS NULL
-          ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+    let grant_id = upsert_grant(
+        &mut tx,
         user_id,
         &request.client.client_id,
-        &request.resource
+        granted,
+        &request.resource,
     )
-    .fetch_optional(&mut *tx)
     .await?;
-    let grant_id = match existing {
-        Some(id) => {
-            sqlx::query!(
-                "UPDATE oauth_grants SET scope = $2, updated_at = now() WHERE id = $1",
-                id,
-                granted.to_string()
-            )
-            .execute(&mut *tx)
-            .await?;
-            id
-        }
-        None => {
-            sqlx::query_scalar!(
-                "INSERT INTO oauth_grants (user_id, client_id, scope, resource)
-                 VALUES ($1, $2, $3, $4) RETURNING id",
-                user_id,
-                &request.client.client_id,
-                granted.to_string(),
-                &request.resource
-            )
-            .fetch_one(&mut *tx)
-            .await?
-        }
-    };
     let code = random_hex(32);
     sqlx::query!(
         "INSERT INTO oauth_codes (code_hash, grant_id, family_id, client_id, user_id, redirect_uri,
@@ -272,6 +249,60 @@ pub async fn approve(
     tx.commit().await?;
     tracing::info!(%user_id, client_id = %request.client.client_id, scope = %granted, "authorization code issued");
     Ok(code)
+}
+
+/// Records consent of `user_id` to `client_id` for `resource` with `granted` (one live grant
+/// per user, client and resource; a new consent updates its scope).
+pub(super) async fn upsert_grant(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    client_id: &str,
+    granted: Scopes,
+    resource: &str,
+) -> Result<Uuid> {
+    let existing = sqlx::query_scalar!(
+        "SELECT id FROM oauth_grants
+          WHERE user_id = $1 AND client_id = $2 AND resource = $3 AND revoked_at IS NULL
+          ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+        user_id,
+        client_id,
+        resource
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match existing {
+        Some(id) => {
+            sqlx::query!(
+                "UPDATE oauth_grants SET scope = $2, updated_at = now() WHERE id = $1",
+                id,
+                granted.to_string()
+            )
+            .execute(&mut *conn)
+            .await?;
+            id
+        }
+        None => {
+            sqlx::query_scalar!(
+                "INSERT INTO oauth_grants (user_id, client_id, scope, resource)
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                user_id,
+                client_id,
+                granted.to_string(),
+                resource
+            )
+            .fetch_one(&mut *conn)
+            .await?
+        }
+    })
+}
+
+/// How long the access tokens of `client` live.
+pub fn access_lifetime(client: &Client) -> i64 {
+    if client.allows_grant(super::clients::GRANT_DEVICE_CODE) {
+        DEVICE_ACCESS_TOKEN_LIFETIME_SECS
+    } else {
+        ACCESS_TOKEN_LIFETIME_SECS
+    }
 }
 
 /// A token response (RFC 6749 §5.1).
@@ -314,13 +345,14 @@ pub(super) async fn issue(
     family_id: Uuid,
     scopes: Scopes,
     resource: &str,
+    lifetime_secs: i64,
 ) -> Result<TokenResponse> {
     let access = accounts::issue_oauth_access_token(
         conn,
         user_id,
         &format!("OAuth: {}", client.name()),
         scopes.token_scope(),
-        ACCESS_TOKEN_LIFETIME_SECS,
+        lifetime_secs,
         resource,
         grant_id,
         family_id,
@@ -350,7 +382,7 @@ pub(super) async fn issue(
     Ok(TokenResponse {
         access_token: access.token,
         token_type: "Bearer",
-        expires_in: ACCESS_TOKEN_LIFETIME_SECS,
+        expires_in: lifetime_secs,
         refresh_token,
         scope: scopes.to_string(),
     })
@@ -487,6 +519,7 @@ pub async fn exchange_code(
         row.family_id,
         scopes,
         &row.resource,
+        access_lifetime(client),
     )
     .await?;
     tx.commit().await?;
@@ -581,6 +614,7 @@ pub async fn refresh(
         row.family_id,
         scopes,
         &row.resource,
+        access_lifetime(client),
     )
     .await?;
     tx.commit().await?;

@@ -8,7 +8,9 @@
 //! Every secret (client secrets, registration access tokens, codes, refresh tokens) has 256
 //! random bits and is stored as its SHA-256; comparisons are constant-time.
 
+pub mod cimd;
 pub mod clients;
+pub mod device;
 pub mod flow;
 
 use sha2::{Digest, Sha256};
@@ -25,12 +27,16 @@ pub use flow::{AuthorizationParams, AuthorizationRequest, AuthorizeError, Grant,
 pub struct Config {
     /// The issuer: `https://polydev.example.com` (no trailing slash), from `--public-url`.
     pub issuer: String,
+    /// Hosts whose client ID metadata documents may be fetched from private addresses
+    /// (`--cimd-private-hosts`; for tests and internal deployments).
+    pub cimd_private_hosts: Vec<String>,
 }
 
 impl Config {
     pub fn new(issuer: &str) -> Config {
         Config {
             issuer: issuer.trim_end_matches('/').to_string(),
+            cimd_private_hosts: Vec::new(),
         }
     }
 
@@ -134,12 +140,16 @@ pub(crate) fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
-/// A registered client by id.
+/// A client by id: a registered one, or, for an `https` URL, the client its metadata
+/// document describes (fetched with the guards of [`cimd`]).
 pub async fn find_or_fetch_client(
     pool: &PgPool,
-    _config: &Config,
+    config: &Config,
     client_id: &str,
 ) -> Result<Option<Client>> {
+    if client_id.starts_with("https://") || client_id.starts_with("http://") {
+        return cimd::client(pool, config, client_id).await;
+    }
     clients::find_client(pool, client_id).await
 }
 

@@ -19,17 +19,17 @@ use crate::accounts_web::{Browser, hidden_fields, verified_user};
 use crate::common::{TestDb, mock_catalogue};
 use crate::http_api::TestServer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_polydev");
+pub const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 
-struct Served {
+pub struct Served {
     _child: Child,
-    base: String,
+    pub base: String,
     _mock: MockUpstream,
     _dir: tempfile::TempDir,
 }
 
 /// `polydev serve` on a free port; its public URL is the default (`http://` + the address).
-async fn serve(db: &TestDb) -> Served {
+pub async fn serve(db: &TestDb) -> Served {
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models.toml");
@@ -63,7 +63,7 @@ async fn serve(db: &TestDb) -> Served {
     }
 }
 
-fn client_dir() -> PathBuf {
+pub fn client_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/mcp-client")
 }
 
@@ -198,7 +198,7 @@ fn pkce() -> (String, String) {
     (verifier, challenge)
 }
 
-async fn register(server: &TestServer, body: Value) -> (StatusCode, Value) {
+pub async fn register(server: &TestServer, body: Value) -> (StatusCode, Value) {
     let response = server
         .client
         .post(format!("{}/oauth/register", server.base))
@@ -287,7 +287,7 @@ async fn code(browser: &mut Browser, path: &str, grant_account: bool) -> String 
     param(&params, "code").unwrap_or_else(|| panic!("{params:?}"))
 }
 
-async fn token(server: &TestServer, form: &[(&str, &str)]) -> (StatusCode, Value) {
+pub async fn token(server: &TestServer, form: &[(&str, &str)]) -> (StatusCode, Value) {
     let response = server
         .client
         .post(format!("{}/oauth/token", server.base))
@@ -320,7 +320,7 @@ async fn exchange(
     .await
 }
 
-async fn mcp_status(server: &TestServer, access_token: &str) -> (u16, String) {
+pub async fn mcp_status(server: &TestServer, access_token: &str) -> (u16, String) {
     let response = server
         .client
         .post(format!("{}/mcp", server.base))
@@ -958,4 +958,67 @@ async fn oauth_consent_is_remembered_scoped_and_revocable() {
             .status(),
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn oauth_cimd_pointing_at_a_private_address_is_refused() {
+    let db = TestDb::migrated().await;
+    let server = TestServer::start(&db).await;
+    let (mut browser, _) = signed_in(&server, &db, "cimd@example.com").await;
+    let (_, challenge) = pkce();
+    for client_id in [
+        "https://127.0.0.1:9/client.json",
+        "https://localhost:9/client.json",
+        "https://169.254.169.254/latest/meta-data.json",
+        "https://[::1]:9/client.json",
+        "http://app.example.com/client.json",
+    ] {
+        let response = browser
+            .get(&authorize_path(client_id, REDIRECT, &challenge, &[]))
+            .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{client_id}");
+        assert!(response.headers().get("location").is_none());
+        let html = response.text().await.unwrap();
+        assert!(
+            html.contains("private") || html.contains("https"),
+            "{client_id}: {html}"
+        );
+    }
+    let cached: i64 = sqlx::query_scalar("SELECT count(*) FROM mcp_registered_clients")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(cached, 0);
+
+    // Listed in --cimd-private-hosts, the host passes the address check (the fetch itself
+    // then fails: nothing listens there).
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    )
+    .with_cimd_private_hosts(vec!["127.0.0.1".into()]);
+    let allowed = TestServer::start_state(state).await;
+    let mut browser = Browser::new(&allowed.base);
+    let html = browser
+        .get(&authorize_path(
+            "https://127.0.0.1:9/client.json",
+            REDIRECT,
+            &challenge,
+            &[],
+        ))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("cannot fetch"), "{html}");
+    let meta: Value = server
+        .get("/.well-known/oauth-authorization-server", None)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["client_id_metadata_document_supported"], true);
 }
