@@ -49,6 +49,8 @@ try {
   await page.fill("#password", password);
   await page.click("#unlock-button");
   await page.waitForSelector("#history:not([hidden]) .message", { timeout: 60000 });
+  // The history renders session by session: wait for all of it.
+  await page.waitForFunction((n) => document.querySelectorAll(".message").length >= n, expected.length, { timeout: 60000 });
   const shown = await page.$$eval(".message .text", (nodes) => nodes.map((n) => n.textContent));
   out.shown = shown;
   out.locks = await page.$$eval(".message .lock", (nodes) => nodes.length);

@@ -38,6 +38,9 @@ pub struct AppState {
     pub oauth_limits: Arc<OAuthLimits>,
     /// Hosts whose client ID metadata documents may be fetched from private addresses.
     pub cimd_private_hosts: Vec<String>,
+    /// Passkeys for the public URL's host (`None` when it is an IP address, which WebAuthn
+    /// does not accept as a relying party id).
+    pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
 }
 
 /// Per-address request limits of the OAuth endpoints anyone can call.
@@ -54,6 +57,21 @@ impl Default for OAuthLimits {
             register: FailedAuthLimiter::new(30, Duration::from_secs(60)),
         }
     }
+}
+
+/// The WebAuthn relying party of a public URL: its host (a domain name, `localhost` included;
+/// never an IP address) and its origin.
+fn webauthn_for(public_url: &str) -> Option<webauthn_rs::Webauthn> {
+    let url = url::Url::parse(public_url).ok()?;
+    let host = match url.host()? {
+        url::Host::Domain(name) => name.to_string(),
+        _ => return None,
+    };
+    webauthn_rs::WebauthnBuilder::new(&host, &url)
+        .ok()?
+        .rp_name("Polydev")
+        .build()
+        .ok()
 }
 
 /// The default request timeout: longer than the longest `get_perspectives` deadline (600 s).
@@ -76,6 +94,7 @@ impl AppState {
             mailer: Arc::new(Mailer::Log),
             oauth_limits: Arc::new(OAuthLimits::default()),
             cimd_private_hosts: Vec::new(),
+            webauthn: None,
         }
     }
 
@@ -86,6 +105,7 @@ impl AppState {
 
     pub fn with_public_url(mut self, url: &str) -> Self {
         self.public_url = url.trim_end_matches('/').to_string();
+        self.webauthn = webauthn_for(&self.public_url).map(Arc::new);
         self
     }
 

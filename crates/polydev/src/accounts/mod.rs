@@ -3,6 +3,7 @@
 
 pub mod email;
 mod issued;
+mod passkeys;
 mod passwords;
 mod rate_limit;
 mod scope;
@@ -15,6 +16,13 @@ pub use email::Mailer;
 pub use issued::{
     IssuedToken, deactivate_token, issue_oauth_access_token, oauth_access_token_grant,
     revoke_oauth_access_tokens,
+};
+pub use passkeys::{
+    MAX_PASSKEYS_PER_USER, PasskeyInfo, delete_passkey,
+    finish_authentication as finish_passkey_sign_in,
+    finish_registration as finish_passkey_registration, list_passkeys,
+    start_authentication as start_passkey_sign_in,
+    start_registration as start_passkey_registration,
 };
 pub use passwords::{
     Links, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS, hash_password, request_password_reset,

@@ -57,7 +57,7 @@ pub fn csrf_for_page(headers: &HeaderMap, state: &AppState) -> (String, Option<H
     }
 }
 
-fn check_csrf_header(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_csrf_header(headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
     Ok(accounts::check_csrf(
         expected_csrf(headers).as_deref(),
@@ -106,7 +106,7 @@ fn record_failure(state: &AppState, address: Option<std::net::IpAddr>, error: &E
 
 /// Signs in and returns the session cookie headers (the new session; the pre-session CSRF
 /// cookie deleted).
-async fn start_session(
+pub(super) async fn start_session(
     state: &AppState,
     headers: &HeaderMap,
     user_id: uuid::Uuid,

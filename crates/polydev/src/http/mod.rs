@@ -12,6 +12,7 @@ mod mcp;
 mod me;
 mod oauth;
 mod pages;
+mod passkeys;
 mod perspectives;
 mod tokens;
 mod web;
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(web::routes())
         .merge(account_web::routes())
         .merge(oauth::routes())
+        .merge(passkeys::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)

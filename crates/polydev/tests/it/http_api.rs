@@ -46,6 +46,23 @@ impl TestServer {
         }
     }
 
+    /// A server whose public URL (and base) is `http://localhost:<port>`: WebAuthn accepts a
+    /// host name as relying party, never an IP address.
+    pub async fn start_localhost(state: AppState) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://localhost:{}", listener.local_addr().unwrap().port());
+        let state = state.with_public_url(&base);
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(http::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            base,
+            client: polydev::net::http_client(),
+            _stop: stop,
+        }
+    }
+
     pub fn get(&self, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
         self.with_token(self.client.get(format!("{}{path}", self.base)), token)
     }

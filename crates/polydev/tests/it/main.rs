@@ -2,6 +2,7 @@
 
 mod accounts;
 pub mod accounts_web;
+mod accounts_web_browser;
 mod architecture;
 mod common;
 mod errors;

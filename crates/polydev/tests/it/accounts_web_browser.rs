@@ -1,0 +1,90 @@
+//! The account page in a real browser (Debian's Chromium via playwright-core) with a virtual
+//! WebAuthn authenticator: keyboard sign-in, usage, a token, a passkey registered, sign-out,
+//! sign-in with the passkey, phone width. Screenshots go to `$POLYDEV_SCREENSHOT_DIR` (a
+//! temporary directory when unset; the main ones are in docs/screenshots/).
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use tokio::process::Command;
+
+use crate::accounts_web::verified_user;
+use crate::common::TestDb;
+use crate::http_api::TestServer;
+
+#[tokio::test]
+async fn accounts_web_page_registers_a_passkey_and_signs_in_with_it_in_chromium() {
+    let db = TestDb::migrated().await;
+    let email = "passkey@example.com";
+    let password = "the passkey user's password";
+    let user_id = verified_user(&db, email, password).await;
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    );
+    let server = TestServer::start_localhost(state).await;
+    let shots = tempfile::tempdir().unwrap();
+    let dir = std::env::var("POLYDEV_SCREENSHOT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| shots.path().to_path_buf());
+    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
+    let out = Command::new("node")
+        .arg("account-page.mjs")
+        .args([&server.base, email, password])
+        .env("SCREENSHOT_DIR", &dir)
+        .current_dir(web)
+        .output()
+        .await
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(out.get("failure").is_none(), "{out}");
+    assert_eq!(out["pageErrors"], serde_json::json!([]), "{out}");
+    assert_eq!(out["focusReachedEmail"], true, "{out}");
+    assert_eq!(out["whoami"], format!("Signed in as {email}"));
+    assert_eq!(out["quotaRows"], 4, "{out}");
+    assert!(
+        out["newToken"].as_str().unwrap().starts_with("pd_"),
+        "{out}"
+    );
+    assert_eq!(out["credentials"], 1, "{out}");
+    assert_eq!(
+        out["statusAfterPasskey"], "Signed in with a passkey.",
+        "{out}"
+    );
+    assert_eq!(out["whoamiAfterPasskey"], format!("Signed in as {email}"));
+    assert_eq!(
+        out["phoneOverflow"], false,
+        "readable at phone width: {out}"
+    );
+    for shot in out["shots"].as_array().unwrap() {
+        assert!(std::path::Path::new(shot.as_str().unwrap()).exists());
+    }
+
+    let (passkeys, used): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(last_used_at) FROM account_passkeys WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((passkeys, used), (1, 1));
+    let sessions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM account_web_sessions WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sessions, 2, "a password session and a passkey session");
+    let challenges: i64 = sqlx::query_scalar("SELECT count(*) FROM account_webauthn_challenges")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(challenges, 0, "ceremony state is single-use");
+}
