@@ -41,7 +41,9 @@ async function refresh() {
 }
 
 async function loadUsage() {
-  const report = await api("GET", "/v1/usage");
+  const [report, daily] = await Promise.all([api("GET", "/v1/usage"), api("GET", "/v1/usage/daily")]);
+  drawChart(daily.month_start, daily.days);
+  drawModels(daily.days);
   const u = report.usage ?? {};
   $("usage-summary").textContent =
     `Since ${report.month_start}: ${u.calls ?? 0} calls, ${u.input_tokens ?? 0} input and ${u.output_tokens ?? 0} output tokens, $${u.cost_usd ?? 0}.`;
@@ -54,6 +56,59 @@ async function loadUsage() {
     row.append(el("td", tier), el("td", String(q.used)), el("td", q.limit ?? "unlimited"), el("td", q.remaining ?? "unlimited"));
     body.append(row);
   }
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// One bar per day of the month so far (calls of every model), drawn as SVG.
+function drawChart(monthStart, days) {
+  const chart = $("usage-chart");
+  chart.replaceChildren(chart.querySelector("title") ?? svg("title", {}, "Model calls per day"));
+  const start = new Date(`${monthStart}T00:00:00Z`);
+  const today = new Date();
+  const count = Math.max(1, Math.floor((today - start) / 86400000) + 1);
+  const perDay = new Array(count).fill(0);
+  for (const d of days) {
+    const i = Math.floor((new Date(`${d.day}T00:00:00Z`) - start) / 86400000);
+    if (i >= 0 && i < count) perDay[i] += d.calls;
+  }
+  const max = Math.max(1, ...perDay);
+  const [width, height, bottom] = [620, 180, 16];
+  const slot = width / count;
+  chart.append(svg("line", { class: "axis", x1: 0, y1: height - bottom, x2: width, y2: height - bottom }));
+  perDay.forEach((calls, i) => {
+    const h = ((height - bottom - 14) * calls) / max;
+    const bar = svg("rect", { class: "bar", x: i * slot + slot * 0.15, y: height - bottom - h, width: slot * 0.7, height: h });
+    bar.append(svg("title", {}, `${new Date(start.getTime() + i * 86400000).toISOString().slice(0, 10)}: ${calls} calls`));
+    chart.append(bar);
+    if (count <= 16 || i % 5 === 0) chart.append(svg("text", { x: i * slot + slot / 2, y: height - 3, "text-anchor": "middle" }, String(i + 1)));
+  });
+  chart.append(svg("text", { x: 4, y: 11 }, `max ${max}`));
+}
+
+function drawModels(days) {
+  const models = new Map();
+  for (const d of days) {
+    const m = models.get(d.model) ?? { tier: d.tier, calls: 0, tokens: 0, cost: 0 };
+    m.calls += d.calls;
+    m.tokens += d.input_tokens + d.output_tokens;
+    m.cost += Number(d.cost_usd);
+    models.set(d.model, m);
+  }
+  const body = $("model-table").tBodies[0];
+  body.replaceChildren();
+  for (const [model, m] of [...models].sort((a, b) => b[1].calls - a[1].calls)) {
+    const row = el("tr");
+    row.append(el("td", model), el("td", m.tier ?? ""), el("td", String(m.calls)), el("td", String(m.tokens)), el("td", m.cost.toFixed(4)));
+    body.append(row);
+  }
+  if (!models.size) body.append(el("tr", undefined)).append(el("td", "No model calls yet this month.", { colspan: "5" }));
 }
 
 async function loadTokens() {

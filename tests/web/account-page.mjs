@@ -45,6 +45,8 @@ try {
   await page.waitForSelector("#signed-in:not([hidden])");
   out.whoami = await page.textContent("#whoami");
   out.quotaRows = await page.$$eval("#quota-table tbody tr", (rows) => rows.length);
+  out.modelRows = await page.$$eval("#model-table tbody tr td:first-child", (cells) => cells.map((c) => c.textContent));
+  out.firstBar = await page.$eval("#usage-chart rect.bar title", (t) => t.textContent.split(": ")[1].split(" ")[0]);
   await shot(page, "signed-in");
 
   await page.fill("#token-name", "laptop");

@@ -15,6 +15,7 @@ mod pages;
 mod passkeys;
 mod perspectives;
 mod tokens;
+mod usage_daily;
 mod web;
 mod zk;
 
@@ -82,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .merge(account_web::routes())
         .merge(oauth::routes())
         .merge(passkeys::routes())
+        .merge(usage_daily::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)

@@ -18,6 +18,19 @@ async fn accounts_web_page_registers_a_passkey_and_signs_in_with_it_in_chromium(
     let email = "passkey@example.com";
     let password = "the passkey user's password";
     let user_id = verified_user(&db, email, password).await;
+    // Model calls on two days of this month, of two models.
+    sqlx::query(
+        "INSERT INTO perspective_usage (user_id, model_name, model_tier, provider, input_tokens,
+                                        output_tokens, total_tokens, estimated_cost, created_at)
+         SELECT $1, m, t, 'openai', 100, 200, 300, 0.01,
+                (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 hour' + d * interval '1 day') AT TIME ZONE 'UTC'
+           FROM (VALUES ('gpt-premium', 'premium', 0), ('gpt-premium', 'premium', 0),
+                        ('claude-normal', 'normal', 0)) v(m, t, d)",
+    )
+    .bind(user_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
     let state = polydev::app::AppState::new(
         db.pool.clone(),
@@ -49,6 +62,12 @@ async fn accounts_web_page_registers_a_passkey_and_signs_in_with_it_in_chromium(
     assert_eq!(out["focusReachedEmail"], true, "{out}");
     assert_eq!(out["whoami"], format!("Signed in as {email}"));
     assert_eq!(out["quotaRows"], 4, "{out}");
+    assert_eq!(
+        out["modelRows"],
+        serde_json::json!(["gpt-premium", "claude-normal"]),
+        "{out}"
+    );
+    assert_eq!(out["firstBar"], "3", "3 calls on the first day: {out}");
     assert!(
         out["newToken"].as_str().unwrap().starts_with("pd_"),
         "{out}"

@@ -179,7 +179,7 @@ async fn an_mcp_token_reaches_no_account_route_and_changes_nothing() {
         );
         refused += 1;
     }
-    assert_eq!(refused, 20, "every account route was tried");
+    assert_eq!(refused, 21, "every account route was tried");
     assert_eq!(snapshot(&db).await, before, "nothing changed");
 
     // The mcp routes are open to it.
