@@ -2,10 +2,11 @@
 // authenticator (DevTools WebAuthn domain): password sign-in with the keyboard only → usage,
 // tokens (create), passkey (register) → sign out → sign in with the passkey → phone width.
 // Writes a screenshot of each view to $SCREENSHOT_DIR and prints a JSON summary.
-//   node account-page.mjs <base-url> <email> <password>
+//   node account-page.mjs <base-url> <email> <password> [<oauth-authorize-url>]
+// With an authorization URL, it also opens the OAuth consent page signed in and allows it.
 import { chromium } from "playwright-core";
 
-const [base, email, password] = process.argv.slice(2);
+const [base, email, password, authorizeUrl] = process.argv.slice(2);
 const dir = process.env.SCREENSHOT_DIR ?? "/tmp";
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -20,7 +21,7 @@ const shot = async (page, name) => {
 };
 try {
   const context = await browser.newContext({ viewport: { width: 1000, height: 900 } });
-  const page = await context.newPage();
+  let page = await context.newPage();
   page.on("pageerror", (e) => out.pageErrors.push(String(e)));
   const cdp = await context.newCDPSession(page);
   await cdp.send("WebAuthn.enable");
@@ -71,6 +72,26 @@ try {
   await page.waitForSelector("#signed-in:not([hidden])", { timeout: 30000 });
   out.statusAfterPasskey = await page.textContent("#status");
   out.whoamiAfterPasskey = await page.textContent("#whoami");
+
+  if (authorizeUrl) {
+    // The consent page in a real browser: CSP allows the redirect back to the app after Allow.
+    await page.goto(authorizeUrl);
+    await page.waitForSelector("#approve");
+    out.consentClient = await page.textContent("#client-name");
+    await shot(page, "consent");
+    const redirected = page.waitForRequest((r) => r.url().startsWith("http://127.0.0.1:45678/cb"), { timeout: 30000 });
+    await page.click("#approve");
+    const callback = new URL((await redirected).url());
+    out.consentCode = callback.searchParams.has("code");
+    out.consentIss = callback.searchParams.get("iss");
+    // (The app's loopback listener does not exist: that tab ends on an error page.)
+    const again = await context.newPage();
+    await again.goto(`${base}/account`);
+    await again.waitForSelector("#signed-in:not([hidden])");
+    out.grants = await again.$$eval("#grant-list li", (items) => items.map((i) => i.textContent));
+    await page.close();
+    page = again;
+  }
 
   await page.setViewportSize({ width: 390, height: 844 });
   out.phoneOverflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);

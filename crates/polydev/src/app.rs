@@ -43,11 +43,14 @@ pub struct AppState {
     pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
 }
 
-/// Per-address request limits of the OAuth endpoints anyone can call.
+/// Per-address request limits of the endpoints anyone can call: OAuth token and registration,
+/// and those that send e-mail (sign-up, password reset), so the server cannot be used to flood
+/// someone's mailbox.
 #[derive(Debug)]
 pub struct OAuthLimits {
     pub token: FailedAuthLimiter,
     pub register: FailedAuthLimiter,
+    pub mail: FailedAuthLimiter,
 }
 
 impl Default for OAuthLimits {
@@ -55,6 +58,7 @@ impl Default for OAuthLimits {
         OAuthLimits {
             token: FailedAuthLimiter::new(120, Duration::from_secs(60)),
             register: FailedAuthLimiter::new(30, Duration::from_secs(60)),
+            mail: FailedAuthLimiter::new(10, Duration::from_secs(600)),
         }
     }
 }

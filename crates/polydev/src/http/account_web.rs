@@ -169,12 +169,31 @@ struct Credentials {
     password: String,
 }
 
+/// Requests that send e-mail: 10 per address per 10 minutes.
+fn limit_mail(state: &AppState, address: Option<std::net::IpAddr>) -> Result<(), ApiError> {
+    if let Some(address) = address {
+        let now = Instant::now();
+        state
+            .oauth_limits
+            .mail
+            .check(address, now)
+            .map_err(|retry_after| Error::RateLimited {
+                limit: 10,
+                retry_after,
+            })?;
+        state.oauth_limits.mail.record(address, now);
+    }
+    Ok(())
+}
+
 async fn sign_up(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<Response, ApiError> {
     check_csrf_header(&headers)?;
+    limit_mail(&state, client)?;
     accounts::sign_up(&state.pool, &links(&state), &body.email, &body.password).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -246,10 +265,12 @@ struct ResetRequest {
 
 async fn request_reset(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ResetRequest>,
 ) -> Result<Response, ApiError> {
     check_csrf_header(&headers)?;
+    limit_mail(&state, client)?;
     accounts::request_password_reset(&state.pool, &links(&state), &body.email).await?;
     Ok((
         StatusCode::ACCEPTED,

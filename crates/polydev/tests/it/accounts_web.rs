@@ -689,3 +689,28 @@ async fn accounts_forms_without_the_csrf_token_are_refused() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn accounts_mail_sending_requests_are_limited_per_address() {
+    let db = TestDb::migrated().await;
+    let server = TestServer::start(&db).await;
+    let mut browser = Browser::new(&server.base);
+    let csrf = browser.csrf().await;
+    let mut statuses = Vec::new();
+    for i in 0..11 {
+        let response = browser
+            .json(
+                Method::POST,
+                "/v1/account/password-reset",
+                Some(&csrf),
+                &json!({ "email": format!("victim{i}@example.com") }),
+            )
+            .await;
+        statuses.push(response.status());
+    }
+    assert!(
+        statuses[..10].iter().all(|s| *s == StatusCode::ACCEPTED),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[10], StatusCode::TOO_MANY_REQUESTS);
+}

@@ -41,10 +41,37 @@ async fn accounts_web_page_registers_a_passkey_and_signs_in_with_it_in_chromium(
     let dir = std::env::var("POLYDEV_SCREENSHOT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| shots.path().to_path_buf());
+    // An MCP client registered, for the consent page.
+    let registered: Value = server
+        .client
+        .post(format!("{}/oauth/register", server.base))
+        .json(&serde_json::json!({ "client_name": "Browser Test IDE", "redirect_uris": ["http://127.0.0.1:45678/cb"], "token_endpoint_auth_method": "none" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let authorize = format!(
+        "{}/oauth/authorize?{}",
+        server.base,
+        serde_urlencoded::to_string([
+            ("response_type", "code"),
+            ("client_id", registered["client_id"].as_str().unwrap()),
+            ("redirect_uri", "http://127.0.0.1:45678/cb"),
+            (
+                "code_challenge",
+                "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+            ),
+            ("code_challenge_method", "S256"),
+            ("state", "browser"),
+        ])
+        .unwrap()
+    );
     let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
     let out = Command::new("node")
         .arg("account-page.mjs")
-        .args([&server.base, email, password])
+        .args([&server.base, email, password, &authorize])
         .env("SCREENSHOT_DIR", &dir)
         .current_dir(web)
         .output()
