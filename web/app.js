@@ -28,6 +28,9 @@ const ROTATION_KINDS = [
 ];
 const CREDENTIAL_NAMESPACE = { provider_credentials: "credential.provider", cli_credentials: "credential.cli" };
 let token = sessionStorage.getItem("polydev-token");
+// The browser session (an HttpOnly cookie) authenticates, its writes carrying the CSRF token;
+// a pasted API token (with the `account` scope) still works for scripts and old bookmarks.
+let csrf = null;
 let me = null;
 // The proofs of the worker's keyrings, by name: {proof, proofKind}. Empty when locked.
 let proofs = {};
@@ -98,7 +101,12 @@ function fail(error) {
 async function api(method, path, body, extraHeaders = {}) {
   const response = await fetch(path, {
     method,
-    headers: { authorization: `Bearer ${token}`, ...(body ? { "content-type": "application/json" } : {}), ...extraHeaders },
+    headers: {
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
+      "x-csrf-token": csrf ?? "",
+      ...(body ? { "content-type": "application/json" } : {}),
+      ...extraHeaders,
+    },
     body: body ? JSON.stringify(body) : undefined,
   });
   if (response.status === 204) return null;
@@ -763,10 +771,16 @@ function on(id, handler) {
 }
 
 // Enter in a password field presses its button.
-for (const [field, button] of [["password", "unlock-button"], ["rotate-password", "rotate-button"], ["token", "signin-button"]])
+for (const [field, button] of [["password", "unlock-button"], ["rotate-password", "rotate-button"], ["token", "token-signin-button"], ["account-password", "signin-button"]])
   $(field).addEventListener("keydown", (e) => { if (e.key === "Enter") $(button).click(); });
 
-on("signin-button", async () => { token = $("token").value.trim(); sessionStorage.setItem("polydev-token", token); await signIn(); });
+on("token-signin-button", async () => { token = $("token").value.trim(); sessionStorage.setItem("polydev-token", token); await signIn(); });
+on("signin-button", async () => {
+  csrf = (await api("GET", "/v1/account/session")).csrf_token;
+  csrf = (await api("POST", "/v1/account/signin", { email: $("email").value.trim(), password: $("account-password").value })).csrf_token;
+  $("account-password").value = "";
+  await signIn();
+});
 on("setup-button", turnOn);
 on("recovery-saved", recoverySaved);
 on("unlock-button", doUnlock);
@@ -781,5 +795,8 @@ on("forget-pin", async () => {
   await showAccount();
 });
 $("new-password").addEventListener("input", (e) => { $("strength").textContent = `Strength: ${strength(e.target.value)}`; });
-if (token) signIn().catch((e) => { sessionStorage.removeItem("polydev-token"); show("signin"); fail(e); });
-else show("signin");
+api("GET", "/v1/account/session").then((session) => {
+  csrf = session.csrf_token;
+  if (session.signed_in || token) return signIn();
+  show("signin");
+}).catch((e) => { sessionStorage.removeItem("polydev-token"); token = null; show("signin"); fail(e); });

@@ -47,8 +47,9 @@ const workers = (page) => page.workers().map((w) => new URL(w.url()).pathname);
 
 async function signIn(page) {
   await page.goto(base);
+  await page.click("#signin summary");
   await page.fill("#token", token);
-  await page.click("#signin-button");
+  await page.click("#token-signin-button");
   await page.waitForSelector("#unlock:not([hidden]), #setup:not([hidden]), #keys-changed:not([hidden])", LONG);
 }
 

@@ -1,10 +1,11 @@
 // Drives the zero-knowledge page in headless Chromium (Debian's, via playwright-core):
 // sign in → set the master password → read the recovery key → migrate → reload → unlock →
 // the history reads correctly. Prints a JSON summary; the Rust test checks the database.
-//   node zk-page.mjs <base-url> <token> <password> <expected-messages-json>
+//   node zk-page.mjs <base-url> <email:account-password> <password> <expected-messages-json>
 import { chromium } from "playwright-core";
 
-const [base, token, password, expectedJson] = process.argv.slice(2);
+const [base, account, password, expectedJson] = process.argv.slice(2);
+const [email, accountPassword] = [account.slice(0, account.indexOf(":")), account.slice(account.indexOf(":") + 1)];
 const expected = JSON.parse(expectedJson);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -17,7 +18,9 @@ try {
   const errors = [];
   page.on("pageerror", (e) => errors.push(String(e)));
   await page.goto(base);
-  await page.fill("#token", token);
+  await page.waitForSelector("#signin:not([hidden])");
+  await page.fill("#email", email);
+  await page.fill("#account-password", accountPassword);
   await page.click("#signin-button");
   await page.waitForSelector("#setup:not([hidden])");
   await page.fill("#new-password", "short");
@@ -46,6 +49,8 @@ try {
   await page.fill("#password", password);
   await page.click("#unlock-button");
   await page.waitForSelector("#history:not([hidden]) .message", { timeout: 60000 });
+  // The history renders session by session: wait for all of it.
+  await page.waitForFunction((n) => document.querySelectorAll(".message").length >= n, expected.length, { timeout: 60000 });
   const shown = await page.$$eval(".message .text", (nodes) => nodes.map((n) => n.textContent));
   out.shown = shown;
   out.locks = await page.$$eval(".message .lock", (nodes) => nodes.length);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::{FailedAuthLimiter, LastUsedTracker};
+use crate::accounts::{FailedAuthLimiter, LastUsedTracker, Mailer};
 use crate::perspectives::Gateway;
 
 /// State shared by every handler.
@@ -31,6 +31,53 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Containers and sealed jobs (docs/runtime.md); `None`: the runtime routes answer 501.
     pub runtime: Option<crate::runtime::Runtime>,
+    /// The server's public base URL (`--public-url`): the OAuth issuer, the MCP resource's
+    /// base, and the base of links in e-mail. No trailing slash.
+    pub public_url: String,
+    /// Account e-mail (verification, password reset): SMTP or the log.
+    pub mailer: Arc<Mailer>,
+    /// Requests per client address to the OAuth token and registration endpoints.
+    pub oauth_limits: Arc<OAuthLimits>,
+    /// Hosts whose client ID metadata documents may be fetched from private addresses.
+    pub cimd_private_hosts: Vec<String>,
+    /// Passkeys for the public URL's host (`None` when it is an IP address, which WebAuthn
+    /// does not accept as a relying party id).
+    pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
+}
+
+/// Per-address request limits of the endpoints anyone can call: OAuth token and registration,
+/// and those that send e-mail (sign-up, password reset), so the server cannot be used to flood
+/// someone's mailbox.
+#[derive(Debug)]
+pub struct OAuthLimits {
+    pub token: FailedAuthLimiter,
+    pub register: FailedAuthLimiter,
+    pub mail: FailedAuthLimiter,
+}
+
+impl Default for OAuthLimits {
+    fn default() -> Self {
+        OAuthLimits {
+            token: FailedAuthLimiter::new(120, Duration::from_secs(60)),
+            register: FailedAuthLimiter::new(30, Duration::from_secs(60)),
+            mail: FailedAuthLimiter::new(10, Duration::from_secs(600)),
+        }
+    }
+}
+
+/// The WebAuthn relying party of a public URL: its host (a domain name, `localhost` included;
+/// never an IP address) and its origin.
+fn webauthn_for(public_url: &str) -> Option<webauthn_rs::Webauthn> {
+    let url = url::Url::parse(public_url).ok()?;
+    let host = match url.host()? {
+        url::Host::Domain(name) => name.to_string(),
+        _ => return None,
+    };
+    webauthn_rs::WebauthnBuilder::new(&host, &url)
+        .ok()?
+        .rp_name("Polydev")
+        .build()
+        .ok()
 }
 
 /// The default request timeout: longer than the longest `get_perspectives` deadline (600 s).
@@ -50,7 +97,50 @@ impl AppState {
             legacy_secret: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             runtime: None,
+            public_url: Self::new_default_public_url().into(),
+            mailer: Arc::new(Mailer::Log),
+            oauth_limits: Arc::new(OAuthLimits::default()),
+            cimd_private_hosts: Vec::new(),
+            webauthn: None,
         }
+    }
+
+    /// The public URL of a state nobody configured (`polydev serve` always sets one).
+    pub fn new_default_public_url() -> &'static str {
+        "http://127.0.0.1:8080"
+    }
+
+    pub fn with_public_url(mut self, url: &str) -> Self {
+        self.public_url = url.trim_end_matches('/').to_string();
+        self.webauthn = webauthn_for(&self.public_url).map(Arc::new);
+        self
+    }
+
+    pub fn with_mailer(mut self, mailer: Mailer) -> Self {
+        self.mailer = Arc::new(mailer);
+        self
+    }
+
+    pub fn with_oauth_limits(mut self, limits: OAuthLimits) -> Self {
+        self.oauth_limits = Arc::new(limits);
+        self
+    }
+
+    pub fn with_cimd_private_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.cimd_private_hosts = hosts;
+        self
+    }
+
+    /// The OAuth configuration (issuer and resource) of this server.
+    pub fn oauth(&self) -> crate::oauth::Config {
+        let mut config = crate::oauth::Config::new(&self.public_url);
+        config.cimd_private_hosts = self.cimd_private_hosts.clone();
+        config
+    }
+
+    /// True when cookies must be `Secure` (the public URL is https).
+    pub fn secure_cookies(&self) -> bool {
+        self.public_url.starts_with("https://")
     }
 
     pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Self {

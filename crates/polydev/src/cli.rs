@@ -62,15 +62,27 @@ pub struct DbArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply pending migrations, then serve HTTP until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending migrations (adopting an existing production database first).
     Migrate {
         /// Print what would run and change nothing.
         #[arg(long)]
         dry_run: bool,
     },
+    /// Sign in to a polydev server from this machine (OAuth device grant): shows a code and a
+    /// URL, waits for approval in the browser, and stores the token (mode 0600) for
+    /// `polydev mcp`.
+    Login {
+        /// The polydev server.
+        #[arg(
+            long,
+            env = "POLYDEV_SERVER_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server_url: String,
+    },
     /// MCP over stdio for IDEs: answers initialize and tools/list locally, forwards tool calls
-    /// to a polydev server with POLYDEV_USER_TOKEN.
+    /// to a polydev server with POLYDEV_USER_TOKEN (or the token `polydev login` stored).
     Mcp {
         /// The polydev server to forward tool calls to.
         #[arg(
@@ -156,6 +168,28 @@ pub struct ServeArgs {
     /// to a call that died, and is refunded [default: the longest deadline + 30 s].
     #[arg(long, env = "POLYDEV_RESERVATION_STALE_AFTER")]
     reservation_stale_after: Option<f64>,
+    /// The server's public URL as browsers and MCP clients reach it (`https://polydev.example.com`):
+    /// the OAuth issuer, the MCP resource (`<url>/mcp`) and the base of e-mailed links. Default:
+    /// `http://` and the listen address.
+    #[arg(long, env = "POLYDEV_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// SMTP server for account e-mail (`smtps://user:pass@mail.example.com`,
+    /// `smtp://mail.example.com?tls=required`, `smtp://127.0.0.1:2525` for a local relay).
+    /// Without it, e-mail (with its links) is written to the server log.
+    #[arg(long, env = "POLYDEV_SMTP_URL", hide_env_values = true)]
+    smtp_url: Option<String>,
+    /// Host names whose client ID metadata documents (an https URL as OAuth client_id) may be
+    /// fetched even though they resolve to private or loopback addresses (internal clients,
+    /// tests). Others must resolve to public addresses only.
+    #[arg(long, env = "POLYDEV_CIMD_PRIVATE_HOSTS", value_delimiter = ',')]
+    cimd_private_hosts: Vec<String>,
+    /// The sender of account e-mail.
+    #[arg(
+        long,
+        env = "POLYDEV_SMTP_FROM",
+        default_value = "Polydev <no-reply@polydev.local>"
+    )]
+    smtp_from: String,
     #[command(flatten)]
     runtime: Box<RuntimeArgs>,
 }
@@ -332,9 +366,24 @@ impl Cli {
         // The stdio bridge needs no database: it must answer the IDE at once.
         if let Command::Mcp { server_url, token } = self.command {
             crate::net::install_tls_provider();
-            return crate::mcp::bridge::Bridge::new(server_url, token.filter(|t| !t.is_empty()))
+            let token = match token.filter(|t| !t.is_empty()) {
+                Some(token) => Some(token),
+                None => crate::client::login::token_for(&server_url).await,
+            };
+            return crate::mcp::bridge::Bridge::new(server_url, token)
                 .run()
                 .await;
+        }
+        if let Command::Login { server_url } = self.command {
+            let mut stdout = std::io::stdout();
+            let login = crate::client::login::login(&server_url, &mut stdout).await?;
+            let path = crate::client::login::save(&login)?;
+            println!(
+                "Signed in. The token (scope `{}`) is stored in {}; `polydev mcp` uses it when POLYDEV_USER_TOKEN is unset.",
+                login.scope,
+                path.display()
+            );
+            return Ok(());
         }
         if let Command::Zk {
             server_url,
@@ -346,14 +395,16 @@ impl Cli {
         }
         let db = Database::open(&self.db.config()).await?;
         let result = match self.command {
-            Command::Serve(args) => serve(&db, args).await,
+            Command::Serve(args) => serve(&db, *args).await,
             Command::Migrate { dry_run: true } => db
                 .plan()
                 .await
                 .map(|plan| print!("{plan}"))
                 .map_err(Into::into),
             Command::Migrate { dry_run: false } => migrate(&db).await,
-            Command::Mcp { .. } | Command::Zk { .. } => unreachable!("handled above"),
+            Command::Mcp { .. } | Command::Zk { .. } | Command::Login { .. } => {
+                unreachable!("handled above")
+            }
             Command::User(command) => match ensure_schema(&db).await {
                 Ok(()) => user(&db, command).await,
                 Err(e) => Err(e),
@@ -430,14 +481,40 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving HTTP");
     println!("polydev listening on http://{addr}");
+    let sweeper = Sweeper::new(&args)?;
+    let public_url = match args.public_url.filter(|u| !u.trim().is_empty()) {
+        Some(url) => {
+            let parsed = url::Url::parse(url.trim())
+                .with_context(|| format!("--public-url `{url}` is not a URL"))?;
+            anyhow::ensure!(
+                matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(),
+                "--public-url must be an http(s) URL with a host"
+            );
+            url.trim().trim_end_matches('/').to_string()
+        }
+        None => format!("http://{addr}"),
+    };
+    let mailer = match args.smtp_url.filter(|u| !u.is_empty()) {
+        Some(url) => crate::accounts::Mailer::smtp(&url, &args.smtp_from)?,
+        None => crate::accounts::Mailer::Log,
+    };
+    tracing::info!(%public_url, "OAuth issuer and public URL");
     let mut gateway = Gateway::new(catalogue);
     if let Some(secret) = args.idempotency_secret.as_deref().filter(|s| !s.is_empty()) {
         gateway = gateway.with_idempotency_secret(secret.as_bytes());
     }
-    let sweeper = Sweeper::new(&args)?;
     let runtime = args.runtime.build(db.pool.clone(), addr)?;
     let state = AppState::new(db.pool.clone(), gateway)
         .with_runtime(runtime)
+        .with_public_url(&public_url)
+        .with_mailer(mailer)
+        .with_cimd_private_hosts(
+            args.cimd_private_hosts
+                .into_iter()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        )
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))

@@ -15,6 +15,12 @@ pub enum AuthFailure {
     AccountSuspended,
     /// The token is fine but its user's `users.status` is `deleted`.
     AccountDeleted,
+    /// The token was issued (OAuth, RFC 8707) for another resource than this server.
+    WrongAudience,
+    /// Sign-in: the e-mail address or the password is wrong (never says which).
+    BadCredentials,
+    /// A web session cookie that is unknown, expired or signed out.
+    SessionInvalid,
 }
 
 impl AuthFailure {
@@ -27,6 +33,9 @@ impl AuthFailure {
             AuthFailure::Expired => "token_expired",
             AuthFailure::AccountSuspended => "account_suspended",
             AuthFailure::AccountDeleted => "account_deleted",
+            AuthFailure::WrongAudience => "token_wrong_audience",
+            AuthFailure::BadCredentials => "credentials_invalid",
+            AuthFailure::SessionInvalid => "session_invalid",
         }
     }
 
@@ -41,13 +50,67 @@ impl AuthFailure {
             AuthFailure::Expired => "the API token has expired",
             AuthFailure::AccountSuspended => "the account of this API token is suspended",
             AuthFailure::AccountDeleted => "the account of this API token has been deleted",
+            AuthFailure::WrongAudience => {
+                "the token was issued for another resource (its audience is not this server)"
+            }
+            AuthFailure::BadCredentials => "the e-mail address or the password is wrong",
+            AuthFailure::SessionInvalid => "the session has ended: sign in again",
         }
     }
 
     /// A failure anyone can cause by guessing (a malformed or unknown token), as opposed to one
     /// that needs a real token. These are what the per-address limit counts.
     pub fn is_guess(self) -> bool {
-        matches!(self, AuthFailure::Malformed | AuthFailure::Unknown)
+        matches!(
+            self,
+            AuthFailure::Malformed
+                | AuthFailure::Unknown
+                | AuthFailure::BadCredentials
+                | AuthFailure::SessionInvalid
+        )
+    }
+}
+
+/// The error codes of OAuth 2.1 (RFC 6749 §4.1.2.1 and §5.2, RFC 7591 §3.2.2, RFC 8628 §3.5,
+/// RFC 8707 §2). `http::oauth` answers them as `{"error", "error_description"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    UnsupportedResponseType,
+    InvalidScope,
+    InvalidTarget,
+    AccessDenied,
+    InvalidRedirectUri,
+    InvalidClientMetadata,
+    InvalidToken,
+    AuthorizationPending,
+    SlowDown,
+    ExpiredToken,
+}
+
+impl OAuthCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OAuthCode::InvalidRequest => "invalid_request",
+            OAuthCode::InvalidClient => "invalid_client",
+            OAuthCode::InvalidGrant => "invalid_grant",
+            OAuthCode::UnauthorizedClient => "unauthorized_client",
+            OAuthCode::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthCode::UnsupportedResponseType => "unsupported_response_type",
+            OAuthCode::InvalidScope => "invalid_scope",
+            OAuthCode::InvalidTarget => "invalid_target",
+            OAuthCode::AccessDenied => "access_denied",
+            OAuthCode::InvalidRedirectUri => "invalid_redirect_uri",
+            OAuthCode::InvalidClientMetadata => "invalid_client_metadata",
+            OAuthCode::InvalidToken => "invalid_token",
+            OAuthCode::AuthorizationPending => "authorization_pending",
+            OAuthCode::SlowDown => "slow_down",
+            OAuthCode::ExpiredToken => "expired_token",
+        }
     }
 }
 
@@ -91,6 +154,12 @@ impl ProofFailure {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An OAuth request refused with one of the protocol's error codes.
+    #[error("{description}")]
+    OAuth {
+        code: OAuthCode,
+        description: String,
+    },
     /// The request is wrong; the message says how to fix it.
     #[error("{0}")]
     Invalid(String),
@@ -120,6 +189,10 @@ pub enum Error {
     /// A zero-knowledge change without (or with a wrong) proof of the owner's secret.
     #[error("{}", .0.message())]
     ZkProof(ProofFailure),
+    /// Refused whoever asks (403): a missing or wrong CSRF token (`csrf_failed`), an e-mail
+    /// address not yet verified (`email_unverified`).
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     #[error("rate limit exceeded: {limit} requests per minute; retry in {} s", retry_after.as_secs())]
     RateLimited {
         limit: i32,
@@ -154,6 +227,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Invalid(_) => "invalid_request",
+            Error::OAuth { code, .. } => code.as_str(),
             Error::TooLarge(_) => "too_large",
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
@@ -162,6 +236,7 @@ impl Error {
             Error::AuthRateLimited { .. } => "auth_rate_limited",
             Error::OriginNotAllowed(_) => "origin_not_allowed",
             Error::ZkProof(failure) => failure.code(),
+            Error::Forbidden { code, .. } => code,
             Error::RateLimited { .. } => "rate_limited",
             Error::QuotaExceeded(_) => "quota_exceeded",
             Error::InProgress { .. } => "in_progress",
@@ -202,6 +277,14 @@ impl Error {
     /// A server fault with its detail, for the log.
     pub fn internal(detail: impl std::fmt::Display) -> Error {
         Error::Internal(detail.to_string())
+    }
+
+    /// An OAuth protocol error.
+    pub fn oauth(code: OAuthCode, description: impl Into<String>) -> Error {
+        Error::OAuth {
+            code,
+            description: description.into(),
+        }
     }
 }
 

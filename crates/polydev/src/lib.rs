@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod mcp;
 pub mod net;
+pub mod oauth;
 pub mod perspectives;
 pub mod quota;
 pub mod retry;

@@ -52,6 +52,20 @@ pub struct Caller {
     /// The user's tier (`users.tier`): requests per minute of all their tokens together.
     pub user_tier: Option<String>,
     pub scope: Scope,
+    /// The resource an OAuth access token was issued for (RFC 8707); `None` for tokens made by
+    /// hand and for web sessions, which are valid for this server only.
+    pub audience: Option<String>,
+    /// What authenticated the request.
+    pub via: Via,
+}
+
+/// How a caller authenticated: a `pd_` bearer token, or a browser's session cookie (whose
+/// `token_id` is then the session's id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    Token,
+    WebSession,
 }
 
 /// Creates an `mcp` token for `user_id` (the narrow scope; see [`create_scoped_token`]).
@@ -186,7 +200,7 @@ pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller>
     // unknown; token_hash is the one the WHERE clause matched.
     let row = sqlx::query!(
         r#"SELECT t.id, t.user_id AS "user_id!", t.token_hash AS "token_hash!", t.active,
-                  t.expires_at, t.rate_limit_tier, t.scope AS "scope!: Scope",
+                  t.expires_at, t.rate_limit_tier, t.scope AS "scope!: Scope", t.audience,
                   u.status AS user_status, u.tier AS user_tier
              FROM mcp_user_tokens t JOIN users u ON u.user_id = t.user_id
             WHERE t.token_hash = $1
@@ -215,13 +229,15 @@ pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller>
         rate_limit_tier: row.rate_limit_tier,
         user_tier: row.user_tier,
         scope: row.scope,
+        audience: row.audience,
+        via: Via::Token,
     })
 }
 
 /// `users.status`: `active` passes; so does no status at all (legacy rows that predate the
 /// column's use; polydev always writes `active`). `deleted` is told apart; any other value
 /// (`suspended`, `banned`, ...) is a suspension.
-fn account_status(status: Option<&str>) -> Result<()> {
+pub(super) fn account_status(status: Option<&str>) -> Result<()> {
     match status.map(str::trim) {
         None => Ok(()),
         Some(s) if s.eq_ignore_ascii_case("active") => Ok(()),
@@ -249,18 +265,18 @@ fn parse_bearer(header: Option<&str>) -> Result<&str> {
     }
 }
 
-fn generate() -> String {
+pub(super) fn generate() -> String {
     let mut secret = [0u8; SECRET_BYTES];
     getrandom::fill(&mut secret).expect("the operating system's random source failed");
     format!("{PREFIX}{}", hex::encode(secret))
 }
 
-fn hash(token: &str) -> String {
+pub(super) fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// Keeps the legacy `profiles.api_keys_count` equal to the user's active tokens.
-async fn refresh_key_count(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<()> {
+pub(super) async fn refresh_key_count(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<()> {
     sqlx::query!(
         "UPDATE profiles SET api_keys_count =
             (SELECT count(*) FROM mcp_user_tokens WHERE user_id = $1 AND active), updated_at = now()

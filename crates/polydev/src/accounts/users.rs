@@ -139,7 +139,7 @@ pub async fn find_user(pool: &PgPool, user_id: Uuid) -> Result<User> {
 }
 
 /// Trimmed and lower-cased; a plausible address of at most 254 characters.
-fn normalize_email(email: &str) -> Result<String> {
+pub(super) fn normalize_email(email: &str) -> Result<String> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= MAX_EMAIL_LEN
         && !email.chars().any(char::is_whitespace)

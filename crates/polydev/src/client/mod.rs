@@ -2,6 +2,7 @@
 //! typed requests and responses ([`crate::api`]) over HTTP with the user's `pd_` token. The
 //! server's own modules never import this one.
 
+pub mod login;
 pub mod zk;
 
 use std::time::Duration;

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, Method, header};
 
 use super::{ApiError, AppState};
 use crate::accounts::{self, Caller, Scope};
-use crate::error::Error;
+use crate::error::{AuthFailure, Error};
 
 /// The routes (method, path as routed) that an `mcp` token may call. `/mcp` itself is
 /// checked by its middleware with [`Scope::Mcp`]; `GET /v1/models` and the health routes need
@@ -58,14 +58,89 @@ pub struct Authenticated(pub Caller);
 impl FromRequestParts<AppState> for Authenticated {
     type Rejection = ApiError;
 
+    /// A bearer token, or (on these REST routes, never on `/mcp`) the browser's session
+    /// cookie, which acts with the `account` scope and needs the CSRF token on every request
+    /// that may change something.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let route = parts
             .extensions
             .get::<MatchedPath>()
             .map(MatchedPath::as_str);
         let needed = required_scope(&parts.method, route);
+        let session = cookie(&parts.headers, accounts::SESSION_COOKIE);
+        if let (None, Some(session)) = (parts.headers.get(AUTHORIZATION), session) {
+            return Ok(Authenticated(
+                authenticate_session(parts, state, needed, &session).await?,
+            ));
+        }
         Ok(Authenticated(authenticate(parts, state, needed).await?))
     }
+}
+
+/// The value of cookie `name`, if the request has it.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// True for methods that change nothing (no CSRF token needed).
+pub fn is_safe_method(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// The session-cookie path of [`Authenticated`]: the same address limit, rate limits and scope
+/// check as a token; plus the CSRF token (header `X-CSRF-Token`) on unsafe methods.
+async fn authenticate_session(
+    parts: &Parts,
+    state: &AppState,
+    needed: Scope,
+    session: &str,
+) -> Result<Caller, ApiError> {
+    let address = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(address) = address {
+        state
+            .auth_failures
+            .check(address, Instant::now())
+            .map_err(|retry_after| Error::AuthRateLimited { retry_after })?;
+    }
+    let caller = match accounts::session_caller(&state.pool, session).await {
+        Ok(caller) => caller,
+        Err(Error::Unauthorized(failure)) => {
+            if let Some(address) = address
+                && failure.is_guess()
+            {
+                state.auth_failures.record(address, Instant::now());
+            }
+            return Err(Error::Unauthorized(failure).into());
+        }
+        Err(other) => return Err(other.into()),
+    };
+    if !is_safe_method(&parts.method) {
+        let presented = parts
+            .headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok());
+        accounts::check_csrf(Some(&accounts::csrf_token(session)), presented)?;
+    }
+    tracing::Span::current().record("user", tracing::field::display(caller.user_id));
+    accounts::check_rate_limit(&state.relaxed_pool, &caller).await?;
+    if !caller.scope.includes(needed) {
+        return Err(Error::InsufficientScope {
+            required: needed.as_str(),
+            held: caller.scope.as_str(),
+        }
+        .into());
+    }
+    Ok(caller)
 }
 
 /// Authenticates a request and checks that its token's scope includes `needed`:
@@ -106,6 +181,12 @@ pub async fn authenticate(
         }
         Err(other) => return Err(other.into()),
     };
+    // An OAuth access token is good only for the resource it was issued for (RFC 8707).
+    if let Some(audience) = &caller.audience
+        && !state.oauth().is_own_resource(audience)
+    {
+        return Err(Error::Unauthorized(AuthFailure::WrongAudience).into());
+    }
     tracing::Span::current().record("user", tracing::field::display(caller.user_id));
     accounts::check_rate_limit(&state.relaxed_pool, &caller).await?;
     if !caller.scope.includes(needed) {

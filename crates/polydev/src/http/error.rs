@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::api::ErrorResponse;
-use crate::error::{AuthFailure, Error};
+use crate::error::{AuthFailure, Error, OAuthCode};
 
 #[derive(Debug)]
 pub struct ApiError(pub Error);
@@ -27,11 +27,17 @@ impl From<sqlx::Error> for ApiError {
 pub fn status(error: &Error) -> StatusCode {
     match error {
         Error::Invalid(_) => StatusCode::BAD_REQUEST,
+        Error::OAuth { code, .. } => match code {
+            OAuthCode::InvalidClient | OAuthCode::InvalidToken => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::BAD_REQUEST,
+        },
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::Conflict(_) => StatusCode::CONFLICT,
         Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-        Error::InsufficientScope { .. } | Error::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+        Error::InsufficientScope { .. } | Error::OriginNotAllowed(_) | Error::Forbidden { .. } => {
+            StatusCode::FORBIDDEN
+        }
         Error::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::ZkProof(_) => StatusCode::FORBIDDEN,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -58,6 +64,8 @@ impl IntoResponse for ApiError {
                     HeaderValue::from(retry_after.as_secs()),
                 );
             }
+            // Sign-in and web-session failures are not bearer-token challenges.
+            Error::Unauthorized(AuthFailure::BadCredentials | AuthFailure::SessionInvalid) => {}
             Error::Unauthorized(failure) => {
                 // RFC 6750 §3: no error attribute when the request carried no credentials.
                 let challenge = match failure {

@@ -72,6 +72,63 @@ fn has_nul_escape(json: &[u8]) -> bool {
     false
 }
 
+/// An `application/x-www-form-urlencoded` body (HTML forms, the OAuth token endpoint).
+/// Refuses a NUL character (`%00`) anywhere in it.
+pub struct ApiForm<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiForm<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let is_form = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| {
+                m.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            });
+        if !is_form {
+            return Err(ApiError(Error::Invalid(
+                "expected a form body with `Content-Type: application/x-www-form-urlencoded`"
+                    .into(),
+            )));
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
+            ApiError(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::TooLarge(e.body_text())
+            } else {
+                Error::Invalid(e.body_text())
+            })
+        })?;
+        if bytes.windows(3).any(|w| w == b"%00") || bytes.contains(&0) {
+            return Err(ApiError(Error::Invalid(
+                "the form contains a NUL character (%00), which cannot be stored".into(),
+            )));
+        }
+        let value = serde_urlencoded::from_bytes(&bytes)
+            .map_err(|e| ApiError(Error::Invalid(format!("the form is not valid: {e}"))))?;
+        Ok(ApiForm(value))
+    }
+}
+
+/// The client's address (the TCP peer), when the server knows it.
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip()),
+        ))
+    }
+}
+
 /// A query string.
 pub struct ApiQuery<T>(pub T);
 

@@ -72,7 +72,11 @@ async fn mcp_guard(
     let (mut parts, body) = request.into_parts();
     let state = &guard.state;
     auth::check_origin(&parts.headers, &state.allowed_hosts, &state.allowed_origins)?;
-    let caller = auth::authenticate(&parts, state, Scope::Mcp).await?;
+    let caller = match auth::authenticate(&parts, state, Scope::Mcp).await {
+        Ok(caller) => caller,
+        // The challenge points MCP clients at the authorization server (RFC 9728).
+        Err(error) => return Ok(super::oauth::with_resource_metadata(error, state)),
+    };
     let session = match parts.headers.get(SESSION_HEADER) {
         None => None,
         Some(value) => {

@@ -1,6 +1,7 @@
 //! The HTTP surface: router, shared state, middleware and graceful shutdown. Handlers are thin:
 //! they extract, call a domain module and map its result.
 
+mod account_web;
 mod auth;
 mod chat;
 mod credentials;
@@ -9,9 +10,13 @@ mod extract;
 mod health;
 mod mcp;
 mod me;
+mod oauth;
+mod pages;
+mod passkeys;
 mod perspectives;
 mod runtime;
 mod tokens;
+mod usage_daily;
 mod web;
 mod zk;
 
@@ -33,7 +38,7 @@ use tower_http::trace::TraceLayer;
 use crate::app::AppState;
 pub use auth::{Authenticated, MCP_ROUTES, required_scope};
 pub use error::{ApiError, status};
-pub use extract::{ApiJson, ApiPath, ApiQuery};
+pub use extract::{ApiForm, ApiJson, ApiPath, ApiQuery};
 pub use mcp::MAX_MCP_BODY;
 
 /// Largest request body accepted on any route.
@@ -77,6 +82,10 @@ pub fn router(state: AppState) -> Router {
         .merge(credentials::routes())
         .merge(runtime::routes())
         .merge(web::routes())
+        .merge(account_web::routes())
+        .merge(oauth::routes())
+        .merge(passkeys::routes())
+        .merge(usage_daily::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)

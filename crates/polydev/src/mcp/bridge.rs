@@ -109,8 +109,9 @@ impl Bridge {
     pub async fn run(self) -> anyhow::Result<()> {
         if self.token.is_none() {
             eprintln!(
-                "polydev mcp: POLYDEV_USER_TOKEN is not set. Create a token with `polydev token create` \
-                 (or in your account) and set it in your IDE's MCP server configuration. \
+                "polydev mcp: POLYDEV_USER_TOKEN is not set and `polydev login` stored no token for this server. \
+                 Run `polydev login`, or create a token with `polydev token create` (or in your account) \
+                 and set it in your IDE's MCP server configuration. \
                  Tools will answer with an error until then."
             );
         }

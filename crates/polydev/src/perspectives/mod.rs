@@ -9,6 +9,7 @@ mod request;
 mod result;
 mod settings;
 mod usage;
+mod usage_daily;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use result::{
 };
 pub use settings::{PerspectiveSettings, get_settings, put_settings};
 pub use usage::{MonthUsage, UsageReport, month_usage, usage_report};
+pub use usage_daily::{DailyModelUsage, daily_usage};
 
 use crate::error;
 use provider::{HttpProvider, Provider};

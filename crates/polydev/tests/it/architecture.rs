@@ -11,6 +11,7 @@ const SURFACES: &[&str] = &["cli", "http", "mcp"];
 const DOMAINS: &[&str] = &[
     "accounts",
     "chat",
+    "oauth",
     "perspectives",
     "quota",
     "runtime",

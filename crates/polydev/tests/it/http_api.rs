@@ -29,6 +29,29 @@ impl TestServer {
     pub async fn start_state(state: AppState) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        // The issuer and e-mail links point at this server unless the test chose a URL.
+        let state = if state.public_url == AppState::new_default_public_url() {
+            state.with_public_url(&base)
+        } else {
+            state
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(http::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            base,
+            client: polydev::net::http_client(),
+            _stop: stop,
+        }
+    }
+
+    /// A server whose public URL (and base) is `http://localhost:<port>`: WebAuthn accepts a
+    /// host name as relying party, never an IP address.
+    pub async fn start_localhost(state: AppState) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://localhost:{}", listener.local_addr().unwrap().port());
+        let state = state.with_public_url(&base);
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(http::serve(listener, state, async {
             let _ = stopped.await;

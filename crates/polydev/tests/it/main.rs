@@ -1,6 +1,8 @@
 //! Integration tests against real PostgreSQL (one binary, so the suite links once).
 
 mod accounts;
+pub mod accounts_web;
+mod accounts_web_browser;
 mod architecture;
 mod billing;
 mod common;
@@ -9,6 +11,8 @@ pub mod http_api;
 mod lying_proxy;
 mod mcp;
 mod migrations;
+pub mod oauth;
+mod oauth_device;
 pub mod perspectives;
 mod providers;
 pub mod runtime_jobs;

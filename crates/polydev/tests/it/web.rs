@@ -1,8 +1,8 @@
 //! The zero-knowledge web page in a real browser (Debian's Chromium driven by playwright-core):
-//! plaintext history → master password → migration → reload → unlock → the history reads
-//! correctly, and the database holds no plaintext for the user; then the page against a server
-//! that lies (`LyingProxy`): pins, quarantine, bound records, unreadable envelopes, credentials,
-//! a stuck migration, lock and idle lock, rotation.
+//! sign in (e-mail and password) → plaintext history → master password → migration → reload →
+//! unlock → the history reads correctly, and the database holds no plaintext for the user; then
+//! the page against a server that lies (`LyingProxy`): pins, quarantine, bound records,
+//! unreadable envelopes, credentials, a stuck migration, lock and idle lock, rotation.
 
 use std::path::PathBuf;
 
@@ -30,7 +30,10 @@ fn web_tests() -> PathBuf {
 #[tokio::test]
 async fn the_page_sets_a_password_migrates_and_reads_history_in_the_browser() {
     let db = TestDb::migrated().await;
-    let (user_id, token) = user_with_token(&db, "browser@example.com", Plan::Pro).await;
+    // The page signs in with e-mail and password (a session cookie), not a pasted token.
+    let account = ("browser@example.com", "the account password 1");
+    let user_id = crate::accounts_web::verified_user(&db, account.0, account.1).await;
+    let token = format!("{}:{}", account.0, account.1);
     seed_history(&db, user_id, 12).await;
     let expected: Vec<String> = sqlx::query_scalar(
         "SELECT m.content FROM chat_messages m JOIN chat_sessions s ON s.id = m.session_id WHERE s.user_id = $1
