@@ -176,6 +176,9 @@ struct Polydev {
     /// One user per concurrent client, as real IDEs are: same-row quota contention is measured
     /// on its own (section 3).
     tokens: Vec<String>,
+    /// An `account` token of the last user, for the zero-knowledge migration (its key
+    /// material, clear and hand-over routes need that scope).
+    account_token: String,
     pool: PgPool,
 }
 
@@ -256,6 +259,7 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         .to_string();
 
     let mut tokens = Vec::new();
+    let mut last_user = None;
     for i in 0..32 {
         let email = format!("bench{i}@example.com");
         let user = accounts::create_user(&pool, &email, Plan::Enterprise).await?;
@@ -264,7 +268,17 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
                 .await?
                 .token,
         );
+        last_user = Some(user.user_id);
     }
+    let account_token = accounts::create_scoped_token(
+        &pool,
+        last_user.context("no bench user")?,
+        "bench-zk",
+        None,
+        accounts::Scope::Account,
+    )
+    .await?
+    .token;
     // Measure the gateway, not the product limits: no rate limit or quota stops the run.
     pool.execute("UPDATE rate_limit_tiers SET requests_per_minute = 100000000")
         .await?;
@@ -276,6 +290,7 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         _child: child,
         url,
         tokens,
+        account_token,
         pool,
     })
 }
@@ -624,7 +639,7 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
 
     // (c) Migration of plaintext history through the real server.
     let messages: i32 = if quick { 10_000 } else { 100_000 };
-    let token = &polydev.tokens[31];
+    let token = &polydev.account_token;
     // Pins go to a scratch directory, not the user's config.
     let pins = std::env::temp_dir().join(format!("polydev-bench-pins-{}", std::process::id()));
     let client = polydev::client::zk::ZkClient::new(&polydev.url, token).with_config_dir(&pins);
