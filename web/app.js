@@ -27,9 +27,7 @@ const ROTATION_KINDS = [
   ["provider_credential", "credential.provider"], ["cli_credential", "credential.cli"],
 ];
 const CREDENTIAL_NAMESPACE = { provider_credentials: "credential.provider", cli_credentials: "credential.cli" };
-let token = sessionStorage.getItem("polydev-token");
-// The browser session (an HttpOnly cookie) authenticates, its writes carrying the CSRF token;
-// a pasted API token (with the `account` scope) still works for scripts and old bookmarks.
+// The browser session (an HttpOnly cookie) authenticates; writes carry its CSRF token.
 let csrf = null;
 let me = null;
 // The proofs of the worker's keyrings, by name: {proof, proofKind}. Empty when locked.
@@ -102,7 +100,6 @@ async function api(method, path, body, extraHeaders = {}) {
   const response = await fetch(path, {
     method,
     headers: {
-      ...(token ? { authorization: `Bearer ${token}` } : {}),
       "x-csrf-token": csrf ?? "",
       ...(body ? { "content-type": "application/json" } : {}),
       ...extraHeaders,
@@ -771,10 +768,9 @@ function on(id, handler) {
 }
 
 // Enter in a password field presses its button.
-for (const [field, button] of [["password", "unlock-button"], ["rotate-password", "rotate-button"], ["token", "token-signin-button"], ["account-password", "signin-button"]])
+for (const [field, button] of [["password", "unlock-button"], ["rotate-password", "rotate-button"], ["account-password", "signin-button"]])
   $(field).addEventListener("keydown", (e) => { if (e.key === "Enter") $(button).click(); });
 
-on("token-signin-button", async () => { token = $("token").value.trim(); sessionStorage.setItem("polydev-token", token); await signIn(); });
 on("signin-button", async () => {
   csrf = (await api("GET", "/v1/account/session")).csrf_token;
   csrf = (await api("POST", "/v1/account/signin", { email: $("email").value.trim(), password: $("account-password").value })).csrf_token;
@@ -797,6 +793,6 @@ on("forget-pin", async () => {
 $("new-password").addEventListener("input", (e) => { $("strength").textContent = `Strength: ${strength(e.target.value)}`; });
 api("GET", "/v1/account/session").then((session) => {
   csrf = session.csrf_token;
-  if (session.signed_in || token) return signIn();
+  if (session.signed_in) return signIn();
   show("signin");
-}).catch((e) => { sessionStorage.removeItem("polydev-token"); token = null; show("signin"); fail(e); });
+}).catch((e) => { show("signin"); fail(e); });

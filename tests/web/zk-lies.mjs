@@ -2,12 +2,12 @@
 // test puts `LyingProxy` in front of the real server and changes its lies between steps). One
 // step per run; the browser profile (its localStorage: the page's pins) lives in <profile> and
 // persists from one step to the next. Prints a JSON summary of what the page showed.
-//   node zk-lies.mjs <base-url> <token> <password> <profile-dir> <step>
+//   node zk-lies.mjs <base-url> <email:account-password> <master-password> <profile-dir> <step>
 // Steps: enable, unlock, migrate, credentials, rotate, lock, idle-lock. Every wait is bounded
 // (a hang guard, never a speed check).
 import { chromium } from "playwright-core";
 
-const [base, token, password, profile, step] = process.argv.slice(2);
+const [base, account, password, profile, step] = process.argv.slice(2);
 const shots = process.env.SCREENSHOT_DIR ?? "/tmp";
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
@@ -47,9 +47,16 @@ const workers = (page) => page.workers().map((w) => new URL(w.url()).pathname);
 
 async function signIn(page) {
   await page.goto(base);
-  await page.click("#signin summary");
-  await page.fill("#token", token);
-  await page.click("#token-signin-button");
+  // `email:password` of the account: the page signs in with a session, never a token.
+  const at = account.indexOf(":");
+  const decided = "#unlock:not([hidden]), #setup:not([hidden]), #keys-changed:not([hidden])";
+  // A session from an earlier step of this profile signs in by itself.
+  await page.waitForSelector(`#signin:not([hidden]), ${decided}`, LONG);
+  if (await page.isVisible("#signin")) {
+    await page.fill("#email", account.slice(0, at));
+    await page.fill("#account-password", account.slice(at + 1));
+    await page.click("#signin-button");
+  }
   await page.waitForSelector("#unlock:not([hidden]), #setup:not([hidden]), #keys-changed:not([hidden])", LONG);
 }
 

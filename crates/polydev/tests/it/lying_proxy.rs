@@ -110,7 +110,8 @@ async fn forward(
     }
     let answer = request.body(body).send().await.unwrap();
     let status = answer.status();
-    let content_type = answer.headers().get("content-type").cloned();
+    let headers = answer.headers().clone();
+    let content_type = headers.get("content-type").cloned();
     let bytes = answer.bytes().await.unwrap();
     let is_json = content_type
         .as_ref()
@@ -124,9 +125,16 @@ async fn forward(
         }
         _ => bytes,
     };
+    // The server's headers pass on (session cookies, CSP, ...), but not those of the body it
+    // may have rewritten.
     let mut response = Response::builder().status(status.as_u16());
-    if let Some(content_type) = content_type {
-        response = response.header("content-type", content_type);
+    for (name, value) in &headers {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            response = response.header(name, value);
+        }
     }
     response.body(Body::from(bytes)).unwrap()
 }

@@ -137,10 +137,16 @@ async fn the_page_sets_a_password_migrates_and_reads_history_in_the_browser() {
 // test's own, so what the page pinned in localStorage carries over from one step to the next;
 // between steps the test changes what `LyingProxy` (in front of the real server) lies about.
 
+/// The account password of the Browser tests' users (the page signs in with a session).
+const ACCOUNT_PASSWORD: &str = "the account password 2";
+
 struct Browser {
     db: TestDb,
     user_id: Uuid,
+    /// An `account` API token of the user, for the test's own API calls.
     token: String,
+    /// `email:password`, for the page's sign-in.
+    account: String,
     server: TestServer,
     proxy: LyingProxy,
     profile: PathBuf,
@@ -166,6 +172,17 @@ impl Browser {
         token: String,
         server: TestServer,
     ) -> Browser {
+        let hash = polydev::accounts::hash_password(ACCOUNT_PASSWORD)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO account_passwords (user_id, password_hash, email_verified_at) VALUES ($1, $2, now())",
+        )
+        .bind(user_id)
+        .bind(hash)
+        .execute(&db.pool)
+        .await
+        .unwrap();
         let proxy = LyingProxy::start(&server.base).await;
         let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join("web-screenshots")
@@ -175,6 +192,7 @@ impl Browser {
             db,
             user_id,
             token,
+            account: format!("{email}:{ACCOUNT_PASSWORD}"),
             server,
             proxy,
             profile: pin_dir(),
@@ -186,7 +204,7 @@ impl Browser {
     async fn step(&self, step: &str, password: &str) -> Value {
         let out = Command::new("node")
             .arg("zk-lies.mjs")
-            .args([&self.proxy.base, &self.token, password])
+            .args([&self.proxy.base, &self.account, password])
             .arg(&self.profile)
             .arg(step)
             .env("SCREENSHOT_DIR", &self.shots)
