@@ -3,6 +3,7 @@
 //! the same typed shapes. Domain types that travel as they are (a chat message, a token) stay in
 //! their domain; this module holds the wrappers around them.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -12,12 +13,12 @@ use crate::quota::QuotaState;
 
 /// Every error body: `{"error": {"code", "message"}}`. Also the `error` SSE event's data and
 /// the structured content of an MCP tool error.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 pub struct ErrorResponse {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
@@ -54,14 +55,14 @@ pub struct TokenInUse {
 }
 
 /// `GET /healthz`, `GET /readyz`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, JsonSchema)]
 pub struct Health {
     /// ok, ready, migrations_pending, database_unreachable
     pub status: String,
 }
 
 /// `POST /v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     pub name: String,
@@ -142,7 +143,7 @@ pub struct Written {
 }
 
 /// `POST /v1/zk/migration/clear`, `POST /v1/zk/credentials/clear`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Cleared {
     pub cleared: u64,
 }
@@ -154,7 +155,7 @@ pub struct Reset {
 }
 
 /// `POST /v1/zk/credentials/encrypted`: the credentials stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Stored {
     pub stored: Vec<Uuid>,
 }

@@ -43,6 +43,8 @@ pub struct AppState {
     /// Passkeys for the public URL's host (`None` when it is an IP address, which WebAuthn
     /// does not accept as a relying party id).
     pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
+    /// The bearer token `/metrics` requires (`serve --metrics-token`); `None`: open.
+    pub metrics_token: Option<Arc<str>>,
 }
 
 /// Per-address request limits of the endpoints anyone can call: OAuth token and registration,
@@ -85,6 +87,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(660);
 
 impl AppState {
     pub fn new(pool: PgPool, gateway: Gateway) -> Self {
+        // The process's metrics recorder, before anything is recorded.
+        crate::telemetry::handle();
         AppState {
             relaxed_pool: pool.clone(),
             pool,
@@ -102,6 +106,7 @@ impl AppState {
             oauth_limits: Arc::new(OAuthLimits::default()),
             cimd_private_hosts: Vec::new(),
             webauthn: None,
+            metrics_token: None,
         }
     }
 
@@ -141,6 +146,11 @@ impl AppState {
     /// True when cookies must be `Secure` (the public URL is https).
     pub fn secure_cookies(&self) -> bool {
         self.public_url.starts_with("https://")
+    }
+
+    pub fn with_metrics_token(mut self, token: Option<String>) -> Self {
+        self.metrics_token = token.map(Into::into);
+        self
     }
 
     pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Self {

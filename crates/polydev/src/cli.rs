@@ -124,6 +124,9 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print the OpenAPI 3.1 description of the HTTP API (what `GET /openapi.json` serves;
+    /// committed as docs/openapi.json).
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +193,10 @@ pub struct ServeArgs {
         default_value = "Polydev <no-reply@polydev.local>"
     )]
     smtp_from: String,
+    /// A bearer token `GET /metrics` requires (`Authorization: Bearer <token>`), compared in
+    /// constant time. Without it the metrics page is open: keep it off the public network.
+    #[arg(long, env = "POLYDEV_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     #[command(flatten)]
     runtime: Box<RuntimeArgs>,
 }
@@ -385,6 +392,10 @@ impl Cli {
             );
             return Ok(());
         }
+        if let Command::Openapi = self.command {
+            print!("{}", crate::http::openapi_json());
+            return Ok(());
+        }
         if let Command::Zk {
             server_url,
             token,
@@ -402,7 +413,7 @@ impl Cli {
                 .map(|plan| print!("{plan}"))
                 .map_err(Into::into),
             Command::Migrate { dry_run: false } => migrate(&db).await,
-            Command::Mcp { .. } | Command::Zk { .. } | Command::Login { .. } => {
+            Command::Mcp { .. } | Command::Zk { .. } | Command::Login { .. } | Command::Openapi => {
                 unreachable!("handled above")
             }
             Command::User(command) => match ensure_schema(&db).await {
@@ -529,7 +540,9 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
             args.legacy_credential_secret
                 .filter(|s| !s.is_empty())
                 .map(|s| crate::vault::LegacySecret::new(s.as_bytes())),
-        );
+        )
+        .with_metrics_token(args.metrics_token.filter(|t| !t.is_empty()));
+    crate::telemetry::spawn_upkeep(state.shutdown.clone());
     if let Some(runtime) = &state.runtime {
         runtime.spawn_background(state.shutdown.clone());
     }

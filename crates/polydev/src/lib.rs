@@ -19,5 +19,6 @@ pub mod perspectives;
 pub mod quota;
 pub mod retry;
 pub mod runtime;
+pub mod telemetry;
 pub mod vault;
 pub mod zk;

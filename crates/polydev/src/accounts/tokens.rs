@@ -21,7 +21,7 @@ const MAX_EXPIRY_DAYS: u32 = 3650;
 pub const MAX_LIVE_TOKENS_PER_USER: i64 = 50;
 
 /// A token as listed: never the secret, only its last 4 characters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ApiToken {
     pub id: Uuid,
     pub token_name: Option<String>,
@@ -35,7 +35,7 @@ pub struct ApiToken {
 }
 
 /// A newly created token: the only time the secret exists outside the caller's hands.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CreatedToken {
     pub token: String,
     #[serde(flatten)]

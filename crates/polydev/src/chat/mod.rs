@@ -18,7 +18,7 @@ use crate::zk;
 pub const MAX_CONTENT_CHARS: usize = 100_000;
 
 /// Which legacy system a session lives in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum System {
     /// `chat_sessions` / `chat_messages`
@@ -43,7 +43,7 @@ impl System {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct ChatSession {
     pub id: Uuid,
     #[sqlx(try_from = "String")]
@@ -62,7 +62,7 @@ pub struct ChatSession {
 }
 
 /// `System` as read from SQL text.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct SystemName(pub System);
 
@@ -97,7 +97,7 @@ impl<'r> sqlx::Decode<'r, sqlx::Postgres> for SystemName {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct ChatMessage {
     pub id: Uuid,
     pub role: Option<String>,
@@ -108,7 +108,7 @@ pub struct ChatMessage {
     pub created_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMessage {
     /// Required with `encrypted_content`: the envelope is bound to this id.
@@ -122,7 +122,7 @@ pub struct NewMessage {
 }
 
 /// `POST /v1/chat/sessions`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSession {
     /// The session's id, chosen by the client (required with `encrypted_meta`, which is bound

@@ -10,7 +10,9 @@ mod extract;
 mod health;
 mod mcp;
 mod me;
+mod metrics;
 mod oauth;
+mod openapi;
 mod pages;
 mod passkeys;
 mod perspectives;
@@ -40,6 +42,7 @@ pub use auth::{Authenticated, MCP_ROUTES, required_scope};
 pub use error::{ApiError, status};
 pub use extract::{ApiForm, ApiJson, ApiPath, ApiQuery};
 pub use mcp::MAX_MCP_BODY;
+pub use openapi::{document as openapi_document, text as openapi_json};
 
 /// Largest request body accepted on any route.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -86,6 +89,8 @@ pub fn router(state: AppState) -> Router {
         .merge(oauth::routes())
         .merge(passkeys::routes())
         .merge(usage_daily::routes())
+        .merge(metrics::routes())
+        .merge(openapi::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)
@@ -97,6 +102,8 @@ pub fn router(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // Outside the timeout, so a 408 is counted under its route too.
+        .layer(middleware::from_fn(measure))
         // Outermost first: assign an id, log with it, return it to the client.
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(trace)
@@ -104,12 +111,38 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Puts the matched route (`/v1/chat/sessions/{id}/messages`, not the path) on the request's
-/// span, for logs and metrics with few distinct values.
+/// span, and in the slot [`measure`] reads, for logs and metrics with few distinct values.
 async fn record_route(request: Request<Body>, next: Next) -> Response {
     if let Some(route) = request.extensions().get::<MatchedPath>() {
         tracing::Span::current().record("route", route.as_str());
+        if let Some(slot) = request.extensions().get::<RouteSlot>() {
+            let _ = slot.0.set(route.clone());
+        }
     }
     next.run(request).await
+}
+
+/// Where the routed request leaves its matched route for [`measure`], which runs outside the
+/// router (and the timeout) and so cannot see the request's extensions after routing.
+#[derive(Clone, Default)]
+struct RouteSlot(std::sync::Arc<std::sync::OnceLock<MatchedPath>>);
+
+/// Records each request's latency (to its response head) by route template, method and status;
+/// requests no route matched count under `unmatched`.
+async fn measure(mut request: Request<Body>, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let slot = RouteSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let response = next.run(request).await;
+    let route = slot.0.get().map_or("unmatched", MatchedPath::as_str);
+    crate::telemetry::http_request(
+        route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.

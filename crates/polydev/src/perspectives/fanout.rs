@@ -310,6 +310,11 @@ async fn fan_out(
             next = pending.next() => match next {
                 Some((index, result)) => {
                     call.progress.finished(&result);
+                    crate::telemetry::provider_call(
+                        &result.model,
+                        result.error.as_ref().map(|e| e.class.as_str()),
+                        Duration::from_millis(result.latency_ms),
+                    );
                     results[index] = Some(result);
                 }
                 None => break,

@@ -107,6 +107,9 @@ pub async fn claim(
 ) -> Result<Claim> {
     let started = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(25);
+    // Recorded only for calls that waited for another (the metrics page's idempotency waits).
+    let mut waiting = false;
+    let waited = |outcome| crate::telemetry::idempotency_wait(outcome, started.elapsed());
     loop {
         let token = Uuid::new_v4();
         let claimed = sqlx::query!(
@@ -148,6 +151,9 @@ pub async fn claim(
                 })?,
                 None => Vec::new(),
             };
+            if waiting {
+                waited("claimed");
+            }
             return Ok(Claim::Owner(ClaimGuard {
                 pool: pool.clone(),
                 user_id,
@@ -179,19 +185,24 @@ pub async fn claim(
                         Error::internal(format_args!("stored idempotent result unreadable: {e}"))
                     })?;
                 result.replayed = true;
+                if waiting {
+                    waited("replayed");
+                }
                 return Ok(Claim::Replay(Box::new(result)));
             }
             // Still running (or it just went away: claim again at once).
             Some(_) => {}
             None => continue,
         }
-        let waited = started.elapsed();
-        if waited >= wait {
+        let elapsed = started.elapsed();
+        if elapsed >= wait {
+            waited("in_progress");
             return Err(Error::InProgress {
                 retry_after: Duration::from_secs(1),
             });
         }
-        tokio::time::sleep(backoff.min(wait - waited)).await;
+        waiting = true;
+        tokio::time::sleep(backoff.min(wait - elapsed)).await;
         backoff = (backoff * 2).min(Duration::from_millis(500));
     }
 }

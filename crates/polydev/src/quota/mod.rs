@@ -333,6 +333,9 @@ pub async fn reserve_all(
             .into_iter()
             .next();
         if let Some((quota_id, month)) = reserved {
+            for tier in ALL_COUNTERS.iter().filter(|c| count(**c) > 0) {
+                crate::telemetry::quota_reserved(tier.as_str(), count(*tier) as u64);
+            }
             let reservations = wants
                 .iter()
                 .zip(&ids)
@@ -373,6 +376,7 @@ pub async fn reserve(
         Counter::Normal => quota.normal_perspectives_limit,
         Counter::Eco => quota.eco_perspectives_limit,
     };
+    crate::telemetry::quota_refused(counter.as_str());
     Ok(Err(Exhausted {
         counter,
         limit: limit.unwrap_or(0),
@@ -384,7 +388,7 @@ pub async fn reserve(
 /// back at most once (a second refund, or one racing the sweeper, finds no row). A reservation
 /// from a month that has since rolled over has nothing to give back.
 pub async fn refund(pool: &PgPool, reservation: &Reservation) -> Result<()> {
-    sqlx::query!(
+    let refunded = sqlx::query!(
         "WITH unit AS (DELETE FROM quota_reservations WHERE id = $1 RETURNING quota_id, month, counter)
          UPDATE user_perspective_quotas q SET
                 messages_used = CASE WHEN unit.counter = 'messages'
@@ -401,6 +405,9 @@ pub async fn refund(pool: &PgPool, reservation: &Reservation) -> Result<()> {
     )
     .execute(pool)
     .await?;
+    if refunded.rows_affected() > 0 {
+        crate::telemetry::quota_refunded(reservation.counter.as_str());
+    }
     Ok(())
 }
 
@@ -443,6 +450,7 @@ pub async fn reconcile(pool: &PgPool, stale_after: std::time::Duration) -> Resul
         .fetch_one(pool)
         .await?;
         total += refunded as u64;
+        crate::telemetry::quota_swept(refunded as u64);
         if refunded < BATCH {
             return Ok(total);
         }

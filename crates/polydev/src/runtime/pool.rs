@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 
 /// The providers whose CLIs run in containers (the table's CHECK).
 pub const PROVIDERS: [&str; 3] = ["openai", "anthropic", "google"];
+/// The states of a container that exists (`destroyed` rows are history).
+pub const LIVE_STATES: [&str; 4] = ["warming", "ready", "assigned", "executing"];
 /// Orchestrator names of polydev's containers: `polydev-<row id>`.
 pub const NAME_PREFIX: &str = "polydev-";
 /// The seed of the reconcile loop's advisory lock key, `hashtextextended(<instance>, seed)`:
@@ -163,6 +165,29 @@ impl Runtime {
             wake: Arc::new(Notify::new()),
             jobs: Arc::new(Notify::new()),
         }
+    }
+
+    /// Live containers (all but `destroyed`) by provider and state, every pair present (zero
+    /// when none), for the metrics page. Rows are shared: every replica sees the same counts.
+    pub async fn counts_by_state(&self) -> Result<Vec<(&'static str, &'static str, i64)>> {
+        let rows = sqlx::query!(
+            r#"SELECT provider AS "provider!", status AS "status!", count(*) AS "count!"
+                 FROM runtime_containers WHERE status <> 'destroyed'
+                GROUP BY provider, status"#
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counts = Vec::new();
+        for provider in PROVIDERS {
+            for state in LIVE_STATES {
+                let count = rows
+                    .iter()
+                    .find(|r| r.provider == provider && r.status == state)
+                    .map_or(0, |r| r.count);
+                counts.push((provider, state, count));
+            }
+        }
+        Ok(counts)
     }
 
     /// Gives `user_id` a container of `provider`: the one they already hold, else the oldest
