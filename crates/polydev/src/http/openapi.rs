@@ -7,6 +7,12 @@
 //! `post("/v1/things", "Creates a thing").token().body::<NewThing>().status(201).returns::<Thing>()`.
 //! The scope a token needs is not written here: it comes from `MCP_ROUTES`, like the server's
 //! own check. A test fails while a route of the docs/api.md scope table has no line here.
+//!
+//! Why not `aide` or `utoipa`: aide's release (0.15) is built on schemars 0.9, not the
+//! schemars 1 types the handlers and MCP tools already derive (only its 0.16 alpha moves), and
+//! it wants every router rebuilt as its `ApiRouter` with trait impls for our extractors;
+//! utoipa derives a second, parallel schema (`ToSchema`) for every type. A table and
+//! `schemars`' own 2020-12 generator (the dialect of OpenAPI 3.1) need neither.
 
 use std::sync::OnceLock;
 
