@@ -283,3 +283,33 @@ async fn metrics_token_is_required_when_set() {
             .contains("polydev_http_request_duration_seconds")
     );
 }
+
+#[tokio::test]
+async fn metrics_count_a_timed_out_request_under_its_route() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    let state = AppState::new(db.pool.clone(), mock_gateway(&mock.base_url()))
+        .with_request_timeout(Duration::from_millis(300));
+    let server = TestServer::start_state(state).await;
+    let (_, token) = user_with_token(&db, "timeout@example.com", Plan::Pro).await;
+    let before = scrape(&server).await;
+    let response = server
+        .send_json(
+            reqwest::Method::POST,
+            "/v1/perspectives",
+            &token,
+            &json!({"prompt": "slow", "models": ["slow-premium"]}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    let after = scrape(&server).await;
+    let key = series(
+        "polydev_http_request_duration_seconds_count",
+        &[
+            ("route", "/v1/perspectives"),
+            ("method", "POST"),
+            ("status", "408"),
+        ],
+    );
+    assert_eq!(grew(&before, &after, &key), 1.0);
+}
