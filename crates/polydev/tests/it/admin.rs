@@ -161,6 +161,16 @@ async fn admin_every_route_refuses_everyone_but_a_signed_in_admin() {
     make_admin(&db, target).await;
 
     let mut nobody = Browser::new(&server.base);
+    // The page itself is static (its data needs the admin session), under the strict CSP.
+    for path in ["/admin", "/admin.js", "/admin.css"] {
+        let page = nobody.get(path).await;
+        assert_eq!(page.status(), StatusCode::OK, "{path}");
+        let csp = page.headers()["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+    }
     let mut user = Browser::new(&server.base);
     assert_eq!(
         user.sign_in("user@example.com", PASSWORD).await.status(),
