@@ -165,3 +165,67 @@ pub struct Stored {
 pub struct ModelList<M> {
     pub models: Vec<M>,
 }
+
+// --- The admin console (`/v1/admin/…`, docs/admin.md) ---
+
+/// `GET /v1/admin/users`: `q` searches e-mail (substring) or matches a user id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUserQuery {
+    pub q: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+/// `PUT /v1/admin/users/{id}/plan`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSetPlan {
+    pub plan: String,
+}
+
+/// `POST /v1/admin/users/{id}/quota/grant`: `limit` is `messages`, `premium`, `normal` or `eco`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminGrant {
+    pub limit: String,
+    pub amount: i64,
+}
+
+/// `PUT /v1/admin/users/{id}/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSetStatus {
+    pub status: crate::admin::UserStatus,
+}
+
+/// `PUT /v1/admin/users/{id}/admin`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSetAdmin {
+    pub admin: bool,
+}
+
+/// `PUT /v1/admin/rate-tiers/{tier}`: `expected` is the value the editor saw (409 if it changed).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSetRateTier {
+    pub requests_per_minute: i32,
+    pub expected: Option<i32>,
+}
+
+/// `GET /v1/admin/usage`, `GET /v1/admin/usage.csv`: the last `days` days (default 30).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUsageQuery {
+    pub days: Option<i32>,
+}
+
+/// `GET /v1/admin/audit`: newest first; `before` pages back; `target` filters by target id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminAuditQuery {
+    pub limit: Option<i64>,
+    pub before: Option<i64>,
+    pub target: Option<String>,
+}

@@ -14,6 +14,8 @@ use crate::db::{Database, DbConfig, Plan as MigrationPlan};
 use crate::http;
 use crate::perspectives::{Catalogue, Gateway};
 
+mod admin;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "polydev",
@@ -127,6 +129,10 @@ pub enum Command {
     /// Print the OpenAPI 3.1 description of the HTTP API (what `GET /openapi.json` serves;
     /// committed as docs/openapi.json).
     Openapi,
+    /// The admin console on the server host: users, plans, quotas, rate tiers, usage, audit log
+    /// (docs/admin.md). Acts as `cli:<os user>` in the audit log.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
 }
 
 #[derive(Debug, Args)]
@@ -422,6 +428,10 @@ impl Cli {
             },
             Command::Token(command) => match ensure_schema(&db).await {
                 Ok(()) => token(&db, command).await,
+                Err(e) => Err(e),
+            },
+            Command::Admin(command) => match ensure_schema(&db).await {
+                Ok(()) => admin::run(&db.pool, command).await,
                 Err(e) => Err(e),
             },
         };

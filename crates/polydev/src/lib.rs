@@ -4,6 +4,7 @@
 //! `http` layer stays thin.
 
 pub mod accounts;
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod chat;

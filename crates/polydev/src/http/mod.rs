@@ -2,6 +2,7 @@
 //! they extract, call a domain module and map its result.
 
 mod account_web;
+mod admin;
 mod auth;
 mod chat;
 mod credentials;
@@ -38,6 +39,7 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
+pub use admin::ADMIN_ROUTES;
 pub use auth::{Authenticated, MCP_ROUTES, required_scope};
 pub use error::{ApiError, status};
 pub use extract::{ApiForm, ApiJson, ApiPath, ApiQuery};
@@ -91,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .merge(usage_daily::routes())
         .merge(metrics::routes())
         .merge(openapi::routes())
+        .merge(admin::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)

@@ -68,7 +68,7 @@ pub fn routes() -> Router<AppState> {
         })
 }
 
-fn file(content_type: &'static str, body: &'static [u8]) -> Response {
+pub(super) fn file(content_type: &'static str, body: &'static [u8]) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -413,7 +413,42 @@ impl ModelCall<'_> {
         let started = Instant::now();
         match self.answer(model, prepaid, started).await {
             Ok(answer) => answer,
-            Err(failure) => failure.into_result(model, elapsed_ms(started)),
+            Err(failure) => {
+                self.record_failure(model, &failure).await;
+                failure.into_result(model, elapsed_ms(started))
+            }
+        }
+    }
+
+    /// A call that reached (or should have reached) its provider and got no answer is counted
+    /// in `model_call_failures` (the admin console's error rate and provider health). Best
+    /// effort: losing the row loses a statistic, never an answer or a charge.
+    async fn record_failure(&self, model: &ModelSpec, failure: &Failure) {
+        let status = match failure.status {
+            Status::Error => "error",
+            Status::Timeout => "timeout",
+            Status::Ok | Status::Skipped => return,
+        };
+        if matches!(
+            failure.error.class,
+            ErrorClass::NotConfigured | ErrorClass::QuotaExceeded
+        ) {
+            return;
+        }
+        if let Err(error) = sqlx::query!(
+            "INSERT INTO model_call_failures (user_id, model_name, model_tier, provider, status, error_class)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            self.user_id,
+            &model.id,
+            model.tier.as_str(),
+            &model.provider,
+            status,
+            failure.error.class.as_str()
+        )
+        .execute(self.pools.relaxed)
+        .await
+        {
+            tracing::warn!(%error, model = %model.id, "model call failure not counted");
         }
     }
 

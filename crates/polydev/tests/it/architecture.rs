@@ -10,6 +10,7 @@ const SURFACES: &[&str] = &["cli", "http", "mcp"];
 /// One module per domain; each owns the SQL of its tables.
 const DOMAINS: &[&str] = &[
     "accounts",
+    "admin",
     "chat",
     "oauth",
     "perspectives",

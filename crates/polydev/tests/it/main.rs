@@ -3,6 +3,7 @@
 mod accounts;
 pub mod accounts_web;
 mod accounts_web_browser;
+mod admin;
 mod architecture;
 mod billing;
 mod common;
