@@ -11,6 +11,7 @@ mod health;
 mod mcp;
 mod me;
 mod oauth;
+mod openai;
 mod pages;
 mod passkeys;
 mod perspectives;
@@ -86,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .merge(oauth::routes())
         .merge(passkeys::routes())
         .merge(usage_daily::routes())
+        .merge(openai::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)

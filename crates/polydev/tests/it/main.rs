@@ -13,6 +13,7 @@ mod mcp;
 mod migrations;
 pub mod oauth;
 mod oauth_device;
+mod openai;
 pub mod perspectives;
 mod providers;
 pub mod runtime_jobs;
