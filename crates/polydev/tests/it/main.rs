@@ -5,6 +5,8 @@ pub mod accounts_web;
 mod accounts_web_browser;
 mod architecture;
 mod billing;
+mod chat_sessions;
+mod chat_web_browser;
 mod common;
 mod errors;
 pub mod http_api;
