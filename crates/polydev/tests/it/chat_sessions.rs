@@ -172,3 +172,61 @@ async fn with_zero_knowledge_on_a_rename_must_be_sealed() {
         .unwrap();
     assert_eq!(title.as_deref(), Some("old chat"), "unchanged");
 }
+
+#[tokio::test]
+async fn perspectives_history_gives_each_model_its_own_earlier_turns() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    let server = TestServer::start_with(&db, crate::common::mock_gateway(&mock.base_url())).await;
+    let (_, token) = user_with_token(&db, "history@example.com", Plan::Pro).await;
+    let ask = |body: Value| {
+        server
+            .client
+            .post(format!("{}/v1/perspectives", server.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let turns = json!([{ "role": "user", "content": "first" }, { "role": "assistant", "content": "its answer" }]);
+    let result: Value = ask(
+        json!({ "prompt": "next", "models": ["gpt-premium", "claude-normal", "gemini-eco"],
+                                     "history": { "claude-normal": turns, "gemini-eco": turns } }),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let texts: Vec<&str> = result["perspectives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "gpt-premium thinks about: next",
+            "claude-normal thinks about: next (after 2 earlier messages)",
+            "gemini-eco thinks about: next (after 2 earlier messages)",
+        ]
+    );
+    for (body, what) in [
+        (
+            json!({ "prompt": "x", "history": { "gpt-9": [] } }),
+            "unknown model",
+        ),
+        (
+            json!({ "prompt": "x", "history": { "gpt-premium": [{ "role": "system", "content": "y" }] } }),
+            "a role other than user or assistant",
+        ),
+        (
+            json!({ "prompt": "x", "history": { "gpt-premium": vec![json!({ "role": "user", "content": "y" }); 201] } }),
+            "too many turns",
+        ),
+    ] {
+        let response = ask(body).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{what}");
+    }
+    assert_eq!(mock.stats().started(), 3, "refused calls reach no model");
+}
