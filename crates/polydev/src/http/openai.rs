@@ -672,31 +672,30 @@ async fn stream_completion(
         model: call.model,
         include_usage: call.include_usage,
     };
-    let mut first = VecDeque::new();
-    let finished = loop {
+    // Either the first text, or the outcome of a call that ended before any.
+    let first = loop {
         tokio::select! {
             biased;
             Some(update) = updates.recv() => {
                 if let Progress::Delta { text, .. } = update {
-                    first.push_back(text);
-                    break None;
+                    break Ok(text);
                 }
             }
-            outcome = &mut running => break Some(outcome),
+            outcome = &mut running => break Err(outcome),
         }
     };
     let mut opening = vec![chunks.chunk(json!({ "role": "assistant", "content": "" }), None)];
-    let events: Box<dyn Stream<Item = Event> + Send + Unpin> = match finished {
+    let events: Box<dyn Stream<Item = Event> + Send + Unpin> = match first {
+        Ok(text) => {
+            opening.push(chunks.text(&text));
+            Box::new(relay(running, updates, chunks, opening))
+        }
         // Done before any text streamed: answer errors with their status, the rest at once.
-        Some(outcome) => {
+        Err(outcome) => {
             let outcome = outcome?;
             answer(&outcome)?;
             opening.extend(chunks.end(Ok(outcome)));
             Box::new(stream::iter(opening))
-        }
-        None => {
-            opening.extend(first.drain(..).map(|text| chunks.text(&text)));
-            Box::new(relay(running, updates, chunks, opening))
         }
     };
     Ok(Sse::new(events.map(Ok::<_, Infallible>))
