@@ -17,6 +17,11 @@
 //! | `nousage` | no usage fields (some OpenAI-compatible servers) |
 //!
 //! Every request needs an API key header (any value), like the real services.
+//!
+//! The answer names the model and the last message's text, and, after earlier messages, how
+//! many there were (`(after 2 earlier messages)`), so a test sees the context a model got. An
+//! OpenAI-format request with `tools` gets a call of the first tool (`{"query": <prompt>}`,
+//! streamed in pieces like OpenAI's), unless its last message is a tool's result.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,9 +112,18 @@ impl Stats {
 
 /// The answer the mock gives for a prompt, and the usage it reports for it.
 pub fn answer_for(model: &str, prompt: &str) -> (String, u32, u32) {
+    answer_in_conversation(model, prompt, 0)
+}
+
+/// The answer to a prompt that follows `earlier` messages of a conversation (system messages
+/// not counted): the answer says how many, so tests see what context a model was given.
+pub fn answer_in_conversation(model: &str, prompt: &str, earlier: usize) -> (String, u32, u32) {
     let name = model.split('~').next().unwrap_or(model);
     let gist: String = prompt.chars().take(48).collect();
-    let text = format!("{name} thinks about: {gist}");
+    let mut text = format!("{name} thinks about: {gist}");
+    if earlier > 0 {
+        text.push_str(&format!(" (after {earlier} earlier messages)"));
+    }
     let input = prompt.split_whitespace().count() as u32 + 7;
     let output = text.split_whitespace().count() as u32;
     (text, input, output)
@@ -310,16 +324,36 @@ fn data(value: Value) -> String {
     format!("data: {value}\n\n")
 }
 
-/// `model` and the last message's text, in the shape OpenAI and Anthropic share.
-fn model_and_prompt(req: &Value) -> (String, String) {
+/// `model`, the last message's text and how many messages came before it (system messages
+/// not counted), in the shape OpenAI and Anthropic share.
+fn model_and_prompt(req: &Value) -> (String, String, usize) {
     let model = req["model"].as_str().unwrap_or_default().to_string();
-    let prompt = req["messages"]
-        .as_array()
-        .and_then(|m| m.last())
+    let messages = req["messages"].as_array().cloned().unwrap_or_default();
+    let prompt = messages
+        .last()
         .and_then(|m| m["content"].as_str())
         .unwrap_or_default()
         .to_string();
-    (model, prompt)
+    let turns = messages.iter().filter(|m| m["role"] != "system").count();
+    (model, prompt, turns.saturating_sub(1))
+}
+
+/// The function tool the mock calls: the first one offered, unless the last message is
+/// already a tool's result (then it answers in text).
+fn tool_to_call(req: &Value) -> Option<String> {
+    let last_is_tool = req["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .is_some_and(|m| m["role"] == "tool");
+    if last_is_tool {
+        return None;
+    }
+    req["tools"]
+        .as_array()?
+        .first()?
+        .pointer("/function/name")?
+        .as_str()
+        .map(str::to_string)
 }
 
 // --- OpenAI Chat Completions -------------------------------------------------------------
@@ -328,21 +362,36 @@ async fn openai(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Strin
     let Ok(req) = serde_json::from_str::<Value>(&body) else {
         return error(Format::OpenAi, 400, "invalid JSON body");
     };
-    let (model, prompt) = model_and_prompt(&req);
+    let (model, prompt, earlier) = model_and_prompt(&req);
     let stream = req["stream"].as_bool().unwrap_or(false);
     let include_usage = req["stream_options"]["include_usage"]
         .as_bool()
         .unwrap_or(false);
+    let tool = tool_to_call(&req);
     respond(stats, Format::OpenAi, &headers, &model, |d, guard| {
-        let (text, input, output) = answer_for(&model, &prompt);
+        let (text, input, mut output) = answer_in_conversation(&model, &prompt, earlier);
+        // A tool call's arguments carry the prompt.
+        let arguments = json!({ "query": prompt }).to_string();
+        if tool.is_some() {
+            output = 5;
+        }
         let usage = json!({ "prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output });
         if !stream {
             if d.drop {
                 return dropped();
             }
+            let (message, finish) = match &tool {
+                Some(name) => (
+                    json!({ "role": "assistant", "content": null, "tool_calls": [{
+                        "id": "call_mock_1", "type": "function",
+                        "function": { "name": name, "arguments": arguments } }] }),
+                    "tool_calls",
+                ),
+                None => (json!({ "role": "assistant", "content": text }), "stop"),
+            };
             let mut body = json!({
                 "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
-                "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop" }],
+                "choices": [{ "index": 0, "message": message, "finish_reason": finish }],
             });
             if !d.no_usage {
                 body["usage"] = usage;
@@ -354,8 +403,23 @@ async fn openai(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: Strin
                          "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] }))
         };
         let mut events = vec![chunk(json!({ "role": "assistant", "content": "" }), Value::Null)];
-        events.extend(words(&text).into_iter().map(|w| chunk(json!({ "content": w }), Value::Null)));
-        events.push(chunk(json!({}), json!("stop")));
+        match &tool {
+            Some(name) => {
+                // The call in pieces, as OpenAI streams it: id and name first, then the
+                // arguments in fragments.
+                events.push(chunk(json!({ "tool_calls": [{ "index": 0, "id": "call_mock_1", "type": "function",
+                    "function": { "name": name, "arguments": "" } }] }), Value::Null));
+                let (head, tail) = arguments.split_at(arguments.len() / 2);
+                for piece in [head, tail] {
+                    events.push(chunk(json!({ "tool_calls": [{ "index": 0, "function": { "arguments": piece } }] }), Value::Null));
+                }
+                events.push(chunk(json!({}), json!("tool_calls")));
+            }
+            None => {
+                events.extend(words(&text).into_iter().map(|w| chunk(json!({ "content": w }), Value::Null)));
+                events.push(chunk(json!({}), json!("stop")));
+            }
+        }
         if include_usage && !d.no_usage {
             events.push(data(json!({ "id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage })));
         }
@@ -381,10 +445,10 @@ async fn anthropic(State(stats): State<Arc<Stats>>, headers: HeaderMap, body: St
     if req["max_tokens"].as_u64().is_none() {
         return error(Format::Anthropic, 400, "max_tokens: Field required");
     }
-    let (model, prompt) = model_and_prompt(&req);
+    let (model, prompt, earlier) = model_and_prompt(&req);
     let stream = req["stream"].as_bool().unwrap_or(false);
     respond(stats, Format::Anthropic, &headers, &model, |d, guard| {
-        let (text, input, output) = answer_for(&model, &prompt);
+        let (text, input, output) = answer_in_conversation(&model, &prompt, earlier);
         if !stream {
             if d.drop {
                 return dropped();
@@ -444,15 +508,16 @@ async fn gemini(
     let Ok(req) = serde_json::from_str::<Value>(&body) else {
         return error(Format::Gemini, 400, "invalid JSON body");
     };
-    let prompt = req["contents"]
-        .as_array()
-        .and_then(|c| c.last())
+    let contents = req["contents"].as_array().cloned().unwrap_or_default();
+    let prompt = contents
+        .last()
         .and_then(|c| c["parts"][0]["text"].as_str())
         .unwrap_or_default()
         .to_string();
+    let earlier = contents.len().saturating_sub(1);
     let model = model.to_string();
     respond(stats, Format::Gemini, &headers, &model, |d, guard| {
-        let (text, input, output) = answer_for(&model, &prompt);
+        let (text, input, output) = answer_in_conversation(&model, &prompt, earlier);
         let usage = |out: u32| json!({ "promptTokenCount": input, "candidatesTokenCount": out, "totalTokenCount": input + out });
         let candidate = |text: &str, finish: Option<&str>| {
             let mut c = json!({ "content": { "parts": [{ "text": text }], "role": "model" }, "index": 0 });

@@ -106,6 +106,14 @@ pub struct ChatMessage {
     /// The envelope (`pdz.…`), for a migrated message.
     pub encrypted_content: Option<String>,
     pub created_at: Option<DateTime<Utc>>,
+    /// The catalogue model that wrote an assistant message (`chat_messages.model_id`; none in
+    /// the `sessions` system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// What the answer cost (`chat_messages.usage_info`): latency, tokens, cost. Metadata, in
+    /// plaintext like the usage rows, also for zero-knowledge accounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -119,6 +127,24 @@ pub struct NewMessage {
     /// The creation time to store (a client that seals a record binds it); else now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
+    /// The catalogue model that wrote an assistant message (stored in the `chat` system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The answer's latency, tokens and cost: a JSON object of at most 1 KiB (stored in the
+    /// `chat` system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<serde_json::Value>,
+}
+
+/// `PATCH /v1/chat/sessions/{id}`: a new title, in plaintext or (zero-knowledge) sealed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRename {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The sealed session (an item envelope for `chat.session`, bound to the session id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted_meta: Option<String>,
 }
 
 /// `POST /v1/chat/sessions`.
@@ -180,6 +206,32 @@ const MESSAGE_COLUMNS: &str = "id, role,
     CASE WHEN coalesce(migrated_to_zk, false) THEN encrypted_content_v2 END AS encrypted_content,
     created_at";
 
+/// [`MESSAGE_COLUMNS`] with the model and usage, which only `chat_messages` has.
+fn message_columns(system: System) -> String {
+    match system {
+        System::Chat => format!("{MESSAGE_COLUMNS}, model_id AS model, usage_info AS usage"),
+        System::Sessions => format!("{MESSAGE_COLUMNS}, NULL::text AS model, NULL::jsonb AS usage"),
+    }
+}
+
+/// Checks the model and usage of a new message.
+fn check_metadata(message: &NewMessage) -> Result<()> {
+    if let Some(model) = &message.model {
+        reject_nul("model", model)?;
+        if model.is_empty() || model.len() > 200 {
+            return Err(Error::Invalid("`model` must be 1 to 200 characters".into()));
+        }
+    }
+    if let Some(usage) = &message.usage
+        && (!usage.is_object() || usage.to_string().len() > 1024)
+    {
+        return Err(Error::Invalid(
+            "`usage` must be a JSON object of at most 1 KiB".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn list_messages(
     pool: &PgPool,
     user_id: Uuid,
@@ -188,7 +240,8 @@ pub async fn list_messages(
     let system = owning_system(pool, user_id, session_id).await?;
     // Dynamic: the legacy messages table of `system` is spliced in.
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM {} WHERE session_id = $1 ORDER BY created_at, id",
+        "SELECT {} FROM {} WHERE session_id = $1 ORDER BY created_at, id",
+        message_columns(system),
         system.messages_table()
     )))
     .bind(session_id)
@@ -210,9 +263,16 @@ pub async fn add_message(
             "`role` must be user, assistant or system".into(),
         ));
     }
+    check_metadata(message)?;
     let system = owning_system(pool, user_id, session_id).await?;
     let id = message.id.unwrap_or_else(Uuid::new_v4);
     let table = system.messages_table();
+    let columns = message_columns(system);
+    // Only `chat_messages` has columns for the model and the usage.
+    let (model, usage) = match system {
+        System::Chat => (message.model.as_deref(), message.usage.as_ref()),
+        System::Sessions => (None, None),
+    };
     let mut tx = pool.begin().await?;
     // Read under a share lock on the user's row, so a plaintext write cannot race past a
     // concurrent `enable` (which updates that row), nor an envelope past a rotation's start.
@@ -244,16 +304,19 @@ pub async fn add_message(
             }
             // Dynamic: the legacy messages table of `system` is spliced in.
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO {table} (id, session_id, role, content, created_at)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO {table} (id, session_id, role, content, created_at{})
+                 VALUES ($1, $2, $3, $4, $5{})
                  ON CONFLICT (id) DO NOTHING
-                 RETURNING {MESSAGE_COLUMNS}"
+                 RETURNING {columns}",
+                metadata_columns(system),
+                metadata_values(system, 6),
             )))
             .bind(id)
             .bind(session_id)
             .bind(&message.role)
             .bind(content)
             .bind(created_at)
+            .bind_metadata(system, model, usage)
             .fetch_optional(&mut *tx)
             .await?
         }
@@ -275,10 +338,12 @@ pub async fn add_message(
             state.ensure_not_rotating()?;
             // Dynamic: the legacy messages table of `system` is spliced in.
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk, created_at)
-                 VALUES ($1, $2, $3, $4, $5, true, $6)
+                "INSERT INTO {table} (id, session_id, role, encrypted_content_v2, encryption_metadata_v2, migrated_to_zk, created_at{})
+                 VALUES ($1, $2, $3, $4, $5, true, $6{})
                  ON CONFLICT (id) DO NOTHING
-                 RETURNING {MESSAGE_COLUMNS}"
+                 RETURNING {columns}",
+                metadata_columns(system),
+                metadata_values(system, 7),
             )))
             .bind(id)
             .bind(session_id)
@@ -286,6 +351,7 @@ pub async fn add_message(
             .bind(envelope)
             .bind(zk::envelope_metadata())
             .bind(created_at)
+            .bind_metadata(system, model, usage)
             .fetch_optional(&mut *tx)
             .await?
         }
@@ -320,7 +386,8 @@ async fn same_message_again(
     // Only a message of the same session can be the same message. Dynamic: the legacy messages
     // table of `system` is spliced in.
     let stored: Option<ChatMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM {} WHERE id = $1 AND session_id = $2",
+        "SELECT {} FROM {} WHERE id = $1 AND session_id = $2",
+        message_columns(system),
         system.messages_table()
     )))
     .bind(id)
@@ -432,4 +499,147 @@ pub async fn create_session(
             "a different session with id {id} already exists"
         ))),
     }
+}
+
+/// The model and usage columns of an insert into `system`'s messages (none for `sessions`).
+fn metadata_columns(system: System) -> &'static str {
+    match system {
+        System::Chat => ", model_id, usage_info",
+        System::Sessions => "",
+    }
+}
+
+/// Their placeholders, from `$first`.
+fn metadata_values(system: System, first: usize) -> String {
+    match system {
+        System::Chat => format!(", ${first}, ${}", first + 1),
+        System::Sessions => String::new(),
+    }
+}
+
+/// Binds the model and usage where [`metadata_values`] put placeholders for them.
+trait BindMetadata {
+    fn bind_metadata(
+        self,
+        system: System,
+        model: Option<&str>,
+        usage: Option<&serde_json::Value>,
+    ) -> Self;
+}
+
+impl<'q> BindMetadata
+    for sqlx::query::QueryAs<'q, sqlx::Postgres, ChatMessage, sqlx::postgres::PgArguments>
+{
+    fn bind_metadata(
+        self,
+        system: System,
+        model: Option<&str>,
+        usage: Option<&serde_json::Value>,
+    ) -> Self {
+        match system {
+            System::Chat => self.bind(model.map(str::to_string)).bind(usage.cloned()),
+            System::Sessions => self,
+        }
+    }
+}
+
+/// Renames one of the caller's sessions, in either system. With zero-knowledge on, the title
+/// must be sealed (`encrypted_meta`, bound to the session id) and any plaintext title is
+/// cleared; without, a plaintext `title`.
+pub async fn rename_session(
+    pool: &PgPool,
+    user_id: Uuid,
+    session_id: Uuid,
+    rename: &SessionRename,
+) -> Result<ChatSession> {
+    let system = owning_system(pool, user_id, session_id).await?;
+    match (&rename.title, &rename.encrypted_meta) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(Error::Invalid(
+                "send `title` or `encrypted_meta`, one of them".into(),
+            ));
+        }
+        (Some(title), None) => {
+            reject_nul("title", title)?;
+            if title.trim().is_empty() || title.chars().count() > 500 {
+                return Err(Error::Invalid("a title must be 1 to 500 characters".into()));
+            }
+        }
+        (None, Some(envelope)) => {
+            zk::check_envelope(
+                envelope,
+                polydev_zk::Kind::Item,
+                user_id,
+                Some(zk::CHAT_SESSION),
+                Some(&session_id.to_string()),
+                zk::MAX_SESSION_ENVELOPE,
+            )?;
+        }
+    }
+    let mut tx = pool.begin().await?;
+    let state = zk::write_state_locked(&mut tx, user_id).await?;
+    if state.enabled && rename.title.is_some() {
+        return Err(Error::Invalid(
+            "zero-knowledge is on for this account: a session title must be sent as `encrypted_meta`, never plaintext".into(),
+        ));
+    }
+    if rename.encrypted_meta.is_some() {
+        state.ensure_not_rotating()?;
+    }
+    let title_column = match system {
+        System::Chat => "title",
+        System::Sessions => "name",
+    };
+    // Dynamic: the legacy sessions table of `system` and its title column are spliced in.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {} SET {title_column} = $3, encrypted_meta_v2 = $4, updated_at = now()
+          WHERE id = $1 AND user_id = $2",
+        system.sessions_table()
+    )))
+    .bind(session_id)
+    .bind(user_id)
+    .bind(rename.title.as_deref())
+    .bind(rename.encrypted_meta.as_deref())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    list_sessions(pool, user_id)
+        .await?
+        .into_iter()
+        .find(|s| s.id == session_id)
+        .ok_or(Error::NotFound("session"))
+}
+
+/// Deletes one of the caller's sessions and all its messages, in either system, for good (in
+/// one transaction). Returns how many messages went.
+pub async fn delete_session(pool: &PgPool, user_id: Uuid, session_id: Uuid) -> Result<u64> {
+    let system = owning_system(pool, user_id, session_id).await?;
+    let mut tx = pool.begin().await?;
+    // Dynamic: the legacy tables of `system` are spliced in. The session's row is deleted
+    // only if it is still the caller's, after its messages.
+    let messages = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {} m USING {} s
+          WHERE m.session_id = s.id AND s.id = $1 AND s.user_id = $2",
+        system.messages_table(),
+        system.sessions_table()
+    )))
+    .bind(session_id)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let sessions = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE id = $1 AND user_id = $2",
+        system.sessions_table()
+    )))
+    .bind(session_id)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if sessions == 0 {
+        return Err(Error::NotFound("session"));
+    }
+    tx.commit().await?;
+    Ok(messages)
 }

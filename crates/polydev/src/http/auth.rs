@@ -35,6 +35,7 @@ pub const MCP_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/zk/migration/plaintext"),
     ("POST", "/v1/zk/migration/encrypted"),
     ("GET", "/v1/zk/migration/unverified"),
+    ("POST", "/v1/chat/completions"),
 ];
 
 /// The scope a route needs: `mcp` for the routes of [`MCP_ROUTES`], `account` for every other

@@ -9,13 +9,17 @@ use uuid::Uuid;
 use super::{ApiError, ApiJson, ApiPath, Authenticated};
 use crate::api::NewSession;
 use crate::app::AppState;
-use crate::chat::{self, ChatMessage, ChatSession, NewMessage};
+use crate::chat::{self, ChatMessage, ChatSession, NewMessage, SessionRename};
 
 const MAX_MESSAGE_BODY: usize = 2 * 1024 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/sessions", get(sessions).post(create_session))
+        .route(
+            "/v1/chat/sessions/{id}",
+            axum::routing::patch(rename_session).delete(delete_session),
+        )
         .route(
             "/v1/chat/sessions/{id}/messages",
             get(messages)
@@ -72,4 +76,25 @@ async fn add_message(
         StatusCode::OK
     };
     Ok((status, Json(added)))
+}
+
+async fn rename_session(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(rename): ApiJson<SessionRename>,
+) -> Result<Json<ChatSession>, ApiError> {
+    Ok(Json(
+        chat::rename_session(&state.pool, caller.user_id, id, &rename).await?,
+    ))
+}
+
+/// 200 `{"deleted_messages": n}`: the session and its messages are gone from the database.
+async fn delete_session(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let deleted = chat::delete_session(&state.pool, caller.user_id, id).await?;
+    Ok(Json(serde_json::json!({ "deleted_messages": deleted })))
 }

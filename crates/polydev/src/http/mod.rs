@@ -13,6 +13,7 @@ mod mcp;
 mod me;
 mod metrics;
 mod oauth;
+mod openai;
 mod openapi;
 mod pages;
 mod passkeys;
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::routes())
         .merge(openapi::routes())
         .merge(admin::routes())
+        .merge(openai::routes())
         .route_layer(middleware::from_fn(record_route))
         .fallback(error::not_found)
         .with_state(state)

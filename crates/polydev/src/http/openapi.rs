@@ -61,6 +61,8 @@ fn operations() -> Vec<Operation> {
         // Perspectives, usage and settings.
         get("/v1/models", "The model catalogue and which providers are configured").json(),
         post("/v1/perspectives", "Asks several models at once (JSON, or SSE with Accept: text/event-stream)").token().body::<PerspectivesRequest>().returns::<PerspectivesResult>(),
+        get("/v1/models/{id}", "One model of the catalogue, in OpenAI's shape").json(),
+        post("/v1/chat/completions", "OpenAI-compatible Chat Completions: a one-model call (JSON, or SSE with stream: true; docs/openai.md)").token().json(),
         get("/v1/usage", "This month's quota and usage").token().json(),
         get("/v1/usage/daily", "This month's usage by day and model").token().json(),
         get("/v1/settings", "The caller's perspective settings").token().returns::<PerspectiveSettings>(),
@@ -73,6 +75,8 @@ fn operations() -> Vec<Operation> {
         // Chat history (both legacy systems).
         get("/v1/chat/sessions", "The caller's chat sessions").token().returns::<Vec<ChatSession>>(),
         post("/v1/chat/sessions", "Creates a chat session").token().body::<NewSession>().status(201).returns::<ChatSession>(),
+        patch("/v1/chat/sessions/{id}", "Renames a chat session").token().json(),
+        delete("/v1/chat/sessions/{id}", "Deletes a chat session and all its messages").token().json(),
         get("/v1/chat/sessions/{id}/messages", "A session's messages").token().returns::<Vec<ChatMessage>>(),
         post("/v1/chat/sessions/{id}/messages", "Adds a message (201; 200 when its id exists with the same content)").token().body::<NewMessage>().status(201).returns::<ChatMessage>(),
         // Zero-knowledge encryption (docs/crypto.md).
@@ -238,6 +242,9 @@ fn put(path: &'static str, summary: &'static str) -> Operation {
 }
 fn delete(path: &'static str, summary: &'static str) -> Operation {
     operation(Method::DELETE, path, summary)
+}
+fn patch(path: &'static str, summary: &'static str) -> Operation {
+    operation(Method::PATCH, path, summary)
 }
 
 impl Operation {

@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::openai::OpenAiModel;
 use super::{ApiError, ApiJson, Authenticated};
 use crate::api::{ErrorResponse, ModelList};
 use crate::app::AppState;
@@ -35,9 +36,25 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/settings", get(settings).put(put_settings))
 }
 
-async fn models(State(state): State<AppState>) -> Json<ModelList<ModelInfo>> {
-    Json(ModelList {
-        models: state.gateway.models(),
+/// The catalogue in polydev's shape (`models`) and, for OpenAI's SDKs, in OpenAI's list shape
+/// (`object`, `data`).
+#[derive(serde::Serialize)]
+struct Models {
+    object: &'static str,
+    data: Vec<OpenAiModel>,
+    #[serde(flatten)]
+    list: ModelList<ModelInfo>,
+}
+
+async fn models(State(state): State<AppState>) -> Json<Models> {
+    let models = state.gateway.models();
+    Json(Models {
+        object: "list",
+        data: models
+            .iter()
+            .map(|m| OpenAiModel::new(&m.model.id, &m.model.provider))
+            .collect(),
+        list: ModelList { models },
     })
 }
 

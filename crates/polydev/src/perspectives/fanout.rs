@@ -489,11 +489,13 @@ impl ModelCall<'_> {
     }
 
     fn completion_request(&self, model: &ModelSpec) -> CompletionRequest {
+        let (messages, tools) = self.request.messages_for(&model.id);
         CompletionRequest {
             model: model.upstream_name().to_string(),
-            prompt: self.request.prompt.clone(),
+            messages,
             temperature: self.request.temperature,
             max_tokens: self.request.max_tokens(),
+            tools,
         }
     }
 
@@ -580,6 +582,8 @@ impl ModelCall<'_> {
             input_tokens: Some(completion.input_tokens),
             output_tokens: Some(completion.output_tokens),
             cost_usd: Some(cost.to_string()),
+            finish_reason: completion.finish_reason.clone(),
+            tool_calls: completion.tool_calls.clone(),
             ..model_result(model, Status::Ok, latency_ms)
         };
         let record = UsageRecord {
@@ -692,10 +696,11 @@ impl PartialCharge {
             user_id: call.user_id,
             session_id: call.session_id.clone(),
             model: model.clone(),
-            // The prompt itself is not kept; its length estimates the input tokens.
-            prompt_chars: request.prompt.chars().count(),
+            // The messages themselves are not kept; their length estimates the input tokens.
+            prompt_chars: request.input_chars(),
             request: CompletionRequest {
-                prompt: String::new(),
+                messages: Vec::new(),
+                tools: None,
                 ..request.clone()
             },
             started,
@@ -865,6 +870,8 @@ fn model_result(model: &ModelSpec, status: Status, latency_ms: u64) -> ModelResu
         input_tokens: None,
         output_tokens: None,
         cost_usd: None,
+        finish_reason: None,
+        tool_calls: None,
         error: None,
     }
 }

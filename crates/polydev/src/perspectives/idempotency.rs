@@ -84,6 +84,11 @@ pub fn request_hash(secret: &Secret, request: &PerspectivesRequest) -> String {
     let json = serde_json::to_vec(&request).expect("a request serializes");
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&secret.0).expect("any key length");
     mac.update(&json);
+    // The OpenAI-format conversation is not one of the tool's arguments, so not in `json`.
+    if let Some(conversation) = &request.conversation {
+        mac.update(b"\0conversation");
+        mac.update(&serde_json::to_vec(conversation).expect("a conversation serializes"));
+    }
     hex::encode(mac.finalize().into_bytes())
 }
 
@@ -315,7 +320,9 @@ async fn release(pool: &PgPool, user_id: Uuid, key: &str, token: Uuid) -> Result
 
 /// What is kept of an answer for a zero-knowledge user: everything but the text.
 pub fn strip_text(result: &mut ModelResult) {
-    if result.text.take().is_some() {
+    // Tool calls are the model's words too.
+    let calls = result.tool_calls.take().is_some();
+    if result.text.take().is_some() || calls {
         result.text_withheld = true;
     }
 }

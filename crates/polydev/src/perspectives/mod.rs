@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
 pub use fanout::{CALL_MARGIN, get_perspectives};
 pub use idempotency::sweep as sweep_idempotency;
-pub use request::{PerspectivesRequest, limits};
+pub use request::{Conversation, PerspectivesRequest, Turn, TurnRole, limits};
 pub use result::{
     ModelError, ModelResult, PerspectivesResult, Progress, ProgressSink, Status, Totals,
 };

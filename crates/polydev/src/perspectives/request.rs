@@ -1,12 +1,13 @@
 //! The arguments of `get_perspectives` (MCP tool and `POST /v1/perspectives`), their limits and
 //! validation, and the choice of models.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::catalogue::{ModelSpec, Tier};
+use super::catalogue::{ModelSpec, ProviderKind, Tier};
+use super::provider::{ChatMessage, Role, Tools};
 use super::{Gateway, PerspectiveSettings};
 use crate::error::{Error, Result};
 use crate::quota::QuotaState;
@@ -24,6 +25,12 @@ pub mod limits {
     pub const MAX_DEADLINE_MS: u64 = 600_000;
     pub const MAX_PROVIDERS: usize = 20;
     pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+    /// Earlier turns given with a prompt (`history`), per model.
+    pub const MAX_HISTORY_TURNS: usize = 200;
+    /// Characters of a whole conversation: a `history` and its prompt, or the messages of
+    /// `POST /v1/chat/completions`.
+    pub const MAX_CONVERSATION_CHARS: usize = 400_000;
+    pub const MAX_MESSAGES: usize = 1000;
 }
 use limits::*;
 
@@ -57,6 +64,39 @@ pub struct PerspectivesRequest {
     /// Retrying with the same key within 24 hours returns the first result and charges nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Earlier turns of a conversation, per model id: each model is sent its own earlier
+    /// questions and answers, then `prompt` as the next user turn. A model without an entry
+    /// starts afresh.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub history: BTreeMap<String, Vec<Turn>>,
+    /// A whole conversation in the OpenAI shape, with tools (`POST /v1/chat/completions`),
+    /// sent as it is instead of `prompt` and `history`. Not an argument of the tool.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub conversation: Option<Conversation>,
+}
+
+/// One earlier turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Turn {
+    pub role: TurnRole,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnRole {
+    User,
+    Assistant,
+}
+
+/// The messages (system, user, assistant with tool calls, tool results) and tools of one
+/// OpenAI-format call, for one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub messages: Vec<ChatMessage>,
+    pub tools: Option<Tools>,
 }
 
 impl PerspectivesRequest {
@@ -70,14 +110,9 @@ impl PerspectivesRequest {
     }
 
     pub fn validate(&self, gateway: &Gateway) -> Result<()> {
-        let chars = self.prompt.chars().count();
-        if self.prompt.trim().is_empty() {
-            return Err(Error::Invalid("`prompt` must not be empty".into()));
-        }
-        if chars > MAX_PROMPT_CHARS {
-            return Err(Error::TooLarge(format!(
-                "`prompt` is {chars} characters; the limit is {MAX_PROMPT_CHARS}"
-            )));
+        match &self.conversation {
+            Some(conversation) => self.validate_conversation(gateway, conversation)?,
+            None => self.validate_prompt(gateway)?,
         }
         if let Some(models) = &self.models {
             if models.is_empty() || models.len() > MAX_MODELS {
@@ -151,6 +186,108 @@ impl PerspectivesRequest {
             }
         }
         Ok(())
+    }
+
+    fn validate_prompt(&self, gateway: &Gateway) -> Result<()> {
+        let chars = self.prompt.chars().count();
+        if self.prompt.trim().is_empty() {
+            return Err(Error::Invalid("`prompt` must not be empty".into()));
+        }
+        if chars > MAX_PROMPT_CHARS {
+            return Err(Error::TooLarge(format!(
+                "`prompt` is {chars} characters; the limit is {MAX_PROMPT_CHARS}"
+            )));
+        }
+        for (model, turns) in &self.history {
+            if gateway.catalogue().model(model).is_none() {
+                return Err(Error::Invalid(format!(
+                    "`history` names an unknown model `{model}`"
+                )));
+            }
+            if turns.len() > MAX_HISTORY_TURNS {
+                return Err(Error::Invalid(format!(
+                    "`history` of `{model}` has {} turns; the limit is {MAX_HISTORY_TURNS}",
+                    turns.len()
+                )));
+            }
+            let total = chars
+                + turns
+                    .iter()
+                    .map(|t| t.content.chars().count())
+                    .sum::<usize>();
+            if total > MAX_CONVERSATION_CHARS {
+                return Err(Error::TooLarge(format!(
+                    "the conversation with `{model}` is {total} characters; the limit is {MAX_CONVERSATION_CHARS}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_conversation(&self, gateway: &Gateway, conversation: &Conversation) -> Result<()> {
+        let messages = &conversation.messages;
+        if messages.is_empty() || messages.len() > MAX_MESSAGES {
+            return Err(Error::Invalid(format!(
+                "`messages` must hold 1 to {MAX_MESSAGES} messages"
+            )));
+        }
+        let total: usize = messages.iter().map(ChatMessage::chars).sum();
+        if total > MAX_CONVERSATION_CHARS {
+            return Err(Error::TooLarge(format!(
+                "the messages are {total} characters; the limit is {MAX_CONVERSATION_CHARS}"
+            )));
+        }
+        if !messages
+            .iter()
+            .any(|m| matches!(m.role, Role::User | Role::Tool))
+        {
+            return Err(Error::Invalid(
+                "`messages` must hold a user or tool message".into(),
+            ));
+        }
+        let uses_tools =
+            conversation.tools.is_some() || messages.iter().any(ChatMessage::uses_tools);
+        if uses_tools {
+            for id in self.models.iter().flatten() {
+                let Some(model) = gateway.catalogue().model(id) else {
+                    continue;
+                };
+                let kind = gateway
+                    .catalogue()
+                    .providers
+                    .get(&model.provider)
+                    .map(|p| p.kind);
+                if !matches!(
+                    kind,
+                    Some(ProviderKind::Openai | ProviderKind::OpenaiCompatible)
+                ) {
+                    return Err(Error::Invalid(format!(
+                        "model `{id}` (provider `{}`) does not take tools or tool messages through polydev: only OpenAI-format providers do",
+                        model.provider
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What `model` is sent: the conversation as it came, or the model's own history and the
+    /// prompt.
+    pub fn messages_for(&self, model: &str) -> (Vec<ChatMessage>, Option<Tools>) {
+        if let Some(conversation) = &self.conversation {
+            return (conversation.messages.clone(), conversation.tools.clone());
+        }
+        let earlier = self.history.get(model).into_iter().flatten().map(|turn| {
+            let role = match turn.role {
+                TurnRole::User => Role::User,
+                TurnRole::Assistant => Role::Assistant,
+            };
+            ChatMessage::text(role, &turn.content)
+        });
+        let messages = earlier
+            .chain(std::iter::once(ChatMessage::text(Role::User, &self.prompt)))
+            .collect();
+        (messages, None)
     }
 
     pub fn max_tokens(&self) -> u32 {

@@ -50,6 +50,12 @@ pub struct ModelResult {
     /// USD, as an exact decimal string.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<String>,
+    /// Why the model stopped, in the provider's words (`stop`, `end_turn`, `length`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The tools the model asks to call (OpenAI's shape), when the request offered tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ModelError>,
 }

@@ -236,9 +236,16 @@ pub struct Exhausted {
 
 impl std::fmt::Display for Exhausted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use chrono::Datelike;
+        // Months are calendar months in UTC: the counters start again on the 1st.
+        let today = chrono::Utc::now().date_naive();
+        let resets = today
+            .with_day(1)
+            .and_then(|first| first.checked_add_months(chrono::Months::new(1)))
+            .unwrap_or(today);
         write!(
             f,
-            "monthly {} limit reached ({} per month)",
+            "monthly {} limit reached ({} per month); it resets on {resets} (UTC)",
             self.counter.describe(),
             self.limit
         )

@@ -61,6 +61,7 @@ fn ask(models: &[&str]) -> PerspectivesRequest {
         request_providers: vec![],
         deadline_ms: None,
         idempotency_key: None,
+        ..Default::default()
     }
 }
 

@@ -36,12 +36,12 @@ fn provider(mock: &MockUpstream, kind: ProviderKind, streaming: bool) -> HttpPro
 }
 
 fn request(model: &str) -> CompletionRequest {
-    CompletionRequest {
-        model: model.into(),
-        prompt: "Should I use a B-tree or an LSM tree for a write-heavy workload?".into(),
-        temperature: Some(0.2),
-        max_tokens: 256,
-    }
+    CompletionRequest::user(
+        model,
+        "Should I use a B-tree or an LSM tree for a write-heavy workload?",
+        Some(0.2),
+        256,
+    )
 }
 
 #[tokio::test]
@@ -50,7 +50,8 @@ async fn every_format_answers_with_the_reported_usage_streaming_or_not() {
     for kind in KINDS {
         for streaming in [false, true] {
             let req = request("model-a");
-            let (text, input, output) = answer_for(&req.model, &req.prompt);
+            let (text, input, output) =
+                answer_for(&req.model, req.messages[0].content.as_deref().unwrap());
             let deltas = Mutex::new(Vec::new());
             let sink = |t: &str| deltas.lock().unwrap().push(t.to_string());
             let completion = provider(&mock, kind, streaming)

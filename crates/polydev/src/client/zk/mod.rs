@@ -817,6 +817,8 @@ impl ZkClient {
             content: None,
             encrypted_content: Some(keyring.seal_record(&ctx, &record)?),
             created_at: Some(created_at),
+            model: None,
+            usage: None,
         };
         let _: crate::chat::ChatMessage = self
             .api

@@ -6,8 +6,8 @@ use reqwest::header::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Completion, CompletionRequest, ErrorClass, ErrorDetail, ProviderError, StreamState, WireFormat,
-    parse_chunk, parse_json,
+    ChatMessage, Completion, CompletionRequest, ErrorClass, ErrorDetail, ProviderError, Role,
+    StreamState, WireFormat, parse_chunk, parse_json,
 };
 
 pub struct Anthropic;
@@ -19,7 +19,10 @@ const VERSION: &str = "2023-06-01";
 struct MessagesRequest<'a> {
     model: &'a str,
     max_tokens: u32,
-    messages: [Message<'a>; 1],
+    /// The system messages, joined (Anthropic takes them apart from the turns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
+    messages: Vec<Message<'a>>,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
@@ -107,14 +110,34 @@ struct MessageDelta {
 }
 
 impl WireFormat for Anthropic {
-    fn request(&self, request: &CompletionRequest, stream: bool) -> (String, Vec<u8>) {
+    fn request<'a>(&self, request: &'a CompletionRequest, stream: bool) -> (String, Vec<u8>) {
+        // Tool messages never get here: requests with tools go only to OpenAI-format
+        // providers (PerspectivesRequest::validate).
+        let text = |m: &'a ChatMessage| m.content.as_deref().unwrap_or_default();
+        let system: Vec<&str> = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .map(text)
+            .collect();
+        let messages = request
+            .messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| Message {
+                role: if m.role == Role::Assistant {
+                    "assistant"
+                } else {
+                    "user"
+                },
+                content: text(m),
+            })
+            .collect();
         let body = MessagesRequest {
             model: &request.model,
             max_tokens: request.max_tokens,
-            messages: [Message {
-                role: "user",
-                content: &request.prompt,
-            }],
+            system: (!system.is_empty()).then(|| system.join("\n\n")),
+            messages,
             stream,
             // Anthropic accepts 0..=1; the tool accepts 0..=2 like OpenAI.
             temperature: request.temperature.map(|t| t.min(1.0)),
@@ -150,6 +173,7 @@ impl WireFormat for Anthropic {
             input_tokens: usage.input_tokens.ok_or("no usage.input_tokens")?,
             output_tokens: usage.output_tokens.ok_or("no usage.output_tokens")?,
             finish_reason: body.stop_reason,
+            tool_calls: None,
         })
     }
 
@@ -202,12 +226,7 @@ mod tests {
 
     #[test]
     fn the_request_body_caps_the_temperature() {
-        let request = CompletionRequest {
-            model: "claude-sonnet-4-5".into(),
-            prompt: "Why?".into(),
-            temperature: Some(1.5),
-            max_tokens: 300,
-        };
+        let request = CompletionRequest::user("claude-sonnet-4-5", "Why?", Some(1.5), 300);
         let (path, body) = Anthropic.request(&request, true);
         assert_eq!(path, "/v1/messages");
         assert_eq!(
@@ -251,6 +270,7 @@ mod tests {
                 input_tokens: 2095,
                 output_tokens: 503,
                 finish_reason: Some("end_turn".into()),
+                tool_calls: None,
             }
         );
         assert!(

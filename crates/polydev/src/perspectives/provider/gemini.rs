@@ -6,8 +6,8 @@ use reqwest::header::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Completion, CompletionRequest, ErrorClass, ErrorDetail, ProviderError, StreamState, WireFormat,
-    borrowed_str, null_as_default, parse_chunk, parse_json,
+    ChatMessage, Completion, CompletionRequest, ErrorClass, ErrorDetail, ProviderError, Role,
+    StreamState, WireFormat, borrowed_str, null_as_default, parse_chunk, parse_json,
 };
 
 pub struct Gemini;
@@ -16,8 +16,16 @@ pub struct Gemini;
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct GenerateContentRequest<'a> {
-    contents: [Content<'a>; 1],
+    /// The system messages (Gemini takes them apart from the turns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<SystemInstruction<'a>>,
+    contents: Vec<Content<'a>>,
     generation_config: GenerationConfig,
+}
+
+#[derive(Debug, Serialize)]
+struct SystemInstruction<'a> {
+    parts: Vec<Part<'a>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,14 +121,34 @@ impl<'a> Candidate<'a> {
 }
 
 impl WireFormat for Gemini {
-    fn request(&self, request: &CompletionRequest, stream: bool) -> (String, Vec<u8>) {
+    fn request<'a>(&self, request: &'a CompletionRequest, stream: bool) -> (String, Vec<u8>) {
+        // Tool messages never get here: requests with tools go only to OpenAI-format
+        // providers (PerspectivesRequest::validate).
+        let part = |m: &'a ChatMessage| Part {
+            text: m.content.as_deref().unwrap_or_default(),
+        };
+        let system: Vec<Part<'a>> = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .map(part)
+            .collect();
+        let contents = request
+            .messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| Content {
+                role: if m.role == Role::Assistant {
+                    "model"
+                } else {
+                    "user"
+                },
+                parts: [part(m)],
+            })
+            .collect();
         let body = GenerateContentRequest {
-            contents: [Content {
-                role: "user",
-                parts: [Part {
-                    text: &request.prompt,
-                }],
-            }],
+            system_instruction: (!system.is_empty()).then_some(SystemInstruction { parts: system }),
+            contents,
             generation_config: GenerationConfig {
                 max_output_tokens: request.max_tokens,
                 temperature: request.temperature,
@@ -163,6 +191,7 @@ impl WireFormat for Gemini {
             text: candidate.into_text().into_owned(),
             input_tokens,
             output_tokens,
+            tool_calls: None,
         })
     }
 
@@ -199,12 +228,7 @@ mod tests {
 
     #[test]
     fn the_request_body_and_paths() {
-        let request = CompletionRequest {
-            model: "gemini-2.5-flash".into(),
-            prompt: "Why?".into(),
-            temperature: Some(0.5),
-            max_tokens: 100,
-        };
+        let request = CompletionRequest::user("gemini-2.5-flash", "Why?", Some(0.5), 100);
         let (path, body) = Gemini.request(&request, false);
         assert_eq!(path, "/v1beta/models/gemini-2.5-flash:generateContent");
         assert_eq!(
@@ -248,6 +272,7 @@ mod tests {
                 input_tokens: 8,
                 output_tokens: 6,
                 finish_reason: Some("STOP".into()),
+                tool_calls: None,
             }
         );
     }

@@ -23,14 +23,99 @@ use crate::retry::Verdict;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// What one model is asked.
+/// What one model is asked: a conversation (most often one user message).
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
     /// The model name the provider knows.
     pub model: String,
-    pub prompt: String,
+    pub messages: Vec<ChatMessage>,
     pub temperature: Option<f32>,
     pub max_tokens: u32,
+    /// Function tools, passed through to providers that speak the OpenAI format.
+    pub tools: Option<Tools>,
+}
+
+impl CompletionRequest {
+    /// One user message.
+    pub fn user(model: &str, prompt: &str, temperature: Option<f32>, max_tokens: u32) -> Self {
+        CompletionRequest {
+            model: model.to_string(),
+            messages: vec![ChatMessage::text(Role::User, prompt)],
+            temperature,
+            max_tokens,
+            tools: None,
+        }
+    }
+
+    /// Characters of text the model reads (input tokens are estimated from them when a cut
+    /// stream reported none).
+    pub fn input_chars(&self) -> usize {
+        self.messages.iter().map(ChatMessage::chars).sum()
+    }
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    /// A tool's result (OpenAI format only).
+    Tool,
+}
+
+/// One message of a conversation, in the OpenAI Chat Completions shape (the other formats are
+/// translated from it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    /// `None` for an assistant message that only calls tools.
+    pub content: Option<String>,
+    /// An assistant's tool calls, as OpenAI writes them (`[{id, type, function}]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn text(role: Role, content: &str) -> Self {
+        ChatMessage {
+            role,
+            content: Some(content.to_string()),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
+
+    /// Characters of content and tool calls.
+    pub fn chars(&self) -> usize {
+        self.content.as_deref().map_or(0, |c| c.chars().count())
+            + self
+                .tool_calls
+                .as_ref()
+                .map_or(0, |t| t.to_string().chars().count())
+    }
+
+    /// Whether the message needs a format that knows tools.
+    pub fn uses_tools(&self) -> bool {
+        self.role == Role::Tool || self.tool_calls.is_some()
+    }
+}
+
+/// OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`, passed through as they came.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tools {
+    pub tools: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// A model's answer with the usage the provider reported.
@@ -40,6 +125,9 @@ pub struct Completion {
     pub input_tokens: u32,
     pub output_tokens: u32,
     pub finish_reason: Option<String>,
+    /// The tools the model asks to call, in OpenAI's shape (`[{id, type, function: {name,
+    /// arguments}}]`).
+    pub tool_calls: Option<serde_json::Value>,
 }
 
 /// The classes of failure, which decide retrying and what users are told.
@@ -145,17 +233,45 @@ struct StreamState {
     input_tokens: Option<u32>,
     output_tokens: Option<u32>,
     finish_reason: Option<String>,
+    /// Tool calls assembled from their pieces (OpenAI streams them by index).
+    tool_calls: Vec<StreamedToolCall>,
     done: bool,
+}
+
+/// A tool call as its stream pieces arrive: the id, type and name come once, the arguments
+/// in fragments.
+#[derive(Debug, Default)]
+struct StreamedToolCall {
+    index: u64,
+    id: Option<String>,
+    kind: Option<String>,
+    name: String,
+    arguments: String,
 }
 
 impl StreamState {
     fn finish(self) -> Result<Completion, ProviderError> {
+        let tool_calls = (!self.tool_calls.is_empty()).then(|| {
+            serde_json::Value::Array(
+                self.tool_calls
+                    .into_iter()
+                    .map(|call| {
+                        serde_json::json!({
+                            "id": call.id.unwrap_or_default(),
+                            "type": call.kind.unwrap_or_else(|| "function".into()),
+                            "function": { "name": call.name, "arguments": call.arguments },
+                        })
+                    })
+                    .collect(),
+            )
+        });
         match (self.input_tokens, self.output_tokens) {
             (Some(input_tokens), Some(output_tokens)) => Ok(Completion {
                 text: self.text,
                 input_tokens,
                 output_tokens,
                 finish_reason: self.finish_reason,
+                tool_calls,
             }),
             _ => Err(ProviderError::new(
                 ErrorClass::Malformed,

@@ -7,8 +7,9 @@ use reqwest::header::{AUTHORIZATION, HeaderName};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Completion, CompletionRequest, ErrorClass, ErrorDetail, ProviderError, StreamState, WireFormat,
-    borrowed_str, null_as_default, parse_chunk, parse_json,
+    ChatMessage, Completion, CompletionRequest, ErrorClass, ErrorDetail, ProviderError,
+    StreamState, StreamedToolCall, Tools, WireFormat, borrowed_str, null_as_default, parse_chunk,
+    parse_json,
 };
 
 pub struct OpenAi;
@@ -17,19 +18,15 @@ pub struct OpenAi;
 #[derive(Debug, Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: [Message<'a>; 1],
+    messages: &'a [ChatMessage],
     max_tokens: u32,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
-}
-
-#[derive(Debug, Serialize)]
-struct Message<'a> {
-    role: &'static str,
-    content: &'a str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a Tools>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +52,8 @@ struct Choice {
 struct ResponseMessage {
     /// `null` for a refusal or tool calls.
     content: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    tool_calls: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,16 +84,61 @@ struct ChunkChoice<'a> {
 struct Delta<'a> {
     #[serde(default, borrow, deserialize_with = "borrowed_str")]
     content: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    tool_calls: Vec<ToolCallDelta>,
+}
+
+/// A piece of a streamed tool call: `index` says which call it continues.
+#[derive(Debug, Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    index: u64,
+    id: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionDelta {
+    name: Option<String>,
+    arguments: Option<String>,
+}
+
+impl StreamState {
+    fn add_tool_call(&mut self, piece: ToolCallDelta) {
+        let call = match self.tool_calls.iter().position(|c| c.index == piece.index) {
+            Some(at) => &mut self.tool_calls[at],
+            None => {
+                self.tool_calls.push(StreamedToolCall {
+                    index: piece.index,
+                    ..Default::default()
+                });
+                self.tool_calls.last_mut().expect("just pushed")
+            }
+        };
+        if piece.id.is_some() {
+            call.id = piece.id;
+        }
+        if piece.kind.is_some() {
+            call.kind = piece.kind;
+        }
+        if let Some(function) = piece.function {
+            if let Some(name) = function.name {
+                call.name.push_str(&name);
+            }
+            if let Some(arguments) = function.arguments {
+                call.arguments.push_str(&arguments);
+            }
+        }
+    }
 }
 
 impl WireFormat for OpenAi {
     fn request(&self, request: &CompletionRequest, stream: bool) -> (String, Vec<u8>) {
         let body = ChatRequest {
             model: &request.model,
-            messages: [Message {
-                role: "user",
-                content: &request.prompt,
-            }],
+            messages: &request.messages,
             max_tokens: request.max_tokens,
             stream,
             temperature: request.temperature,
@@ -102,6 +146,7 @@ impl WireFormat for OpenAi {
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,
             }),
+            tools: request.tools.as_ref(),
         };
         let body = serde_json::to_vec(&body).expect("a request serializes");
         ("/chat/completions".into(), body)
@@ -114,11 +159,19 @@ impl WireFormat for OpenAi {
     fn parse_response(&self, body: &[u8]) -> Result<Completion, String> {
         let body: ChatResponse = parse_json(body, "response")?;
         let choice = body.choices.into_iter().next();
-        let (text, finish_reason) = choice
-            .and_then(|c| Some((c.message?.content?, c.finish_reason)))
-            .ok_or("no choices[0].message.content in the response")?;
+        let (message, finish_reason) = choice
+            .and_then(|c| Some((c.message?, c.finish_reason)))
+            .ok_or("no choices[0].message in the response")?;
+        // An answer is text, tool calls, or both.
+        let tool_calls = message.tool_calls.filter(|t| !t.is_null());
+        let text = match (message.content, &tool_calls) {
+            (Some(text), _) => text,
+            (None, Some(_)) => String::new(),
+            (None, None) => return Err("no choices[0].message.content in the response".into()),
+        };
         let usage = body.usage.unwrap_or_default();
         Ok(Completion {
+            tool_calls,
             text,
             input_tokens: usage.prompt_tokens.ok_or("no usage.prompt_tokens")?,
             output_tokens: usage
@@ -151,7 +204,13 @@ impl WireFormat for OpenAi {
         if let Some(reason) = choice.finish_reason {
             state.finish_reason = Some(reason);
         }
-        Ok(choice.delta.and_then(|d| d.content))
+        let Some(mut delta) = choice.delta else {
+            return Ok(None);
+        };
+        for piece in std::mem::take(&mut delta.tool_calls) {
+            state.add_tool_call(piece);
+        }
+        Ok(delta.content)
     }
 }
 
@@ -160,12 +219,7 @@ mod tests {
     use super::*;
 
     fn request(temperature: Option<f32>) -> CompletionRequest {
-        CompletionRequest {
-            model: "gpt-4.1".into(),
-            prompt: "Say \"hi\"".into(),
-            temperature,
-            max_tokens: 64,
-        }
+        CompletionRequest::user("gpt-4.1", "Say \"hi\"", temperature, 64)
     }
 
     fn json(body: &[u8]) -> serde_json::Value {
@@ -223,6 +277,7 @@ mod tests {
                 input_tokens: 19,
                 output_tokens: 10,
                 finish_reason: Some("stop".into()),
+                tool_calls: None,
             }
         );
     }
