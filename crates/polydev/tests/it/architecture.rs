@@ -14,6 +14,7 @@ const DOMAINS: &[&str] = &[
     "oauth",
     "perspectives",
     "quota",
+    "proxy",
     "runtime",
     "vault",
     "zk",

@@ -15,6 +15,7 @@ pub mod oauth;
 mod oauth_device;
 pub mod perspectives;
 mod providers;
+pub mod proxy_ports;
 pub mod runtime_jobs;
 pub mod runtime_local;
 pub mod runtime_nomad;
