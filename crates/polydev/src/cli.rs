@@ -183,6 +183,10 @@ pub struct ServeArgs {
     /// tests). Others must resolve to public addresses only.
     #[arg(long, env = "POLYDEV_CIMD_PRIVATE_HOSTS", value_delimiter = ',')]
     cimd_private_hosts: Vec<String>,
+    /// A PEM file of CA certificates trusted, on top of the system's roots, for client ID
+    /// metadata documents (an internal CA; tests).
+    #[arg(long, env = "POLYDEV_CIMD_EXTRA_ROOT_CA")]
+    cimd_extra_root_ca: Option<std::path::PathBuf>,
     /// The sender of account e-mail.
     #[arg(
         long,
@@ -621,6 +625,7 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
                 .filter(|h| !h.is_empty())
                 .collect(),
         )
+        .with_cimd_extra_roots(cimd_extra_roots(args.cimd_extra_root_ca.as_deref())?)
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
@@ -1086,4 +1091,41 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
         }
     }
     Ok(())
+}
+
+/// The certificates of `--cimd-extra-root-ca` (none without it).
+fn cimd_extra_roots(path: Option<&std::path::Path>) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    use anyhow::Context;
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let pem =
+        std::fs::read(path).with_context(|| format!("--cimd-extra-root-ca {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+        format!(
+            "--cimd-extra-root-ca {}: not PEM certificates",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--cimd-extra-root-ca {}: no certificate in it",
+        path.display()
+    );
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod cimd_extra_root_tests {
+    #[test]
+    fn a_missing_or_empty_root_file_is_a_clear_error() {
+        assert!(super::cimd_extra_roots(None).unwrap().is_empty());
+        let missing = super::cimd_extra_roots(Some(std::path::Path::new("/nonexistent/ca.pem")));
+        assert!(format!("{:#}", missing.unwrap_err()).contains("--cimd-extra-root-ca"));
+        let dir = std::env::temp_dir().join(format!("polydev-ca-{}", std::process::id()));
+        std::fs::write(&dir, "not a certificate\n").unwrap();
+        let empty = super::cimd_extra_roots(Some(&dir));
+        let _ = std::fs::remove_file(&dir);
+        assert!(format!("{:#}", empty.unwrap_err()).contains("no certificate"));
+    }
 }

@@ -198,3 +198,73 @@ impl std::fmt::Debug for Proxies {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ProxyConfig {
+        ProxyConfig {
+            gate_host: "gate.decodo.com".into(),
+            ports: 10001..=10100,
+            credentials: Some(Credentials {
+                username: "user-1".into(),
+                password: "p@ss:word/1".into(),
+            }),
+            check_url: "https://ip.decodo.com/json".parse().unwrap(),
+            check_interval: Duration::from_secs(300),
+            check_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_say_why() {
+        assert_eq!(ProxyConfig::parse_range("10001-10100"), Ok(10001..=10100));
+        assert_eq!(ProxyConfig::parse_range(" 7 - 7 "), Ok(7..=7));
+        for bad in ["10001", "0-10", "10-9", "a-b", "1-70000"] {
+            assert!(ProxyConfig::parse_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_proxy_url_carries_encoded_credentials_and_debug_hides_them() {
+        let config = config();
+        assert_eq!(
+            config.url(10007),
+            "http://user-1:p%40ss%3Aword%2F1@gate.decodo.com:10007"
+        );
+        assert_eq!(config.check_target().unwrap(), "ip.decodo.com:443");
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("user-1") && !shown.contains("p@ss"),
+            "{shown}"
+        );
+        assert_eq!(
+            config.credentials.unwrap().authorization(),
+            format!("Basic {}", STANDARD.encode("user-1:p@ss:word/1"))
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_port_is_refused_with_its_reason() {
+        let mut port = UserPort {
+            user_id: Uuid::nil(),
+            port: 10003,
+            egress_ip: None,
+            assigned_at: None,
+            healthy: None,
+            last_checked_at: None,
+            last_verified_at: None,
+            last_error: None,
+        };
+        assert!(
+            port.ensure_healthy().is_ok(),
+            "not checked yet is not unhealthy"
+        );
+        port.healthy = Some(false);
+        port.last_error = Some("CONNECT x:443: HTTP/1.1 502 Bad Gateway".into());
+        let error = port.ensure_healthy().unwrap_err();
+        assert_eq!(error.code(), "proxy_unhealthy");
+        assert!(error.public_message().contains("10003") && error.public_message().contains("502"));
+    }
+}
