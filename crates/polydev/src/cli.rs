@@ -1129,3 +1129,53 @@ mod cimd_extra_root_tests {
         assert!(format!("{:#}", empty.unwrap_err()).contains("no certificate"));
     }
 }
+
+#[cfg(test)]
+mod proxy_args_tests {
+    use super::ProxyArgs;
+
+    fn args(
+        gate: Option<&str>,
+        range: Option<&str>,
+        user: Option<&str>,
+        pass: Option<&str>,
+    ) -> ProxyArgs {
+        ProxyArgs {
+            proxy_gate_host: gate.map(Into::into),
+            proxy_port_range: range.map(Into::into),
+            proxy_username: user.map(Into::into),
+            proxy_password: pass.map(Into::into),
+            proxy_check_url: "https://ip.decodo.com/json".into(),
+            proxy_check_interval: 300.0,
+            proxy_check_timeout: 10.0,
+        }
+    }
+
+    #[test]
+    fn proxy_flags_are_checked_and_the_password_never_shown() {
+        assert!(args(None, None, None, None).config().unwrap().is_none());
+        let error = |a: ProxyArgs| format!("{:#}", a.config().unwrap_err());
+        assert!(
+            error(args(Some("gate.decodo.com"), None, None, None)).contains("--proxy-port-range")
+        );
+        assert!(error(args(Some("gate.decodo.com"), Some("9-1"), None, None)).contains("empty"));
+        assert!(
+            error(args(
+                Some("gate.decodo.com"),
+                Some("10001-10002"),
+                Some("u"),
+                None
+            ))
+            .contains("go together")
+        );
+        let full = args(
+            Some("gate.decodo.com"),
+            Some("10001-10002"),
+            Some("u"),
+            Some("hunter2"),
+        );
+        let config = full.config().unwrap().unwrap();
+        assert_eq!(config.ports, 10001..=10002);
+        assert!(!format!("{full:?}{config:?}").contains("hunter2"));
+    }
+}
