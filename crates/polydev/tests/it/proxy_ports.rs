@@ -444,6 +444,35 @@ async fn proxy_unhealthy_port_refuses_the_claim_and_says_so() {
         "no container was taken, and none bypasses the port"
     );
     assert!(fake.proxies.lock().unwrap().is_empty());
+    // The user can read their port's state.
+    let response = server
+        .client
+        .get(format!("{}/v1/runtime/proxy", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let state: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(state["port"], port);
+    assert_eq!(state["healthy"], false);
+    assert!(state["last_error"].as_str().unwrap().contains("502"));
+    assert!(state["last_checked_at"].is_string() && state["last_verified_at"].is_null());
+    let (_, bob_token) =
+        crate::http_api::user_with_token(&db, "bob@example.com", polydev::accounts::Plan::Pro)
+            .await;
+    let response = server
+        .client
+        .get(format!("{}/v1/runtime/proxy", server.base))
+        .bearer_auth(&bob_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::NOT_FOUND,
+        "no port before a first claim"
+    );
 
     // The port recovers: the next probe says so, and the claim goes through it.
     gate.broken.lock().unwrap().clear();
