@@ -40,6 +40,8 @@ pub struct AppState {
     pub oauth_limits: Arc<OAuthLimits>,
     /// Hosts whose client ID metadata documents may be fetched from private addresses.
     pub cimd_private_hosts: Vec<String>,
+    /// Extra roots trusted for client ID metadata documents (`--cimd-extra-root-ca`).
+    pub cimd_extra_roots: Vec<reqwest::Certificate>,
     /// Passkeys for the public URL's host (`None` when it is an IP address, which WebAuthn
     /// does not accept as a relying party id).
     pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
@@ -105,6 +107,7 @@ impl AppState {
             mailer: Arc::new(Mailer::Log),
             oauth_limits: Arc::new(OAuthLimits::default()),
             cimd_private_hosts: Vec::new(),
+            cimd_extra_roots: Vec::new(),
             webauthn: None,
             metrics_token: None,
         }
@@ -136,10 +139,16 @@ impl AppState {
         self
     }
 
+    pub fn with_cimd_extra_roots(mut self, roots: Vec<reqwest::Certificate>) -> Self {
+        self.cimd_extra_roots = roots;
+        self
+    }
+
     /// The OAuth configuration (issuer and resource) of this server.
     pub fn oauth(&self) -> crate::oauth::Config {
         let mut config = crate::oauth::Config::new(&self.public_url);
         config.cimd_private_hosts = self.cimd_private_hosts.clone();
+        config.cimd_extra_roots = self.cimd_extra_roots.clone();
         config
     }
 

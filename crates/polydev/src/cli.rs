@@ -192,6 +192,10 @@ pub struct ServeArgs {
     /// tests). Others must resolve to public addresses only.
     #[arg(long, env = "POLYDEV_CIMD_PRIVATE_HOSTS", value_delimiter = ',')]
     cimd_private_hosts: Vec<String>,
+    /// A PEM file of CA certificates trusted, on top of the system's roots, for client ID
+    /// metadata documents (an internal CA; tests).
+    #[arg(long, env = "POLYDEV_CIMD_EXTRA_ROOT_CA")]
+    cimd_extra_root_ca: Option<std::path::PathBuf>,
     /// The sender of account e-mail.
     #[arg(
         long,
@@ -219,9 +223,8 @@ pub struct RuntimeArgs {
     /// The server's URL as agents on other machines see it (Nomad).
     #[arg(long, env = "POLYDEV_RUNTIME_SERVER_URL")]
     runtime_server_url: Option<String>,
-    /// Host of the users' proxy ports when `user_proxy_ports.proxy_ip` is empty.
-    #[arg(long, env = "POLYDEV_RUNTIME_PROXY_HOST")]
-    runtime_proxy_host: Option<String>,
+    #[command(flatten)]
+    proxy: ProxyArgs,
     #[arg(
         long,
         env = "POLYDEV_NOMAD_ADDR",
@@ -243,6 +246,97 @@ pub struct RuntimeArgs {
     nomad_agent: String,
 }
 
+/// The users' Decodo proxy ports (docs/cli-backends.md, "Proxy ports").
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// The proxy gate every user's port is opened on (e.g. `gate.decodo.com`). Unset: proxy
+    /// ports are off and runtime containers have no egress.
+    #[arg(long, alias = "runtime-proxy-host", env = "POLYDEV_PROXY_GATE_HOST")]
+    proxy_gate_host: Option<String>,
+    /// Ports new users get, `START-END` (inclusive); existing `user_proxy_ports` rows keep theirs.
+    #[arg(long, env = "POLYDEV_PROXY_PORT_RANGE")]
+    proxy_port_range: Option<String>,
+    /// The gate's username (sent as `Proxy-Authorization`, never logged).
+    #[arg(long, env = "POLYDEV_PROXY_USERNAME", hide_env_values = true)]
+    proxy_username: Option<String>,
+    /// The gate's password (never logged; prefer the environment variable).
+    #[arg(long, env = "POLYDEV_PROXY_PASSWORD", hide_env_values = true)]
+    proxy_password: Option<String>,
+    /// The health probe sends `CONNECT` to this URL's host and port through each port.
+    #[arg(
+        long,
+        env = "POLYDEV_PROXY_CHECK_URL",
+        default_value = "https://ip.decodo.com/json"
+    )]
+    proxy_check_url: String,
+    /// Seconds between two health probe passes.
+    #[arg(long, env = "POLYDEV_PROXY_CHECK_INTERVAL", default_value_t = 300.0)]
+    proxy_check_interval: f64,
+    /// Seconds a probe waits for the proxy's answer.
+    #[arg(long, env = "POLYDEV_PROXY_CHECK_TIMEOUT", default_value_t = 10.0)]
+    proxy_check_timeout: f64,
+}
+
+impl std::fmt::Debug for ProxyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyArgs")
+            .field("proxy_gate_host", &self.proxy_gate_host)
+            .field("proxy_port_range", &self.proxy_port_range)
+            .field(
+                "proxy_username",
+                &self.proxy_username.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "proxy_password",
+                &self.proxy_password.as_ref().map(|_| "<set>"),
+            )
+            .field("proxy_check_url", &self.proxy_check_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyArgs {
+    /// The proxy configuration, or `None` when no gate is set.
+    pub fn config(&self) -> anyhow::Result<Option<crate::proxy::ProxyConfig>> {
+        use anyhow::Context;
+        let Some(gate_host) = self.proxy_gate_host.clone().filter(|h| !h.is_empty()) else {
+            return Ok(None);
+        };
+        let range = self
+            .proxy_port_range
+            .as_deref()
+            .context("--proxy-gate-host needs --proxy-port-range (e.g. 10001-10100)")?;
+        let ports = crate::proxy::ProxyConfig::parse_range(range)
+            .map_err(|why| anyhow::anyhow!("--proxy-port-range {why}"))?;
+        let credentials = match (&self.proxy_username, &self.proxy_password) {
+            (None, None) => None,
+            (Some(username), Some(password)) => Some(crate::proxy::Credentials {
+                username: username.clone(),
+                password: password.clone(),
+            }),
+            _ => anyhow::bail!("--proxy-username and --proxy-password go together"),
+        };
+        let check_url = url::Url::parse(&self.proxy_check_url)
+            .with_context(|| format!("--proxy-check-url `{}`", self.proxy_check_url))?;
+        let seconds = |name: &str, value: f64| {
+            anyhow::ensure!(value > 0.0 && value.is_finite(), "--{name} must be > 0");
+            Ok(std::time::Duration::from_secs_f64(value))
+        };
+        let config = crate::proxy::ProxyConfig {
+            gate_host,
+            ports,
+            credentials,
+            check_url,
+            check_interval: seconds("proxy-check-interval", self.proxy_check_interval)?,
+            check_timeout: seconds("proxy-check-timeout", self.proxy_check_timeout)?,
+        };
+        config
+            .check_target()
+            .map_err(|why| anyhow::anyhow!("--proxy-check-url: {why}"))?;
+        Ok(Some(config))
+    }
+}
+
 impl RuntimeArgs {
     /// The runtime, or `None` when it is off (or the local driver cannot run here).
     fn build(
@@ -262,11 +356,18 @@ impl RuntimeArgs {
             config.warm.insert(provider.into(), count.trim().parse()?);
         }
         config.server_url = self.runtime_server_url.clone();
-        config.proxy_host = self.runtime_proxy_host.clone();
+        let proxies = self
+            .proxy
+            .config()?
+            .map(|proxy| crate::proxy::Proxies::new(pool.clone(), proxy));
         let orchestrator: Arc<dyn Orchestrator> = match self.driver.as_str() {
             "off" => return Ok(None),
             "local" => {
-                let local = runtime::LocalConfig::detect(runtime::LocalConfig::default_agent());
+                let mut local = runtime::LocalConfig::detect(runtime::LocalConfig::default_agent());
+                local.proxy_authorization = proxies
+                    .as_ref()
+                    .and_then(|p| p.config.credentials.as_ref())
+                    .map(crate::proxy::Credentials::authorization);
                 if !local.bwrap.exists() || !local.agent.exists() {
                     tracing::warn!(bwrap = %local.bwrap.display(), agent = %local.agent.display(),
                         "the local runtime needs bubblewrap and polydev-agent; runtime off");
@@ -296,7 +397,16 @@ impl RuntimeArgs {
             other => anyhow::bail!("--runtime `{other}`: expected local, nomad or off"),
         };
         tracing::info!(driver = orchestrator.driver(), warm = ?config.warm, "container runtime");
-        Ok(Some(runtime::Runtime::new(pool, orchestrator, config)))
+        if let Some(proxies) = &proxies {
+            let ports = &proxies.config.ports;
+            tracing::info!(gate = %proxies.config.gate_host, ports = %format!("{}-{}", ports.start(), ports.end()),
+                credentials = proxies.config.credentials.is_some(), "proxy ports");
+        } else {
+            tracing::warn!("no --proxy-gate-host: runtime containers have no egress");
+        }
+        Ok(Some(
+            runtime::Runtime::new(pool, orchestrator, config).with_proxies(proxies),
+        ))
     }
 }
 
@@ -536,6 +646,7 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
                 .filter(|h| !h.is_empty())
                 .collect(),
         )
+        .with_cimd_extra_roots(cimd_extra_roots(args.cimd_extra_root_ca.as_deref())?)
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
@@ -555,6 +666,9 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     crate::telemetry::spawn_upkeep(state.shutdown.clone());
     if let Some(runtime) = &state.runtime {
         runtime.spawn_background(state.shutdown.clone());
+        if let Some(proxies) = &runtime.proxies {
+            proxies.spawn_background(state.shutdown.clone());
+        }
     }
     let stop_sweeper = tokio_util::sync::CancellationToken::new();
     let sweeping = tokio::spawn(sweeper.run(db.pool.clone(), stop_sweeper.clone()));
@@ -1000,4 +1114,91 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
         }
     }
     Ok(())
+}
+
+/// The certificates of `--cimd-extra-root-ca` (none without it).
+fn cimd_extra_roots(path: Option<&std::path::Path>) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    use anyhow::Context;
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let pem =
+        std::fs::read(path).with_context(|| format!("--cimd-extra-root-ca {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+        format!(
+            "--cimd-extra-root-ca {}: not PEM certificates",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--cimd-extra-root-ca {}: no certificate in it",
+        path.display()
+    );
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod cimd_extra_root_tests {
+    #[test]
+    fn a_missing_or_empty_root_file_is_a_clear_error() {
+        assert!(super::cimd_extra_roots(None).unwrap().is_empty());
+        let missing = super::cimd_extra_roots(Some(std::path::Path::new("/nonexistent/ca.pem")));
+        assert!(format!("{:#}", missing.unwrap_err()).contains("--cimd-extra-root-ca"));
+        let dir = std::env::temp_dir().join(format!("polydev-ca-{}", std::process::id()));
+        std::fs::write(&dir, "not a certificate\n").unwrap();
+        let empty = super::cimd_extra_roots(Some(&dir));
+        let _ = std::fs::remove_file(&dir);
+        assert!(format!("{:#}", empty.unwrap_err()).contains("no certificate"));
+    }
+}
+
+#[cfg(test)]
+mod proxy_args_tests {
+    use super::ProxyArgs;
+
+    fn args(
+        gate: Option<&str>,
+        range: Option<&str>,
+        user: Option<&str>,
+        pass: Option<&str>,
+    ) -> ProxyArgs {
+        ProxyArgs {
+            proxy_gate_host: gate.map(Into::into),
+            proxy_port_range: range.map(Into::into),
+            proxy_username: user.map(Into::into),
+            proxy_password: pass.map(Into::into),
+            proxy_check_url: "https://ip.decodo.com/json".into(),
+            proxy_check_interval: 300.0,
+            proxy_check_timeout: 10.0,
+        }
+    }
+
+    #[test]
+    fn proxy_flags_are_checked_and_the_password_never_shown() {
+        assert!(args(None, None, None, None).config().unwrap().is_none());
+        let error = |a: ProxyArgs| format!("{:#}", a.config().unwrap_err());
+        assert!(
+            error(args(Some("gate.decodo.com"), None, None, None)).contains("--proxy-port-range")
+        );
+        assert!(error(args(Some("gate.decodo.com"), Some("9-1"), None, None)).contains("empty"));
+        assert!(
+            error(args(
+                Some("gate.decodo.com"),
+                Some("10001-10002"),
+                Some("u"),
+                None
+            ))
+            .contains("go together")
+        );
+        let full = args(
+            Some("gate.decodo.com"),
+            Some("10001-10002"),
+            Some("u"),
+            Some("hunter2"),
+        );
+        let config = full.config().unwrap().unwrap();
+        assert_eq!(config.ports, 10001..=10002);
+        assert!(!format!("{full:?}{config:?}").contains("hunter2"));
+    }
 }

@@ -218,6 +218,12 @@ pub enum Error {
     /// containers now; nothing was changed. The detail is logged, never sent.
     #[error("runtime unavailable: {0}")]
     RuntimeUnavailable(String),
+    /// A user's proxy port cannot carry their runtime traffic (503): it failed its health check
+    /// (`proxy_unhealthy`), the configured range has no free port (`proxy_ports_exhausted`), the
+    /// gate cannot be resolved (`proxy_unreachable`). The message names the port, never the
+    /// gate's credentials.
+    #[error("{message}")]
+    Proxy { code: &'static str, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -244,6 +250,7 @@ impl Error {
             Error::Internal(_) => "internal",
             Error::Unavailable(_) => "database_unavailable",
             Error::RuntimeUnavailable(_) => "runtime_unavailable",
+            Error::Proxy { code, .. } => code,
         }
     }
 
@@ -270,6 +277,7 @@ impl Error {
             Error::Internal(detail) => tracing::error!(%detail, "internal error"),
             Error::Unavailable(error) => tracing::error!(%error, "database unavailable"),
             Error::RuntimeUnavailable(detail) => tracing::error!(%detail, "runtime unavailable"),
+            Error::Proxy { code, message } => tracing::warn!(%code, %message, "proxy refused"),
             _ => {}
         }
     }

@@ -17,6 +17,7 @@ pub mod mcp;
 pub mod net;
 pub mod oauth;
 pub mod perspectives;
+pub mod proxy;
 pub mod quota;
 pub mod retry;
 pub mod runtime;

@@ -2,16 +2,19 @@
 //! in the same run:
 //!
 //! 1. **Claim latency**: 100 ready warm containers, 32 users claiming at once (one claim each),
-//!    20 rounds after a warm-up round; every container must be claimed once. Baseline: a primary-key `SELECT` of one
-//!    row at the same concurrency over the same pool. The orchestrator is in memory (the local
-//!    driver's inspect and set_proxy are map lookups too): what is measured is the claim.
+//!    20 rounds after a warm-up round; every container must be claimed once. Each user already
+//!    has a proxy port (a gate on 127.0.0.1, as in production after the first use), so the claim
+//!    reads it and checks its health in its one statement. Baselines at the same concurrency
+//!    over the same pool: a primary-key `SELECT` of one row, and a primary-key `UPDATE` of one
+//!    row (autocommit: a durable write, like the claim). The orchestrator is in memory (the
+//!    local driver's inspect and set_proxy are map lookups too): what is measured is the claim.
 //! 2. **Sealed `true`**: a sealed job running `true` end to end on a claimed local container
 //!    (seal, submit over HTTP, the agent's long poll wakes, opens, runs, finishes; the client
 //!    reads `finished` from the SSE stream), against `true` run directly in the same sandbox
 //!    (timed inside it with `date +%s%N`, reported through a sealed job). Also reported: a
 //!    fresh sandbox of the same driver running `true`, start to exit.
 //!
-//! Usage: runtime --agent PATH [--rounds N] (DATABASE_URL: a server to create a scratch
+//! Usage: runtime --agent PATH [--rounds N] [--claim-only] (DATABASE_URL: a server to create a scratch
 //! database on; default postgres://postgres@127.0.0.1:5432/postgres).
 
 use std::collections::{BTreeMap, HashSet};
@@ -148,9 +151,22 @@ async fn new_user(pool: &PgPool, n: usize) -> anyhow::Result<Uuid> {
 async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
     const WARM: usize = 100;
     const CLAIMERS: usize = 32;
-    let runtime = Runtime::new(pool.clone(), Arc::new(InMemory), RuntimeConfig::default());
+    let proxies = polydev::proxy::Proxies::new(
+        pool.clone(),
+        polydev::proxy::ProxyConfig {
+            gate_host: "127.0.0.1".into(),
+            ports: 10001..=60000,
+            credentials: None,
+            check_url: "http://127.0.0.1:9/".parse()?,
+            check_interval: Duration::from_secs(3600),
+            check_timeout: Duration::from_secs(5),
+        },
+    );
+    let runtime = Runtime::new(pool.clone(), Arc::new(InMemory), RuntimeConfig::default())
+        .with_proxies(Some(proxies.clone()));
     let mut claims = Vec::new();
     let mut baseline = Vec::new();
+    let mut baseline_update = Vec::new();
     let probe = new_user(pool, 0).await?;
     // Round 0 warms the pool up (its connections open and prepare statements) and is not
     // counted.
@@ -167,7 +183,9 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
         .await?;
         let mut users = Vec::new();
         for n in 0..CLAIMERS {
-            users.push(new_user(pool, round * CLAIMERS + n).await?);
+            let user = new_user(pool, round * CLAIMERS + n).await?;
+            proxies.port_for(user).await?;
+            users.push(user);
         }
         let timed = futures_util::future::join_all(users.iter().map(|&user| {
             let runtime = runtime.clone();
@@ -210,6 +228,25 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
                 baseline.push(elapsed);
             }
         }
+        // Baseline: the same concurrency, one primary-key UPDATE each (its own row, committed).
+        let timed = futures_util::future::join_all(users.iter().map(|&user| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let _ = sqlx::query("UPDATE users SET last_active_at = NOW() WHERE user_id = $1")
+                    .bind(user)
+                    .execute(&pool)
+                    .await;
+                start.elapsed()
+            })
+        }))
+        .await;
+        for elapsed in timed {
+            let elapsed = elapsed?;
+            if round > 0 {
+                baseline_update.push(elapsed);
+            }
+        }
         // Next round starts from a clean pool of 100.
         sqlx::query("UPDATE runtime_containers SET status = 'destroyed', destroyed_at = NOW() WHERE status <> 'destroyed'")
             .execute(pool)
@@ -222,7 +259,10 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
         "claim_p99_ms": ms(percentile(&claims, 0.99)),
         "baseline_select_p50_ms": ms(percentile(&baseline, 0.5)),
         "baseline_select_p99_ms": ms(percentile(&baseline, 0.99)),
+        "baseline_update_p50_ms": ms(percentile(&baseline_update, 0.5)),
+        "baseline_update_p99_ms": ms(percentile(&baseline_update, 0.99)),
         "p99_ratio": percentile(&claims, 0.99).as_secs_f64() / percentile(&baseline, 0.99).as_secs_f64().max(1e-9),
+        "p99_ratio_to_update": percentile(&claims, 0.99).as_secs_f64() / percentile(&baseline_update, 0.99).as_secs_f64().max(1e-9),
     });
     Ok(result)
 }
@@ -423,11 +463,13 @@ async fn main() -> anyhow::Result<()> {
     polydev::net::install_tls_provider();
     let mut agent = None;
     let mut rounds = 20;
+    let mut claim_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--agent" => agent = args.next().map(PathBuf::from),
             "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
+            "--claim-only" => claim_only = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -436,6 +478,9 @@ async fn main() -> anyhow::Result<()> {
     let outcome = async {
         let claim = claim_latency(&pool, rounds).await?;
         println!("claim latency: {}", serde_json::to_string_pretty(&claim)?);
+        if claim_only {
+            return anyhow::Ok(());
+        }
         let sealed = sealed_true(&pool, agent, rounds.max(10)).await?;
         println!("sealed true:   {}", serde_json::to_string_pretty(&sealed)?);
         let all = json!({"claim": claim, "sealed_true": sealed});

@@ -46,6 +46,7 @@ pub fn status(error: &Error) -> StatusCode {
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Unavailable(_) | Error::RuntimeUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Proxy { .. } => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -32,6 +32,7 @@ pub fn routes() -> Router<AppState> {
             get(container).delete(release),
         )
         .route("/v1/runtime/keys", get(user_key).put(put_user_key))
+        .route("/v1/runtime/proxy", get(proxy_port))
         .route("/v1/runtime/jobs", post(submit))
         .route("/v1/runtime/jobs/{id}", get(job))
         .route("/v1/runtime/jobs/{id}/events", get(follow))
@@ -80,6 +81,23 @@ async fn release(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<ContainerView>, ApiError> {
     Ok(Json(runtime(&state)?.release(caller.user_id, id).await?))
+}
+
+/// The caller's proxy port and what its last health check found (docs/cli-backends.md).
+async fn proxy_port(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<crate::proxy::UserPort>, ApiError> {
+    let proxies = runtime(&state)?.proxies.as_ref().ok_or_else(|| {
+        ApiError(Error::NotConfigured(
+            "proxy ports are off: start `polydev serve` with --proxy-gate-host and --proxy-port-range".into(),
+        ))
+    })?;
+    let port = proxies
+        .port_of(caller.user_id)
+        .await?
+        .ok_or(Error::NotFound("proxy port"))?;
+    Ok(Json(port))
 }
 
 async fn user_key(

@@ -8,7 +8,9 @@
 //!   `--cimd-private-hosts`; the connection goes to the checked address (no second lookup
 //!   that DNS rebinding could change), without redirects;
 //! - at most 5 s and 64 KiB;
-//! - the document is cached in `mcp_registered_clients` for an hour.
+//! - the document is cached in `mcp_registered_clients` for an hour;
+//! - the server's certificate must chain to the system's roots, or to one added with
+//!   `--cimd-extra-root-ca` (an internal CA).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -131,6 +133,7 @@ async fn fetch(config: &Config, url: &url::Url) -> Result<ClientMetadata> {
         .timeout(FETCH_TIMEOUT)
         .connect_timeout(FETCH_TIMEOUT)
         .resolve_to_addrs(&host, &addresses)
+        .tls_certs_merge(config.cimd_extra_roots.iter().cloned())
         .user_agent(concat!("polydev/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(Error::internal)?;

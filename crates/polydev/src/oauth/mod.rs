@@ -30,6 +30,9 @@ pub struct Config {
     /// Hosts whose client ID metadata documents may be fetched from private addresses
     /// (`--cimd-private-hosts`; for tests and internal deployments).
     pub cimd_private_hosts: Vec<String>,
+    /// Roots trusted for client ID metadata documents on top of the system's
+    /// (`--cimd-extra-root-ca`; for internal deployments and tests).
+    pub cimd_extra_roots: Vec<reqwest::Certificate>,
 }
 
 impl Config {
@@ -37,6 +40,7 @@ impl Config {
         Config {
             issuer: issuer.trim_end_matches('/').to_string(),
             cimd_private_hosts: Vec::new(),
+            cimd_extra_roots: Vec::new(),
         }
     }
 

@@ -406,9 +406,12 @@ impl Runtime {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        let proxy = match (&self.config.proxy_host, container.decodo_port) {
-            (Some(host), Some(port)) if self.orchestrator.driver() == "nomad" => {
-                Some(format!("http://{host}:{port}"))
+        // The local driver's sandbox names its tunnel in `HTTP(S)_PROXY` (the host end adds
+        // the gate's credentials); a Nomad task reaches the gate itself, so the job is handed
+        // the user's port with the credentials (docs/cli-backends.md, "Proxy ports").
+        let proxy = match (&self.proxies, container.decodo_port) {
+            (Some(proxies), Some(port)) if self.orchestrator.driver() == "nomad" => {
+                Some(proxies.config.url(port as u16))
             }
             _ => None,
         };

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,9 @@ pub struct LocalConfig {
     /// Per-sandbox directories (the Unix sockets of its tunnels) go here.
     pub state_dir: PathBuf,
     pub limits: Limits,
+    /// `Proxy-Authorization` the host end of the proxy tunnel adds to each connection's
+    /// request (the gate's credentials): the sandbox never holds them.
+    pub proxy_authorization: Option<String>,
 }
 
 impl LocalConfig {
@@ -68,6 +71,7 @@ impl LocalConfig {
             agent,
             state_dir: std::env::temp_dir().join(format!("polydev-sandboxes-{uid}")),
             limits: detect_cgroups().unwrap_or(Limits::Prlimit),
+            proxy_authorization: None,
         }
     }
 
@@ -184,12 +188,14 @@ impl LocalDriver {
         let server: Target = Arc::new(Mutex::new(spec.network.server));
         // The proxy tunnel always exists (a warm sandbox gets its user's proxy when claimed);
         // without a target it refuses every connection.
-        for (name, target, inside) in [
-            ("proxy", Some(proxy.clone()), PROXY_INSIDE),
+        let authorization: Option<Arc<str>> = config.proxy_authorization.as_deref().map(Into::into);
+        for (name, target, inside, authorization) in [
+            ("proxy", Some(proxy.clone()), PROXY_INSIDE, authorization),
             (
                 "server",
                 spec.network.server.is_some().then_some(server),
                 SERVER_INSIDE,
+                None,
             ),
         ] {
             let Some(target) = target else { continue };
@@ -197,7 +203,7 @@ impl LocalDriver {
             let listener = UnixListener::bind(&socket).map_err(|e| {
                 OrchestratorError::Refused(format!("tunnel socket {}: {e}", socket.display()))
             })?;
-            tokio::spawn(tunnel(listener, target, stop.clone()));
+            tokio::spawn(tunnel(listener, target, authorization, stop.clone()));
             forwards.push(format!("{inside}={SOCKETS_INSIDE}/{name}.sock"));
         }
 
@@ -387,11 +393,11 @@ fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
-    if spec.network.proxy.is_some() {
-        let url = format!("http://{PROXY_INSIDE}");
-        for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-            env.push((key.into(), url.clone()));
-        }
+    // The proxy tunnel always exists (a warm sandbox gets its user's port when claimed, and
+    // refuses every connection until then), so programs are always told to use it.
+    let url = format!("http://{PROXY_INSIDE}");
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push((key.into(), url.clone()));
     }
     if spec.network.server.is_some() {
         env.push(("POLYDEV_SERVER".into(), format!("http://{SERVER_INSIDE}")));
@@ -406,8 +412,14 @@ fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std
 }
 
 /// Host end of a tunnel: each connection to the sandbox's socket goes to `target`, nowhere else
-/// (and is dropped while there is no target).
-async fn tunnel(listener: UnixListener, target: Target, stop: CancellationToken) {
+/// (and is dropped while there is no target). With `authorization` (the proxy tunnel, when the
+/// gate needs credentials) each connection's request head gets it: see [`authorize_head`].
+async fn tunnel(
+    listener: UnixListener,
+    target: Target,
+    authorization: Option<Arc<str>>,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -420,17 +432,87 @@ async fn tunnel(listener: UnixListener, target: Target, stop: CancellationToken)
             continue;
         };
         let stop = stop.clone();
+        let authorization = authorization.clone();
         tokio::spawn(async move {
+            let head = match &authorization {
+                Some(authorization) => match read_head(&mut inside).await {
+                    Some((head, rest)) => {
+                        let mut bytes = authorize_head(&head, authorization).into_bytes();
+                        bytes.extend_from_slice(&rest);
+                        Some(bytes)
+                    }
+                    None => return,
+                },
+                None => None,
+            };
             let Ok(mut outside) = TcpStream::connect(target).await else {
                 return;
             };
             let _ = outside.set_nodelay(true);
+            if let Some(head) = head
+                && outside.write_all(&head).await.is_err()
+            {
+                return;
+            }
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut inside, &mut outside) => {}
                 () = stop.cancelled() => {}
             }
         });
     }
+}
+
+/// The most of a request head the proxy tunnel reads.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// A proxy request's head (up to the blank line, as text) and the bytes read past it; `None`
+/// when the connection closed first or the head is too long or not text.
+async fn read_head(stream: &mut tokio::net::UnixStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return String::from_utf8(buf).ok().map(|head| (head, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return None;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The head with the gate's `Proxy-Authorization` instead of any the sandbox sent. A request
+/// other than `CONNECT` (plain HTTP through the proxy) gets `Connection: close`: the next
+/// request comes on a new connection, and so has its own head rewritten too.
+fn authorize_head(head: &str, authorization: &str) -> String {
+    let mut lines = head.split("\r\n").filter(|l| !l.is_empty());
+    let request_line = lines.next().unwrap_or_default();
+    let connect = request_line
+        .split_whitespace()
+        .next()
+        .is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"));
+    let mut out = format!("{request_line}\r\n");
+    for line in lines {
+        let name = line.split(':').next().unwrap_or_default().trim();
+        let dropped = name.eq_ignore_ascii_case("proxy-authorization")
+            || (!connect
+                && (name.eq_ignore_ascii_case("connection")
+                    || name.eq_ignore_ascii_case("proxy-connection")));
+        if !dropped {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    if !connect {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str(&format!("Proxy-Authorization: {authorization}\r\n\r\n"));
+    out
 }
 
 /// This machine's boot id: with a pid it names a process for as long as the machine is up.
@@ -647,4 +729,23 @@ pub(crate) fn broadcast_stream(receiver: broadcast::Receiver<Event>) -> BoxStrea
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorize_head;
+
+    #[test]
+    fn the_gate_credentials_replace_the_sandboxes_own() {
+        let head = "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nproxy-authorization: Basic Zm9vOmJhcg==\r\n\r\n";
+        assert_eq!(
+            authorize_head(head, "Basic Z2F0ZTpzZWNyZXQ="),
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Authorization: Basic Z2F0ZTpzZWNyZXQ=\r\n\r\n"
+        );
+        let head = "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive\r\n\r\n";
+        assert_eq!(
+            authorize_head(head, "Basic eA=="),
+            "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\nProxy-Authorization: Basic eA==\r\n\r\n"
+        );
+    }
 }

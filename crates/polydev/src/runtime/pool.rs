@@ -23,8 +23,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::orchestrator::{ContainerSpec, NetworkPolicy, Orchestrator, Resources, State};
+use super::orchestrator::{
+    ContainerSpec, NetworkPolicy, Orchestrator, OrchestratorError, Resources, State,
+};
 use crate::error::{Error, Result};
+use crate::proxy::Proxies;
 
 /// The providers whose CLIs run in containers (the table's CHECK).
 pub const PROVIDERS: [&str; 3] = ["openai", "anthropic", "google"];
@@ -67,8 +70,6 @@ pub struct RuntimeConfig {
     pub server_url: Option<String>,
     /// How often the reconcile loop runs when nothing wakes it.
     pub reconcile_interval: Duration,
-    /// The host of the users' proxy ports (`user_proxy_ports.proxy_ip` when NULL).
-    pub proxy_host: Option<String>,
     /// A job is killed when it has run this long.
     pub job_wall_clock: Duration,
     /// Plaintext output per stream of a job; the rest is dropped behind a marker.
@@ -86,7 +87,6 @@ impl Default for RuntimeConfig {
             server: None,
             server_url: None,
             reconcile_interval: Duration::from_secs(5),
-            proxy_host: None,
             job_wall_clock: Duration::from_secs(10 * 60),
             max_output_bytes: 1024 * 1024,
         }
@@ -99,6 +99,8 @@ pub struct Runtime {
     pub pool: PgPool,
     pub orchestrator: Arc<dyn Orchestrator>,
     pub config: Arc<RuntimeConfig>,
+    /// The users' proxy ports (`None`: containers have no egress).
+    pub proxies: Option<Proxies>,
     /// Wakes the background loop (a claim found a pool empty, a container ended).
     wake: Arc<Notify>,
     /// Wakes waiters on job changes in this process (agents waiting for work, output followers).
@@ -162,6 +164,7 @@ impl Runtime {
             pool,
             orchestrator,
             config: Arc::new(config),
+            proxies: None,
             wake: Arc::new(Notify::new()),
             jobs: Arc::new(Notify::new()),
         }
@@ -190,18 +193,29 @@ impl Runtime {
         Ok(counts)
     }
 
+    /// Every container's egress goes through its user's port of `proxies`.
+    pub fn with_proxies(mut self, proxies: Option<Proxies>) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
     /// Gives `user_id` a container of `provider`: the one they already hold, else the oldest
-    /// ready warm container (one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED LIMIT
-    /// 1)`). The orchestrator must confirm it is running and point its egress at the user's
-    /// proxy before the claim commits: if it cannot be reached, the claim rolls back (503) and
-    /// the container stays in the pool.
+    /// ready warm container, in one statement (one round trip: `UPDATE … WHERE id = (SELECT …
+    /// FOR UPDATE SKIP LOCKED LIMIT 1)`, with the held container and the user's proxy port
+    /// folded in). With proxy ports configured, a user's first claim allocates their port, and
+    /// a port whose last health check failed refuses the claim (`proxy_unhealthy`): containers
+    /// never start on a bad egress nor around it.
+    ///
+    /// The orchestrator then confirms the container runs and points its egress at the user's
+    /// proxy. A container it cannot confirm is destroyed (never handed to anyone else) and the
+    /// next one tried; if it cannot be reached, the claim fails with 503.
     pub async fn claim(&self, user_id: Uuid, provider: &str) -> Result<Claimed> {
         let provider = check_provider(provider)?;
         for _ in 0..4 {
             match self.try_claim(user_id, provider).await {
                 Err(Error::Conflict(_)) => continue, // a concurrent claim of the same user won
                 Ok(Some(claimed)) => return Ok(claimed),
-                Ok(None) => continue, // the container was dead: destroyed, try the next
+                Ok(None) => continue, // dead container destroyed, or a port just allocated
                 Err(other) => return Err(other),
             }
         }
@@ -211,22 +225,24 @@ impl Runtime {
     }
 
     async fn try_claim(&self, user_id: Uuid, provider: &'static str) -> Result<Option<Claimed>> {
-        let mut tx = self.pool.begin().await?;
-        // One statement (three round trips with BEGIN and COMMIT): the user's live container if
-        // they hold one, else the oldest ready one, with the user's proxy port.
-        let claimed = sqlx::query!(
-            r#"WITH held AS (
+        let with_proxy = self.proxies.is_some();
+        let row = sqlx::query!(
+            r#"WITH proxy AS (
+                   SELECT proxy_port, healthy FROM user_proxy_ports
+                   WHERE user_id = $1 AND $4::bool
+               ), held AS (
                    UPDATE runtime_containers SET last_used_at = NOW()
                    WHERE user_id = $1 AND provider = $2 AND status IN ('assigned', 'executing')
                    RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
                              true AS held
-               ), proxy AS (
-                   SELECT proxy_ip, proxy_port FROM user_proxy_ports WHERE user_id = $1
                ), claimed AS (
                    UPDATE runtime_containers
                    SET status = 'assigned', user_id = $1, assigned_at = NOW(),
                        last_used_at = NOW(), decodo_port = (SELECT proxy_port FROM proxy)
                    WHERE NOT EXISTS (SELECT 1 FROM held)
+                     AND (NOT $4::bool OR EXISTS (SELECT 1 FROM proxy
+                                                  WHERE proxy_port IS NOT NULL
+                                                        AND healthy IS DISTINCT FROM false))
                      AND id = (SELECT id FROM runtime_containers
                                WHERE provider = $2 AND status = 'ready' AND user_id IS NULL
                                      AND orchestrator = $3
@@ -234,74 +250,92 @@ impl Runtime {
                    RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
                              false AS held
                )
-               SELECT c.id AS "id!", c.container_id AS "container_id!",
-                      c.agent_public_key AS "public_key!", c.decodo_port,
-                      c.assigned_at AS "assigned_at!", c.held AS "held!",
-                      (SELECT proxy_ip FROM proxy) AS proxy_ip
-               FROM (SELECT * FROM held UNION ALL SELECT * FROM claimed) c"#,
+               SELECT c.id AS "id?", c.container_id AS "container_id?",
+                      c.agent_public_key AS "public_key?", c.decodo_port AS "decodo_port?",
+                      c.assigned_at AS "assigned_at?", c.held AS "held?",
+                      p.proxy_port AS "proxy_port?", p.healthy AS "proxy_healthy?"
+               FROM (SELECT 1) AS one
+               LEFT JOIN (SELECT * FROM held UNION ALL SELECT * FROM claimed) c ON true
+               LEFT JOIN proxy p ON true"#,
             user_id,
             provider,
-            self.orchestrator.instance()
+            self.orchestrator.instance(),
+            with_proxy
         )
-        .fetch_optional(&mut *tx)
-        .await;
-        let claimed = match claimed {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                drop(tx);
-                self.wake.notify_one();
-                return Err(Error::RuntimeUnavailable(format!(
-                    "no warm {provider} container is ready"
-                )));
+        .fetch_one(&self.pool)
+        .await?; // 23505: the user's concurrent claim won (Conflict, retried)
+        if let Some(proxies) = &self.proxies {
+            if row.proxy_port.is_none() {
+                // First use: allocate the user's port, then claim again.
+                proxies.port_for(user_id).await?;
+                return Ok(None);
             }
-            Err(error) => return Err(error.into()), // 23505: the user's concurrent claim won
-        };
-        if claimed.held {
-            tx.commit().await?;
-            return Ok(Some(Claimed {
-                id: claimed.id,
-                provider: provider.into(),
-                public_key: claimed.public_key,
-                decodo_port: claimed.decodo_port,
-                assigned_at: claimed.assigned_at,
-            }));
+            if row.proxy_healthy == Some(false) {
+                let port = proxies
+                    .port_of(user_id)
+                    .await?
+                    .ok_or(Error::NotFound("proxy port"))?;
+                port.ensure_healthy()?;
+            }
         }
-        let port = claimed.decodo_port;
-        let host = claimed
-            .proxy_ip
-            .clone()
-            .or_else(|| self.config.proxy_host.clone());
-        let proxy_addr = match (host, port) {
-            (Some(host), Some(port)) => tokio::net::lookup_host((host.as_str(), port as u16))
-                .await
-                .ok()
-                .and_then(|mut addrs| addrs.next()),
+        let (Some(id), Some(container_id), Some(public_key), Some(assigned_at), Some(held)) = (
+            row.id,
+            row.container_id,
+            row.public_key,
+            row.assigned_at,
+            row.held,
+        ) else {
+            self.wake.notify_one();
+            return Err(Error::RuntimeUnavailable(format!(
+                "no warm {provider} container is ready"
+            )));
+        };
+        let port = row.decodo_port;
+        let proxy_addr = match (&self.proxies, port) {
+            (Some(proxies), Some(port)) => Some(proxies.config.addr(port as u16).await?),
             _ => None,
         };
-        let info = self.orchestrator.inspect(&claimed.container_id).await?;
-        if !matches!(info.map(|i| i.state), Some(State::Running)) {
-            drop(tx);
-            self.destroy(claimed.id, "dead when claimed").await?;
-            return Ok(None);
+        // The claim is committed: from here on the container is this user's or destroyed.
+        if !held {
+            let info = match self.orchestrator.inspect(&container_id).await {
+                Ok(info) => info,
+                Err(error) => {
+                    self.destroy(id, "orchestrator unreachable when claimed")
+                        .await?;
+                    return Err(error.into());
+                }
+            };
+            if !matches!(info.map(|i| i.state), Some(State::Running)) {
+                self.destroy(id, "dead when claimed").await?;
+                return Ok(None);
+            }
         }
-        self.orchestrator
-            .set_proxy(&claimed.container_id, proxy_addr)
-            .await?;
-        if let Err(error) = tx.commit().await {
-            // Back in the pool: it must not keep this user's proxy.
-            let _ = self
-                .orchestrator
-                .set_proxy(&claimed.container_id, None)
-                .await;
-            return Err(error.into());
+        // Again for a held container: a claim interrupted after its statement (the caller went
+        // away) must not leave the container without its user's egress.
+        match self.orchestrator.set_proxy(&container_id, proxy_addr).await {
+            Ok(()) => {}
+            Err(OrchestratorError::Refused(why)) => {
+                self.destroy(id, &format!("egress not set when claimed: {why}"))
+                    .await?;
+                return Ok(None);
+            }
+            Err(error) => {
+                if !held {
+                    self.destroy(id, "orchestrator unreachable when claimed")
+                        .await?;
+                }
+                return Err(error.into());
+            }
         }
-        self.wake.notify_one(); // refill
+        if !held {
+            self.wake.notify_one(); // refill
+        }
         Ok(Some(Claimed {
-            id: claimed.id,
+            id,
             provider: provider.into(),
-            public_key: claimed.public_key,
+            public_key,
             decodo_port: port,
-            assigned_at: claimed.assigned_at,
+            assigned_at,
         }))
     }
 

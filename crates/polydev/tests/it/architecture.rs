@@ -15,6 +15,7 @@ const DOMAINS: &[&str] = &[
     "oauth",
     "perspectives",
     "quota",
+    "proxy",
     "runtime",
     "vault",
     "zk",

@@ -21,6 +21,7 @@ mod openai;
 mod openapi;
 pub mod perspectives;
 mod providers;
+pub mod proxy_ports;
 pub mod runtime_jobs;
 pub mod runtime_local;
 pub mod runtime_nomad;

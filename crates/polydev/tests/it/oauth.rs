@@ -1022,3 +1022,198 @@ async fn oauth_cimd_pointing_at_a_private_address_is_refused() {
         .unwrap();
     assert_eq!(meta["client_id_metadata_document_supported"], true);
 }
+
+/// A TLS server on 127.0.0.1 (certificate for `localhost`, issued by a fresh test CA) that
+/// serves `document` at any path and counts the fetches. Returns its port, the CA (PEM) and
+/// the counter.
+async fn metadata_document_server(
+    document: impl Fn(u16) -> Value + Send + Sync + 'static,
+) -> (u16, String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Polydev test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![server_cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = fetches.clone();
+    let document = Arc::new(document);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counter, document) =
+                (acceptor.clone(), counter.clone(), document.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the CA ends the handshake: nothing is served.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let body = document(port).to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, ca.pem(), fetches)
+}
+
+#[tokio::test]
+async fn oauth_cimd_document_over_tls_authorizes_end_to_end_and_is_cached() {
+    use std::sync::atomic::Ordering;
+
+    let db = TestDb::migrated().await;
+    let (port, ca_pem, fetches) = metadata_document_server(|port| {
+        json!({
+            "client_id": format!("https://localhost:{port}/oauth/client.json"),
+            "client_name": "Metadata IDE",
+            "redirect_uris": [REDIRECT],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+        })
+    })
+    .await;
+    let client_id = format!("https://localhost:{port}/oauth/client.json");
+    let (verifier, challenge) = pkce();
+
+    // Without the test CA among its roots, the server refuses the document's certificate.
+    let untrusting = TestServer::start_state(
+        polydev::app::AppState::new(
+            db.pool.clone(),
+            polydev::perspectives::Gateway::new(
+                polydev::perspectives::Catalogue::load(None).unwrap(),
+            ),
+        )
+        .with_cimd_private_hosts(vec!["localhost".into()]),
+    )
+    .await;
+    let (mut browser, _) = signed_in(&untrusting, &db, "cimd-tls@example.com").await;
+    let response = browser
+        .get(&authorize_path(&client_id, REDIRECT, &challenge, &[]))
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(response.text().await.unwrap().contains("cannot fetch"));
+    assert_eq!(fetches.load(Ordering::SeqCst), 0, "no request was served");
+
+    // With it (what `--cimd-extra-root-ca FILE` loads), the whole flow works.
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), &ca_pem).unwrap();
+    let roots =
+        reqwest::Certificate::from_pem_bundle(&std::fs::read(ca_file.path()).unwrap()).unwrap();
+    let server = TestServer::start_state(
+        polydev::app::AppState::new(
+            db.pool.clone(),
+            polydev::perspectives::Gateway::new(
+                polydev::perspectives::Catalogue::load(None).unwrap(),
+            ),
+        )
+        .with_cimd_private_hosts(vec!["localhost".into()])
+        .with_cimd_extra_roots(roots),
+    )
+    .await;
+    let mut browser = Browser::new(&server.base);
+    assert_eq!(
+        browser
+            .sign_in("cimd-tls@example.com", "the user's password 1")
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let consent = browser
+        .get(&authorize_path(&client_id, REDIRECT, &challenge, &[]))
+        .await;
+    assert_eq!(consent.status(), StatusCode::OK);
+    let html = consent.text().await.unwrap();
+    assert!(
+        html.contains("Metadata IDE"),
+        "the consent page names the client"
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    let first = code(
+        &mut browser,
+        &authorize_path(&client_id, REDIRECT, &challenge, &[]),
+        false,
+    )
+    .await;
+    let (status, tokens) = exchange(&server, &client_id, &first, &verifier).await;
+    assert_eq!(status, StatusCode::OK, "{tokens}");
+    let access = tokens["access_token"].as_str().unwrap();
+    assert_eq!(mcp_status(&server, access).await.0, 200);
+    let kind: (String, bool) = sqlx::query_as(
+        "SELECT registration_kind, fetched_at IS NOT NULL FROM mcp_registered_clients WHERE client_id = $1",
+    )
+    .bind(&client_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, ("metadata_document".to_string(), true));
+
+    // Within the cache's hour the document is not fetched again, by any step of the flow.
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        1,
+        "the token step used the cache"
+    );
+    let (verifier2, challenge2) = pkce();
+    let code2 = code(
+        &mut browser,
+        &authorize_path(&client_id, REDIRECT, &challenge2, &[]),
+        false,
+    )
+    .await;
+    assert_eq!(
+        exchange(&server, &client_id, &code2, &verifier2).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "cached");
+
+    // Past it, the next use fetches the document again.
+    sqlx::query(
+        "UPDATE mcp_registered_clients SET fetched_at = now() - interval '2 hours' WHERE client_id = $1",
+    )
+    .bind(&client_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (_, challenge3) = pkce();
+    let _ = browser
+        .get(&authorize_path(&client_id, REDIRECT, &challenge3, &[]))
+        .await;
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "refetched after the TTL");
+}

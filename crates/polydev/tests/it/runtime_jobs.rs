@@ -40,6 +40,17 @@ pub struct User {
 impl Stack {
     /// A server with the local runtime: `warm` containers of `provider`, `tweak` applied.
     pub async fn start(provider: &str, warm: u32, tweak: impl FnOnce(&mut RuntimeConfig)) -> Stack {
+        Self::start_with(provider, warm, tweak, None).await
+    }
+
+    /// Like [`Stack::start`], with the users' proxy ports of `proxy` (the sandboxes' tunnels
+    /// add its credentials).
+    pub async fn start_with(
+        provider: &str,
+        warm: u32,
+        tweak: impl FnOnce(&mut RuntimeConfig),
+        proxy: Option<polydev::proxy::ProxyConfig>,
+    ) -> Stack {
         let db = TestDb::migrated().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -50,8 +61,14 @@ impl Stack {
         config.resources.home_bytes = 32 * 1024 * 1024;
         config.reconcile_interval = Duration::from_millis(200);
         tweak(&mut config);
-        let driver = LocalDriver::new(LocalConfig::detect(crate::runtime_local::agent()));
-        let runtime = Runtime::new(db.pool.clone(), Arc::new(driver), config);
+        let mut local = LocalConfig::detect(crate::runtime_local::agent());
+        local.proxy_authorization = proxy
+            .as_ref()
+            .and_then(|p| p.credentials.as_ref())
+            .map(polydev::proxy::Credentials::authorization);
+        let driver = LocalDriver::new(local);
+        let proxies = proxy.map(|p| polydev::proxy::Proxies::new(db.pool.clone(), p));
+        let runtime = Runtime::new(db.pool.clone(), Arc::new(driver), config).with_proxies(proxies);
         let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
         let state = AppState::new(
             db.pool.clone(),

@@ -237,14 +237,24 @@ pub async fn register(
 }
 
 /// Reconciles (starting the warm containers), then registers every agent.
-async fn warm_up(runtime: &Runtime, fake: &Fake) {
-    runtime.reconcile().await.unwrap().expect("lock free");
+pub async fn warm_up(runtime: &Runtime, fake: &Fake) {
+    // A pass that failed just before holds its lock until sqlx's rollback of the dropped
+    // transaction reaches the database: a bounded wait for that, not for time.
+    let mut done = runtime.reconcile().await.unwrap();
+    for _ in 0..100 {
+        if done.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        done = runtime.reconcile().await.unwrap();
+    }
+    done.expect("lock free");
     for (n, secret) in fake.bootstrap_secrets().iter().enumerate() {
         let _ = register(runtime, secret, &public_key(n as u32)).await;
     }
 }
 
-async fn status_counts(pool: &PgPool) -> BTreeMap<String, i64> {
+pub async fn status_counts(pool: &PgPool) -> BTreeMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>(
         "SELECT status, COUNT(*) FROM runtime_containers GROUP BY status",
     )
@@ -259,12 +269,23 @@ async fn status_counts(pool: &PgPool) -> BTreeMap<String, i64> {
 async fn runtime_pool_refills_registers_claims_and_reuses() {
     let db = TestDb::migrated().await;
     let fake = Fake::new();
-    let runtime = Runtime::new(db.pool.clone(), fake.clone(), config("anthropic", 2));
+    // The proxy gate is this machine; alice's seed row (port 10001) is reused, not duplicated.
+    let proxies = polydev::proxy::Proxies::new(
+        db.pool.clone(),
+        crate::proxy_ports::proxy_config(10001..=10010, None),
+    );
+    let runtime = Runtime::new(db.pool.clone(), fake.clone(), config("anthropic", 2))
+        .with_proxies(Some(proxies));
     let done = runtime.reconcile().await.unwrap().unwrap();
     assert_eq!(done.started, 2);
     assert_eq!(status_counts(&db.pool).await["warming"], 2);
     // Warming containers cannot be claimed; the agents register, then they can.
     let alice = user(&db.pool).await;
+    sqlx::query("INSERT INTO user_proxy_ports (user_id, proxy_port, proxy_ip) VALUES ($1, 10001, '203.0.113.10')")
+        .bind(alice)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let error = runtime.claim(alice, "anthropic").await.unwrap_err();
     assert_eq!(error.code(), "runtime_unavailable");
     let secrets = fake.bootstrap_secrets();
@@ -292,11 +313,6 @@ async fn runtime_pool_refills_registers_claims_and_reuses() {
         "a wrong secret is refused"
     );
 
-    sqlx::query("INSERT INTO user_proxy_ports (user_id, proxy_port, proxy_ip) VALUES ($1, 10001, '127.0.0.1')")
-        .bind(alice)
-        .execute(&db.pool)
-        .await
-        .unwrap();
     let claimed = runtime.claim(alice, "anthropic").await.unwrap();
     assert_eq!(claimed.decodo_port, Some(10001));
     assert!(claimed.public_key == public_key(1) || claimed.public_key == public_key(2));
@@ -518,22 +534,31 @@ async fn runtime_claim_with_the_orchestrator_unreachable_is_503_and_claims_nothi
     let error = runtime.claim(alice, "openai").await.unwrap_err();
     assert_eq!(error.code(), "runtime_unavailable");
     assert_eq!(polydev::http::status(&error).as_u16(), 503);
-    let row: (String, Option<Uuid>, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("SELECT status, user_id, assigned_at FROM runtime_containers")
+    // The claim is one statement; a container the orchestrator could not confirm is destroyed,
+    // so it is never handed out, to alice or anyone else, without its egress set.
+    let row: (String, Option<Uuid>, Option<String>) =
+        sqlx::query_as("SELECT status, user_id, destroy_reason FROM runtime_containers")
             .fetch_one(&db.pool)
             .await
             .unwrap();
     assert_eq!(
         row,
-        ("ready".to_string(), None, None),
+        (
+            "destroyed".to_string(),
+            Some(alice),
+            Some("orchestrator unreachable when claimed".to_string())
+        ),
         "nothing half-claimed"
     );
+    assert!(fake.proxies.lock().unwrap().is_empty(), "no egress was set");
     assert!(
         runtime.reconcile().await.is_err(),
         "reconcile reports it too"
     );
     fake.unreachable.store(false, Ordering::SeqCst);
-    assert!(runtime.claim(alice, "openai").await.is_ok());
+    warm_up(&runtime, &fake).await;
+    runtime.claim(alice, "openai").await.unwrap();
+    assert_eq!(status_counts(&db.pool).await["assigned"], 1);
 }
 
 #[tokio::test]
@@ -568,10 +593,15 @@ async fn runtime_api_claim_with_the_orchestrator_unreachable_is_503_and_claims_n
         !body.to_string().contains("connection refused"),
         "the detail stays in the log"
     );
+    let counts = status_counts(&db.pool).await;
     assert_eq!(
-        status_counts(&db.pool).await["ready"],
-        1,
-        "nothing half-claimed"
+        (
+            counts.get("ready"),
+            counts.get("assigned"),
+            counts["destroyed"]
+        ),
+        (None, None, 1),
+        "nothing half-claimed: the unconfirmed container is destroyed"
     );
     // Without a runtime, the routes say what the operator must set.
     let off = crate::http_api::TestServer::start(&db).await;
