@@ -18,6 +18,8 @@
 //!
 //! Every request needs an API key header (any value), like the real services.
 
+pub mod login_site;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
