@@ -43,6 +43,8 @@ pub struct AppState {
     /// Passkeys for the public URL's host (`None` when it is an IP address, which WebAuthn
     /// does not accept as a relying party id).
     pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
+    /// Login sessions (docs/login.md); `None`: the login routes answer 501.
+    pub login: Option<crate::login::Login>,
 }
 
 /// Per-address request limits of the endpoints anyone can call: OAuth token and registration,
@@ -102,6 +104,7 @@ impl AppState {
             oauth_limits: Arc::new(OAuthLimits::default()),
             cimd_private_hosts: Vec::new(),
             webauthn: None,
+            login: None,
         }
     }
 
@@ -145,6 +148,11 @@ impl AppState {
 
     pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Self {
         self.runtime = runtime;
+        self
+    }
+
+    pub fn with_login(mut self, login: Option<crate::login::Login>) -> Self {
+        self.login = login;
         self
     }
 

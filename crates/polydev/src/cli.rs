@@ -192,6 +192,82 @@ pub struct ServeArgs {
     smtp_from: String,
     #[command(flatten)]
     runtime: Box<RuntimeArgs>,
+    #[command(flatten)]
+    login: Box<LoginArgs>,
+}
+
+/// Login sessions: provider logins in sandboxed browsers streamed over WebRTC (docs/login.md).
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The login agent binary [default: `polydev-login-agent` next to this executable].
+    #[arg(long, env = "POLYDEV_LOGIN_AGENT_BIN")]
+    login_agent_bin: Option<PathBuf>,
+    /// Seconds a login session (each attempt) may take before it fails.
+    #[arg(long, env = "POLYDEV_LOGIN_TIMEOUT", default_value_t = 600.0)]
+    login_timeout: f64,
+    /// Seconds without a heartbeat from the login agent after which its session fails.
+    #[arg(long, env = "POLYDEV_LOGIN_HEARTBEAT_TIMEOUT", default_value_t = 30.0)]
+    login_heartbeat_timeout: f64,
+    /// Seconds between two passes of the login sweeper and cleanup worker (and the first
+    /// retry's wait after a failed teardown; later ones double, up to 300 s).
+    #[arg(long, env = "POLYDEV_LOGIN_SWEEP_INTERVAL", default_value_t = 1.0)]
+    login_sweep_interval: f64,
+    /// The forward proxy (`host:port`) the login sandbox's browser reaches the provider
+    /// through [default: none: the sandbox reaches only this server].
+    #[arg(long, env = "POLYDEV_LOGIN_PROXY")]
+    login_proxy: Option<SocketAddr>,
+    /// coturn's `static-auth-secret`: TURN credentials per session (docs/login.md).
+    #[arg(long, env = "POLYDEV_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+    /// STUN URLs handed to both peers (`stun:turn.example.com:3478`).
+    #[arg(long, env = "POLYDEV_STUN_URLS", value_delimiter = ',')]
+    stun_urls: Vec<String>,
+    /// TURN URLs handed to both peers with a per-session credential
+    /// (`turn:turn.example.com:3478?transport=udp`); needs --turn-secret.
+    #[arg(long, env = "POLYDEV_TURN_URLS", value_delimiter = ',')]
+    turn_urls: Vec<String>,
+    /// Seconds a TURN credential is valid [default: the login timeout + 300].
+    #[arg(long, env = "POLYDEV_TURN_TTL")]
+    turn_ttl: Option<f64>,
+}
+
+impl LoginArgs {
+    fn config(&self) -> anyhow::Result<crate::login::LoginConfig> {
+        use std::time::Duration;
+        let seconds = |name: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--{name} must be a positive number of seconds"))
+        };
+        let mut config = crate::login::LoginConfig::default();
+        if let Some(bin) = &self.login_agent_bin {
+            config.agent_bin = bin.clone();
+        }
+        config.session_timeout = seconds("login-timeout", self.login_timeout)?;
+        config.heartbeat_timeout =
+            seconds("login-heartbeat-timeout", self.login_heartbeat_timeout)?;
+        config.sweep_interval = seconds("login-sweep-interval", self.login_sweep_interval)?;
+        config.proxy = self.login_proxy;
+        let urls = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect()
+        };
+        config.turn.stun_urls = urls(&self.stun_urls);
+        config.turn.turn_urls = urls(&self.turn_urls);
+        config.turn.secret = self.turn_secret.clone().filter(|s| !s.is_empty());
+        config.turn.ttl = self
+            .turn_ttl
+            .map(|ttl| seconds("turn-ttl", ttl))
+            .transpose()?;
+        anyhow::ensure!(
+            config.turn.turn_urls.is_empty() || config.turn.secret.is_some(),
+            "--turn-urls needs --turn-secret (coturn's static-auth-secret)"
+        );
+        Ok(config)
+    }
 }
 
 /// The container runtime for the provider CLIs (docs/runtime.md).
@@ -533,6 +609,15 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(runtime) = &state.runtime {
         runtime.spawn_background(state.shutdown.clone());
     }
+    let login = crate::login::Login::new(
+        db.pool.clone(),
+        state.runtime.clone(),
+        args.login.config()?,
+        state.shutdown.clone(),
+    )
+    .await?;
+    login.spawn_background(state.shutdown.clone());
+    let state = state.with_login(Some(login));
     let stop_sweeper = tokio_util::sync::CancellationToken::new();
     let sweeping = tokio::spawn(sweeper.run(db.pool.clone(), stop_sweeper.clone()));
     let served = tokio::select! {

@@ -382,6 +382,11 @@ fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std
     a.push("--ro-bind".into());
     a.push(dir.into());
     a.push(SOCKETS_INSIDE.into());
+    for bind in &spec.binds {
+        a.push("--ro-bind".into());
+        a.push(bind.host.clone().into());
+        a.push(bind.inside.clone().into());
+    }
     let mut env = vec![
         ("HOME".to_string(), HOME_INSIDE.to_string()),
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
@@ -459,11 +464,7 @@ fn own(parent: &Path) -> PathBuf {
 /// Removes what dead polydev processes left: per-process directories (cgroups, sockets) whose
 /// process is gone. Their sandboxes died with them (`--die-with-parent`).
 fn sweep(config: &LocalConfig) {
-    let mut parents = vec![config.state_dir.clone()];
-    if let Limits::Cgroups { memory, pids } = &config.limits {
-        parents.extend([memory.clone(), pids.clone()]);
-    }
-    for parent in parents {
+    for parent in own_parent_dirs(config) {
         let Ok(entries) = std::fs::read_dir(&parent) else {
             continue;
         };
@@ -633,6 +634,38 @@ impl Orchestrator for LocalDriver {
     fn events(&self) -> BoxStream<'static, Event> {
         broadcast_stream(self.inner.events.subscribe())
     }
+
+    fn clean_up_after<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if instance_alive(instance) != Some(false) {
+                return Err(OrchestratorError::Refused(format!(
+                    "{instance} is not an ended local instance of this machine"
+                )));
+            }
+            sweep(&self.inner.config);
+            let pid = instance.rsplit(':').next().unwrap_or_default();
+            let left = own_parent_dirs(&self.inner.config)
+                .into_iter()
+                .map(|parent| parent.join(pid))
+                .find(|dir| dir.exists());
+            match left {
+                Some(dir) => Err(OrchestratorError::Refused(format!(
+                    "{} is still there",
+                    dir.display()
+                ))),
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+/// The parents of every instance's per-process directories: sockets, and cgroups when used.
+fn own_parent_dirs(config: &LocalConfig) -> Vec<PathBuf> {
+    let mut parents = vec![config.state_dir.clone()];
+    if let Limits::Cgroups { memory, pids } = &config.limits {
+        parents.extend([memory.clone(), pids.clone()]);
+    }
+    parents
 }
 
 /// A broadcast receiver as a stream that skips what it missed (consumers reconcile).

@@ -64,6 +64,16 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub network: NetworkPolicy,
+    /// Host files mounted read-only inside (the local driver; Nomad nodes have their own files,
+    /// so it ignores them). A login sandbox's agent binary comes in this way.
+    pub binds: Vec<Bind>,
+}
+
+/// A host path mounted read-only at `inside`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub host: std::path::PathBuf,
+    pub inside: String,
 }
 
 /// Why a container ended.
@@ -184,4 +194,11 @@ pub trait Orchestrator: Send + Sync {
     /// State changes from now on. A consumer that falls behind may miss events, so it must
     /// reconcile with [`Orchestrator::list`].
     fn events(&self) -> BoxStream<'static, Event>;
+    /// Removes what the ended instance `instance` (of the same driver on this machine) left
+    /// behind. Its containers died with it; the local driver removes their directories and
+    /// cgroups. Nothing to do for the others.
+    fn clean_up_after<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = instance;
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -11,6 +11,7 @@ const SURFACES: &[&str] = &["cli", "http", "mcp"];
 const DOMAINS: &[&str] = &[
     "accounts",
     "chat",
+    "login",
     "oauth",
     "perspectives",
     "quota",

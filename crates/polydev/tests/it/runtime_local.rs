@@ -39,6 +39,7 @@ pub fn spec(command: &[&str]) -> ContainerSpec {
             ..Resources::default()
         },
         network: NetworkPolicy::default(),
+        binds: Vec::new(),
     }
 }
 
