@@ -160,6 +160,12 @@ impl Browser {
         let session = attached["sessionId"].as_str().ok_or("no sessionId")?;
         *self.session.lock().unwrap() = Some(session.to_string());
         self.call("Page.enable", json!({})).await?;
+        // Headless pages are never "focused": without this, autofocus and the caret stay off.
+        self.call(
+            "Emulation.setFocusEmulationEnabled",
+            json!({ "enabled": true }),
+        )
+        .await?;
         self.call(
             "Emulation.setDeviceMetricsOverride",
             json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),

@@ -70,8 +70,8 @@ impl Config {
             cli: var("POLYDEV_LOGIN_CLI").unwrap_or_else(|| cli.into()),
             credential_file: var("POLYDEV_LOGIN_CREDENTIAL_FILE").unwrap_or_else(|| file.into()),
             chromium: var("POLYDEV_LOGIN_CHROMIUM")
-                .unwrap_or_else(|| "/usr/bin/chromium".into())
-                .into(),
+                .map(PathBuf::from)
+                .unwrap_or_else(default_chromium),
             udp: var("POLYDEV_LOGIN_UDP").unwrap_or_else(|| "0.0.0.0:0".into()),
             home: var("HOME")
                 .map(PathBuf::from)
@@ -80,6 +80,17 @@ impl Config {
             width,
             height,
         })
+    }
+}
+
+/// Debian's browser binary itself when it is there: its `/usr/bin/chromium` wrapper script
+/// sources `/etc/chromium.d`, which a sandbox does not have.
+fn default_chromium() -> PathBuf {
+    let binary = PathBuf::from("/usr/lib/chromium/chromium");
+    if binary.exists() {
+        binary
+    } else {
+        PathBuf::from("/usr/bin/chromium")
     }
 }
 
@@ -135,7 +146,7 @@ async fn session(config: &Config, server: &Server) -> Outcome {
         }
     }
     let Some(info) = info else {
-        return Outcome::Stopped("server unreachable".into());
+        return Outcome::Failed("server unreachable".into());
     };
     if is_terminal(&info.status) {
         return Outcome::Stopped(format!("session already {}", info.status));

@@ -2,7 +2,7 @@
 //! provider CLI's `login` sends the user to, and the token endpoint the CLI then calls.
 //!
 //! - `GET /oauth/authorize?client_id&redirect_uri&state`: an HTML form (e-mail `#email`,
-//!   password `#password`, button `#sign-in`). `redirect_uri` must be a loopback
+//!   password `#password`, button `#sign-in` at a fixed place: x 40–280, y 420–476 CSS px). `redirect_uri` must be a loopback
 //!   `http://127.0.0.1:<port>/…` address, as for real CLI logins.
 //! - `POST /oauth/authorize` (form): right e-mail and password → `302` to
 //!   `redirect_uri?code=…&state=…`; wrong ones → the form again with an error (`401`).
@@ -111,13 +111,14 @@ fn page(redirect_uri: &str, state: &str, error: Option<&str>) -> Html<String> {
         .unwrap_or_default();
     Html(format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>Fake provider · sign in</title>
-<style>body{{font:18px sans-serif;margin:40px}}input{{font-size:18px;display:block;margin:8px 0 16px;width:320px}}</style></head>
+<style>body{{font:18px sans-serif;margin:40px}}input{{font-size:18px;display:block;margin:8px 0 16px;width:320px}}
+#sign-in{{position:absolute;left:40px;top:420px;width:240px;height:56px;font-size:18px}}</style></head>
 <body><h1>Sign in to Fake Provider</h1>{error}
 <form method="post" action="/oauth/authorize">
 <input type="hidden" name="redirect_uri" value="{}"><input type="hidden" name="state" value="{}">
 <label>E-mail<input id="email" name="email" type="email" autofocus></label>
 <label>Password<input id="password" name="password" type="password"></label>
-<button id="sign-in" type="submit" style="font-size:18px">Sign in</button>
+<button id="sign-in" type="submit">Sign in</button>
 </form></body></html>"#,
         escape(redirect_uri),
         escape(state)

@@ -229,6 +229,10 @@ pub struct LoginArgs {
     /// Seconds a TURN credential is valid [default: the login timeout + 300].
     #[arg(long, env = "POLYDEV_TURN_TTL")]
     turn_ttl: Option<f64>,
+    /// A setting of the login agent, `POLYDEV_LOGIN_<NAME>=value` (repeatable): the provider
+    /// CLI's login command, its credential file, … (docs/login.md, "The login agent").
+    #[arg(long = "login-agent-env", value_name = "KEY=VALUE")]
+    login_agent_env: Vec<String>,
 }
 
 impl LoginArgs {
@@ -249,6 +253,22 @@ impl LoginArgs {
             seconds("login-heartbeat-timeout", self.login_heartbeat_timeout)?;
         config.sweep_interval = seconds("login-sweep-interval", self.login_sweep_interval)?;
         config.proxy = self.login_proxy;
+        for pair in &self.login_agent_env {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("--login-agent-env {pair:?}: expected KEY=VALUE"))?;
+            anyhow::ensure!(
+                key.starts_with("POLYDEV_LOGIN_")
+                    && !matches!(
+                        key,
+                        "POLYDEV_LOGIN_SESSION_ID"
+                            | "POLYDEV_LOGIN_SECRET"
+                            | "POLYDEV_LOGIN_PROVIDER"
+                    ),
+                "--login-agent-env {key}: only the agent's own POLYDEV_LOGIN_* settings (not the session's)"
+            );
+            config.agent_env.insert(key.to_string(), value.to_string());
+        }
         let urls = |list: &[String]| -> Vec<String> {
             list.iter()
                 .map(|u| u.trim().to_string())

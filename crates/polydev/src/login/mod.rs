@@ -59,6 +59,9 @@ pub struct LoginConfig {
     pub proxy: Option<std::net::SocketAddr>,
     /// The sandbox's limits.
     pub resources: crate::runtime::Resources,
+    /// More environment for the login agent (`serve --login-agent-env`): its `POLYDEV_LOGIN_*`
+    /// settings, e.g. the provider CLI's login command (docs/login.md, "The login agent").
+    pub agent_env: std::collections::BTreeMap<String, String>,
     pub turn: TurnConfig,
 }
 
@@ -81,6 +84,7 @@ impl Default for LoginConfig {
                 home_bytes: 512 * 1024 * 1024,
             },
             turn: TurnConfig::default(),
+            agent_env: Default::default(),
         }
     }
 }

@@ -6,13 +6,11 @@
 //! `vms.status`: `starting` → `running` (started; heartbeats keep `last_heartbeat`) →
 //! `stopping` (teardown scheduled) → `destroyed` (`destroyed_at`).
 
-use std::collections::BTreeMap;
-
 use uuid::Uuid;
 
 use super::Login;
 use crate::error::{Error, Result};
-use crate::runtime::orchestrator::{Bind, ContainerSpec, NetworkPolicy, SERVER_INSIDE};
+use crate::runtime::orchestrator::{Bind, ContainerSpec, NetworkPolicy};
 use crate::runtime::{LOGIN_NAME_PREFIX, Runtime, State};
 
 /// Where the login agent binary is mounted inside a local sandbox.
@@ -33,7 +31,8 @@ impl Login {
         let orchestrator = &runtime.orchestrator;
         let local = orchestrator.driver() == "local";
         let server_url = match (&runtime.config.server, &runtime.config.server_url) {
-            (Some(_), _) if local => format!("http://{SERVER_INSIDE}"),
+            // A local login sandbox shares the host's network (see `host` below).
+            (Some(server), _) if local => format!("http://{server}"),
             (_, Some(url)) => url.trim_end_matches('/').to_string(),
             _ => {
                 return Err(Error::NotConfigured(
@@ -84,7 +83,8 @@ impl Login {
                 "the login session changed while its sandbox was starting".into(),
             ));
         }
-        let env = BTreeMap::from([
+        let mut env = self.config.agent_env.clone();
+        env.extend([
             ("POLYDEV_SERVER_URL".to_string(), server_url),
             ("POLYDEV_LOGIN_SESSION_ID".to_string(), id.to_string()),
             ("POLYDEV_LOGIN_SECRET".to_string(), secret.to_string()),
@@ -93,10 +93,16 @@ impl Login {
         let (command, binds) = if local {
             (
                 vec![LOGIN_AGENT_INSIDE.to_string()],
-                vec![Bind {
+                std::iter::once(Bind {
                     host: self.config.agent_bin.clone(),
                     inside: LOGIN_AGENT_INSIDE.into(),
-                }],
+                })
+                // The browser's font configuration (without it Chromium draws no text).
+                .chain(std::path::Path::new("/etc/fonts").is_dir().then(|| Bind {
+                    host: "/etc/fonts".into(),
+                    inside: "/etc/fonts".into(),
+                }))
+                .collect(),
             )
         } else {
             (
@@ -112,6 +118,10 @@ impl Login {
             network: NetworkPolicy {
                 proxy: self.config.proxy,
                 server: runtime.config.server,
+                // The agent's WebRTC peer must be reachable by the user's browser over UDP: a
+                // local sandbox's own network namespace has only its loopback
+                // (docs/login.md, "Limitations").
+                host: local,
             },
             binds,
         };

@@ -184,14 +184,20 @@ impl LocalDriver {
         let server: Target = Arc::new(Mutex::new(spec.network.server));
         // The proxy tunnel always exists (a warm sandbox gets its user's proxy when claimed);
         // without a target it refuses every connection.
-        for (name, target, inside) in [
-            ("proxy", Some(proxy.clone()), PROXY_INSIDE),
-            (
-                "server",
-                spec.network.server.is_some().then_some(server),
-                SERVER_INSIDE,
-            ),
-        ] {
+        // On the host's network the sandbox reaches both at their own addresses: no tunnels.
+        let tunnels = if spec.network.host {
+            Vec::new()
+        } else {
+            vec![
+                ("proxy", Some(proxy.clone()), PROXY_INSIDE),
+                (
+                    "server",
+                    spec.network.server.is_some().then_some(server),
+                    SERVER_INSIDE,
+                ),
+            ]
+        };
+        for (name, target, inside) in tunnels {
             let Some(target) = target else { continue };
             let socket = dir.join(format!("{name}.sock"));
             let listener = UnixListener::bind(&socket).map_err(|e| {
@@ -344,8 +350,11 @@ impl LocalDriver {
 fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(Into::into));
+    push(&["--unshare-all"]);
+    if spec.network.host {
+        push(&["--share-net"]);
+    }
     push(&[
-        "--unshare-all",
         "--die-with-parent",
         "--new-session",
         "--uid",
@@ -392,14 +401,21 @@ fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
-    if spec.network.proxy.is_some() {
-        let url = format!("http://{PROXY_INSIDE}");
+    if let Some(proxy) = spec.network.proxy {
+        let url = match spec.network.host {
+            true => format!("http://{proxy}"),
+            false => format!("http://{PROXY_INSIDE}"),
+        };
         for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
             env.push((key.into(), url.clone()));
         }
     }
-    if spec.network.server.is_some() {
-        env.push(("POLYDEV_SERVER".into(), format!("http://{SERVER_INSIDE}")));
+    if let Some(server) = spec.network.server {
+        let url = match spec.network.host {
+            true => format!("http://{server}"),
+            false => format!("http://{SERVER_INSIDE}"),
+        };
+        env.push(("POLYDEV_SERVER".into(), url));
     }
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     a.push("--clearenv".into());

@@ -47,6 +47,11 @@ pub struct NetworkPolicy {
     pub proxy: Option<SocketAddr>,
     /// The polydev server, for the agent (at [`SERVER_INSIDE`] inside).
     pub server: Option<SocketAddr>,
+    /// Share the host's network instead (the local driver; Nomad uses the cluster's): no
+    /// tunnels, `proxy` and `server` are reached at their own addresses, and nothing confines
+    /// egress. Login sandboxes need it: their WebRTC peer must be reachable by the user's
+    /// browser over UDP (docs/login.md, "Limitations").
+    pub host: bool,
 }
 
 /// Where the proxy is reachable from inside a local sandbox.

@@ -8,6 +8,7 @@ mod billing;
 mod common;
 mod errors;
 pub mod http_api;
+mod login_e2e;
 mod lying_proxy;
 mod mcp;
 mod migrations;
