@@ -67,6 +67,7 @@ class Peer {
     });
     this.pc.onconnectionstatechange = () => {
       stats.connected = this.pc.connectionState === "connected";
+      if (stats.connected) say("Connected to the login browser: click it, type, paste.");
       if (this.pc.connectionState === "failed") fail("The connection to the login browser failed.");
     };
     this.screen = this.pc.createDataChannel("screen");
@@ -74,7 +75,7 @@ class Peer {
     this.screen.onmessage = (e) => this.piece(e.data);
     this.input = this.pc.createDataChannel("input");
     this.control = this.pc.createDataChannel("control");
-    this.control.onopen = () => { this.pinger = setInterval(() => this.ping(), 500); };
+    this.control.onopen = () => { this.pinger = setInterval(() => this.ping(), 250); };
     this.control.onmessage = (e) => {
       const m = JSON.parse(e.data);
       if (m.t === "pong" && typeof m.ts === "number") { stats.rtts.push(performance.now() - m.ts); showStats(); }

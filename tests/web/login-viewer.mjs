@@ -51,8 +51,9 @@ try {
     out.final = await stats(page);
     out.stateText = await page.textContent("#session-state");
   } else {
-    // The sign-in page has loaded once a few frames are in (its e-mail field has autofocus).
-    await page.waitForTimeout(1500);
+    // The sign-in page has loaded once a few frames are in (its e-mail field has autofocus);
+    // meanwhile the control channel's pings (every 250 ms) measure the round trip.
+    await page.waitForTimeout(3000);
     const startedAt = await page.evaluate(() => performance.now());
     const canvas = page.locator("#screen");
     await canvas.focus();
@@ -65,6 +66,7 @@ try {
       el.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true, cancelable: true }));
     }, sitePassword);
     await page.waitForTimeout(500);
+    if (process.env.SCREENSHOT_DIR) await page.screenshot({ path: `${process.env.SCREENSHOT_DIR}/login-viewer.png` });
     // Click "Sign in" (CSS px 160, 448 of the remote page) through the scaled canvas.
     const box = await canvas.boundingBox();
     const size = await canvas.evaluate((el) => [el.width, el.height]);

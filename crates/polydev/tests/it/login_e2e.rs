@@ -150,6 +150,8 @@ async fn user(stack: &Stack, email: &str, password: &str) -> (Uuid, X25519KeyPai
 
 async fn viewer(stack: &Stack, args: [&str; 5], mode: &str) -> Value {
     let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
+    let shots = std::env::var("POLYDEV_SCREENSHOT_DIR")
+        .unwrap_or_else(|_| std::env::temp_dir().to_string_lossy().into_owned());
     let out = tokio::time::timeout(
         Duration::from_secs(300),
         Command::new("node")
@@ -157,6 +159,7 @@ async fn viewer(stack: &Stack, args: [&str; 5], mode: &str) -> Value {
             .arg(&stack.base)
             .args(args)
             .env("MODE", mode)
+            .env("SCREENSHOT_DIR", shots)
             .current_dir(web)
             .output(),
     )
@@ -212,6 +215,12 @@ async fn login_e2e_signs_in_through_the_streamed_browser_and_stores_only_the_sea
         "full",
     )
     .await;
+    // The agent exits after delivering: it takes Chromium and the CLI with it.
+    assert!(
+        crate::common::eventually(|| async { sandbox_processes().is_empty() }).await,
+        "left behind: {:?}",
+        sandbox_processes()
+    );
     assert!(out.get("error").is_none(), "{out:#}");
     assert_eq!(out["stats"]["status"], "completed", "{out:#}");
     assert_eq!(out["pageErrors"], json!([]), "{out:#}");
@@ -289,6 +298,14 @@ async fn login_e2e_signs_in_through_the_streamed_browser_and_stores_only_the_sea
         (to - from) / 1000.0,
         out["stats"]["bytes"],
     );
+}
+
+/// This test's login agents, browsers and provider CLIs still running.
+fn sandbox_processes() -> Vec<u32> {
+    ["login-agent", "chromium", "python3"]
+        .into_iter()
+        .flat_map(|name| descendants_named(std::process::id(), name))
+        .collect()
 }
 
 /// Processes under `root` (this test's own sandboxes only: other tests' are not ours to kill)
@@ -386,5 +403,11 @@ async fn login_e2e_an_agent_killed_mid_session_fails_the_session_with_a_reason()
             .unwrap();
     assert_eq!(status, "failed");
     assert_eq!(message.as_deref(), Some(reason));
+    // The sandbox went with its agent: no browser, no CLI left.
+    assert!(
+        crate::common::eventually(|| async { sandbox_processes().is_empty() }).await,
+        "left behind: {:?}",
+        sandbox_processes()
+    );
     println!("agent killed mid-session: failed with {reason:?}");
 }
