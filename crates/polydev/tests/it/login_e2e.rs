@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use polydev::accounts::{self, Plan, Scope};
+use polydev::accounts::{self, Scope};
 use polydev::app::AppState;
 use polydev::login::{Login, LoginConfig};
 use polydev::runtime::{LocalConfig, LocalDriver, Runtime, RuntimeConfig};
@@ -59,9 +59,11 @@ async fn stack(site: &MockLoginSite, tweak: impl FnOnce(&mut LoginConfig)) -> St
     let db = TestDb::migrated().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut runtime_config = RuntimeConfig::default();
-    runtime_config.server = Some(addr);
-    runtime_config.reconcile_interval = Duration::from_millis(500);
+    let runtime_config = RuntimeConfig {
+        server: Some(addr),
+        reconcile_interval: Duration::from_millis(500),
+        ..RuntimeConfig::default()
+    };
     let driver = LocalDriver::new(LocalConfig::detect(crate::runtime_local::agent()));
     let runtime = Runtime::new(db.pool.clone(), Arc::new(driver), runtime_config);
     let credential_file = ".fake-provider/credentials.json";
@@ -144,7 +146,6 @@ async fn user(stack: &Stack, email: &str, password: &str) -> (Uuid, X25519KeyPai
         .await
         .unwrap();
     assert_eq!(response.status(), 204);
-    let _ = Plan::Pro;
     (id, keys)
 }
 
