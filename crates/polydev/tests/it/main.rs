@@ -8,6 +8,7 @@ mod billing;
 mod common;
 mod errors;
 pub mod http_api;
+mod login;
 mod lying_proxy;
 mod mcp;
 mod migrations;
