@@ -45,7 +45,7 @@ while [ "$(beat)" = 204 ]; do sleep 0.2; done
 "#;
 
 /// Writes the fake agent as `<dir>/agent-<mode>`, executable.
-fn fake_agent(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
+pub fn fake_agent(dir: &std::path::Path, mode: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(format!("agent-{mode}"));
     std::fs::write(&path, FAKE_AGENT.replace("MODE", mode)).unwrap();
@@ -302,13 +302,13 @@ impl Stack {
 }
 
 /// An SSE stream, parsed: `(event, data as JSON)`.
-struct Sse {
+pub struct Sse {
     stream: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
 }
 
 impl Sse {
-    async fn open(client: &reqwest::Client, url: &str, bearer: &str) -> Sse {
+    pub async fn open(client: &reqwest::Client, url: &str, bearer: &str) -> Sse {
         let response = client.get(url).bearer_auth(bearer).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{url}");
         Sse {
@@ -318,7 +318,7 @@ impl Sse {
     }
 
     /// The next event (keep-alive comments skipped); `None` when the stream ended.
-    async fn next(&mut self) -> Option<(String, Value)> {
+    pub async fn next(&mut self) -> Option<(String, Value)> {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
@@ -345,7 +345,7 @@ impl Sse {
     }
 
     /// The next `signal` event's data (status events before it are skipped).
-    async fn signal(&mut self) -> Value {
+    pub async fn signal(&mut self) -> Value {
         loop {
             match self.next().await {
                 Some((event, data)) if event == "signal" => return data,
@@ -356,7 +356,7 @@ impl Sse {
     }
 
     /// The next `status` event's session.
-    async fn status(&mut self) -> Value {
+    pub async fn status(&mut self) -> Value {
         loop {
             match self.next().await {
                 Some((event, data)) if event == "status" => return data,
