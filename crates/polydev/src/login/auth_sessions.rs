@@ -255,18 +255,18 @@ impl Login {
         let session = self.session(user, id).await?;
         let secret = super::random_hex(32);
         let old_vm = sqlx::query!(
-            "WITH old AS (SELECT vm_id FROM auth_sessions WHERE session_id = $1 FOR UPDATE)
-             UPDATE auth_sessions SET
-                 status = 'pending', retry_count = COALESCE(retry_count, 0) + 1,
+            "UPDATE auth_sessions s SET
+                 status = 'pending', retry_count = COALESCE(s.retry_count, 0) + 1,
                  started_at = NOW(), timeout_at = NOW() + make_interval(secs => $3),
                  completed_at = NULL, error_message = NULL, last_heartbeat = NULL,
                  webrtc_offer = NULL, offer_from = NULL, offer_seq = NULL,
                  webrtc_answer = NULL, answer_from = NULL, answer_seq = NULL,
                  ice_candidates = NULL, signaling_completed_at = NULL,
                  agent_secret_hash = $4, vm_id = NULL
-             WHERE session_id = $1 AND user_id = $2 AND status <> 'completed'
-               AND COALESCE(retry_count, 0) < $5
-             RETURNING (SELECT vm_id FROM old) AS vm_id",
+             FROM (SELECT vm_id FROM auth_sessions WHERE session_id = $1 FOR UPDATE) old
+             WHERE s.session_id = $1 AND s.user_id = $2 AND s.status <> 'completed'
+               AND COALESCE(s.retry_count, 0) < $5
+             RETURNING old.vm_id",
             id,
             user,
             self.config.session_timeout.as_secs_f64(),
@@ -385,10 +385,10 @@ impl Login {
     /// `authenticating` on the first one.
     pub async fn heartbeat(&self, agent: Agent) -> Result<()> {
         let changed = sqlx::query_scalar!(
-            r#"WITH before AS (SELECT status FROM auth_sessions WHERE session_id = $1 FOR UPDATE)
-               UPDATE auth_sessions SET last_heartbeat = NOW(), status = 'authenticating'
-               WHERE session_id = $1 AND status IN ('pending', 'authenticating')
-               RETURNING (SELECT status FROM before) = 'pending' AS "changed!""#,
+            r#"UPDATE auth_sessions s SET last_heartbeat = NOW(), status = 'authenticating'
+               FROM (SELECT status FROM auth_sessions WHERE session_id = $1 FOR UPDATE) before
+               WHERE s.session_id = $1 AND s.status IN ('pending', 'authenticating')
+               RETURNING before.status = 'pending' AS "changed!""#,
             agent.session
         )
         .fetch_optional(&self.pool)
