@@ -1083,3 +1083,43 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod login_agent_env_tests {
+    use super::*;
+
+    fn login_config(args: &[&str]) -> anyhow::Result<crate::login::LoginConfig> {
+        let cli = Cli::try_parse_from(["polydev", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(serve) => serve.login.config(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn login_agent_env_takes_the_agents_own_settings_only() {
+        let config = login_config(&[
+            "--login-agent-env",
+            "POLYDEV_LOGIN_CLI=codex login --device-auth",
+            "--login-agent-env",
+            "POLYDEV_LOGIN_UDP=0.0.0.0:0",
+        ])
+        .unwrap();
+        assert_eq!(
+            config
+                .agent_env
+                .get("POLYDEV_LOGIN_CLI")
+                .map(String::as_str),
+            Some("codex login --device-auth")
+        );
+        assert_eq!(config.agent_env.len(), 2);
+        for bad in [
+            "POLYDEV_LOGIN_SECRET=x",
+            "POLYDEV_LOGIN_SESSION_ID=x",
+            "PATH=/tmp",
+            "POLYDEV_LOGIN_CLI",
+        ] {
+            assert!(login_config(&["--login-agent-env", bad]).is_err(), "{bad}");
+        }
+    }
+}
