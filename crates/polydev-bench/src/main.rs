@@ -499,7 +499,10 @@ async fn main() -> anyhow::Result<()> {
 
     if args.runs("login") {
         println!("== 6. login signalling relay across two serve processes");
-        report.insert("login".into(), login::relay_bench(&polydev, args.quick).await?);
+        report.insert(
+            "login".into(),
+            login::relay_bench(&polydev, args.quick).await?,
+        );
     }
 
     let out = work.join("results.json");
