@@ -993,3 +993,96 @@ async fn without_the_runtime_starting_a_session_is_a_clear_501() {
         "{body}"
     );
 }
+
+/// A UDP and TCP port nobody listens on now.
+fn free_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap().port()
+}
+
+/// `turnutils_uclient` allocating a relay on `port` with `username` / `credential` and sending a
+/// few packets through it: true when the allocation succeeded and packets came back.
+async fn turn_allocates(port: u16, username: &str, credential: &str) -> bool {
+    let peer = free_port().to_string();
+    let output = tokio::process::Command::new("/usr/bin/turnutils_uclient")
+        .args(["-u", username, "-w", credential, "-p", &port.to_string()])
+        .args([
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer,
+            "-n",
+            "3",
+            "-m",
+            "1",
+            "-l",
+            "100",
+            "-y",
+        ])
+        .arg("127.0.0.1")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(HANG_GUARD, output)
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    output.status.success() && text.contains("Total lost packets 0")
+}
+
+#[tokio::test]
+async fn coturn_allocates_a_relay_with_the_session_credential_and_refuses_expired_or_forged_ones() {
+    if !std::path::Path::new("/usr/bin/turnserver").exists() {
+        eprintln!("coturn is not installed (apt-get install coturn): skipped");
+        return;
+    }
+    let port = free_port();
+    let mut coturn = tokio::process::Command::new("/usr/bin/turnserver")
+        .args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])
+        .arg(format!("--listening-port={port}"))
+        .args(["--min-port=51000", "--max-port=51999", "--use-auth-secret"])
+        .args([
+            "--static-auth-secret=coturn-shared-secret",
+            "--realm=polydev.test",
+        ])
+        .args([
+            "--allow-loopback-peers",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+        ])
+        .args(["--log-file=stdout", "--simple-log"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stack = Stack::start("ok", |c| {
+        c.turn = TurnConfig {
+            stun_urls: vec![format!("stun:127.0.0.1:{port}")],
+            turn_urls: vec![format!("turn:127.0.0.1:{port}?transport=udp")],
+            secret: Some("coturn-shared-secret".into()),
+            ttl: Some(Duration::from_secs(120)),
+        }
+    })
+    .await;
+    let user = stack.user("login-turn@example.com").await;
+    let (session, _) = stack.start_session(&user).await;
+    let turn = &session["ice_servers"][1];
+    let (username, credential) = (
+        turn["username"].as_str().unwrap(),
+        turn["credential"].as_str().unwrap(),
+    );
+    // coturn may take a moment to listen.
+    assert!(
+        eventually_long(|| turn_allocates(port, username, credential)).await,
+        "coturn refused the session's credential"
+    );
+    // The same scheme with an expiry in the past, or under another secret: refused.
+    let id = session["id"].as_str().unwrap();
+    let expired = format!("1000:{id}");
+    let expired_credential = polydev::login::turn::credential("coturn-shared-secret", &expired);
+    assert!(!turn_allocates(port, &expired, &expired_credential).await);
+    let forged = polydev::login::turn::credential("another-secret", username);
+    assert!(!turn_allocates(port, username, &forged).await);
+    coturn.kill().await.unwrap();
+}
