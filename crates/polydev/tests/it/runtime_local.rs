@@ -310,8 +310,8 @@ async fn runtime_local_sweeps_what_dead_processes_left() {
 
 #[tokio::test]
 async fn runtime_local_host_network_reaches_the_host_directly_without_tunnels() {
-    // `NetworkPolicy.host` (login sandboxes): the host's loopback is the sandbox's, the server
-    // variable names the server's own address, and no tunnel port is opened on the host.
+    // `NetworkPolicy.host` (login sandboxes): the host's loopback is the sandbox's, and the
+    // server variable names the server's own address (no tunnel in between).
     let driver = driver();
     let (origin, origin_seen) = origin().await;
     let port = origin.port();
