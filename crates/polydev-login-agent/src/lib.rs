@@ -136,6 +136,10 @@ async fn session(config: &Config, server: &Server) -> Outcome {
                 info = Some(i);
                 break;
             }
+            // 409: the session exists but cannot go on (the user has no runtime key): say so.
+            Err(e) if e.status == Some(409) => {
+                return Outcome::Failed(format!("session refused: {e}"));
+            }
             Err(e) if e.status.is_some() => {
                 return Outcome::Stopped(format!("session refused: {e}"));
             }
