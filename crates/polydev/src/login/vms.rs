@@ -112,6 +112,7 @@ impl Login {
             network: NetworkPolicy {
                 proxy: self.config.proxy,
                 server: runtime.config.server,
+                turn: self.config.turn_forward.filter(|_| local),
             },
             binds,
         };

@@ -259,6 +259,7 @@ async fn runtime_local_egress_only_through_the_configured_proxy() {
     spec.network = NetworkPolicy {
         proxy: Some(proxy),
         server: None,
+        turn: None,
     };
     assert_eq!(
         run(&driver, spec).await,
