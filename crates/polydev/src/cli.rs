@@ -216,6 +216,10 @@ pub struct LoginArgs {
     /// through [default: none: the sandbox reaches only this server].
     #[arg(long, env = "POLYDEV_LOGIN_PROXY")]
     login_proxy: Option<SocketAddr>,
+    /// The TURN server's TCP address (`host:port`) tunnelled into local login sandboxes (at
+    /// 127.0.0.1:3478 inside): their agents relay media through TURN over TCP.
+    #[arg(long, env = "POLYDEV_LOGIN_TURN_FORWARD")]
+    login_turn_forward: Option<SocketAddr>,
     /// coturn's `static-auth-secret`: TURN credentials per session (docs/login.md).
     #[arg(long, env = "POLYDEV_TURN_SECRET", hide_env_values = true)]
     turn_secret: Option<String>,
@@ -253,6 +257,7 @@ impl LoginArgs {
             seconds("login-heartbeat-timeout", self.login_heartbeat_timeout)?;
         config.sweep_interval = seconds("login-sweep-interval", self.login_sweep_interval)?;
         config.proxy = self.login_proxy;
+        config.turn_forward = self.login_turn_forward;
         for pair in &self.login_agent_env {
             let (key, value) = pair
                 .split_once('=')

@@ -369,6 +369,28 @@ impl Login {
                 "the user has no runtime key (PUT /v1/runtime/keys): the credential could not be sealed".into(),
             )
         })?;
+        // In a local sandbox TURN is reachable only through its tunnel, over TCP.
+        let tunnelled = self.config.turn_forward.is_some()
+            && self
+                .runtime
+                .as_ref()
+                .is_some_and(|r| r.orchestrator.driver() == "local");
+        let ice_servers = if tunnelled {
+            session
+                .ice_servers
+                .into_iter()
+                .filter(|s| s.credential.is_some())
+                .map(|s| IceServer {
+                    urls: vec![format!(
+                        "turn:{}?transport=tcp",
+                        crate::runtime::orchestrator::TURN_INSIDE
+                    )],
+                    ..s
+                })
+                .collect()
+        } else {
+            session.ice_servers
+        };
         Ok(AgentView {
             provider: session.provider,
             status: session.status,
@@ -376,7 +398,7 @@ impl Login {
             user_public_key: key,
             user_id: agent.user,
             credential_namespace: CREDENTIAL_NAMESPACE.into(),
-            ice_servers: session.ice_servers,
+            ice_servers,
             timeout_at: session.timeout_at,
         })
     }

@@ -57,6 +57,10 @@ pub struct LoginConfig {
     /// Where the sandbox's browser may connect (the forward proxy all its egress goes
     /// through); `None`: nowhere but this server.
     pub proxy: Option<std::net::SocketAddr>,
+    /// The TURN server's TCP address the local driver tunnels into a login sandbox (at
+    /// 127.0.0.1:3478 inside): the sandbox has no UDP, so its agent relays through TURN over
+    /// TCP. `None`: no tunnel (Nomad sandboxes reach TURN through the cluster's network).
+    pub turn_forward: Option<std::net::SocketAddr>,
     /// The sandbox's limits.
     pub resources: crate::runtime::Resources,
     /// More environment for the login agent (`serve --login-agent-env`): its `POLYDEV_LOGIN_*`
@@ -76,6 +80,7 @@ impl Default for LoginConfig {
             sweep_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             proxy: None,
+            turn_forward: None,
             resources: crate::runtime::Resources {
                 memory_bytes: 2 * 1024 * 1024 * 1024,
                 max_pids: 1024,

@@ -118,10 +118,12 @@ impl Login {
             network: NetworkPolicy {
                 proxy: self.config.proxy,
                 server: runtime.config.server,
-                // The agent's WebRTC peer must be reachable by the user's browser over UDP: a
-                // local sandbox's own network namespace has only its loopback
-                // (docs/login.md, "Limitations").
-                host: local,
+                turn: self.config.turn_forward.filter(|_| local),
+                // The agent's WebRTC peer must be reachable by the user's browser: over UDP on
+                // the host's network, unless a TURN relay is forwarded into the sandbox (a
+                // local sandbox's own network namespace has only its loopback; docs/login.md,
+                // "Limitations").
+                host: local && self.config.turn_forward.is_none(),
             },
             binds,
         };

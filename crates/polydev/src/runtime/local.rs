@@ -9,8 +9,8 @@
 //! - Limits: memory (swap included) and processes through cgroups v1 (`memory`, `pids`) under
 //!   this process's own cgroups when they are writable, else `prlimit` (address space; the
 //!   process count is not enforced for root that way); a wall-clock limit the driver enforces.
-//! - Network: only loopback inside. Each allowed destination (the proxy, the polydev server) is
-//!   a Unix socket in a per-sandbox directory bind-mounted read-only at `/run/polydev`; the
+//! - Network: only loopback inside. Each allowed destination (the proxy, the polydev server, a
+//!   login sandbox's TURN server) is a Unix socket in a per-sandbox directory bind-mounted read-only at `/run/polydev`; the
 //!   agent's `init` listens on a loopback port inside for each and the driver connects the host
 //!   end to the one address it was configured with. A direct connection anywhere else fails.
 
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::orchestrator::{
     BoxFuture, ContainerInfo, ContainerSpec, Event, ExitReason, Orchestrator, OrchestratorError,
-    PROXY_INSIDE, Result, SERVER_INSIDE, State,
+    PROXY_INSIDE, Result, SERVER_INSIDE, State, TURN_INSIDE,
 };
 
 /// Where the agent binary is mounted inside every sandbox.
@@ -182,9 +182,10 @@ impl LocalDriver {
         let mut forwards = Vec::new();
         let proxy: Target = Arc::new(Mutex::new(spec.network.proxy));
         let server: Target = Arc::new(Mutex::new(spec.network.server));
+        let turn: Target = Arc::new(Mutex::new(spec.network.turn));
         // The proxy tunnel always exists (a warm sandbox gets its user's proxy when claimed);
         // without a target it refuses every connection.
-        // On the host's network the sandbox reaches both at their own addresses: no tunnels.
+        // On the host's network the sandbox reaches them at their own addresses: no tunnels.
         let tunnels = if spec.network.host {
             Vec::new()
         } else {
@@ -194,6 +195,11 @@ impl LocalDriver {
                     "server",
                     spec.network.server.is_some().then_some(server),
                     SERVER_INSIDE,
+                ),
+                (
+                    "turn",
+                    spec.network.turn.is_some().then_some(turn),
+                    TURN_INSIDE,
                 ),
             ]
         };

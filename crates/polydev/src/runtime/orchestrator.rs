@@ -47,6 +47,9 @@ pub struct NetworkPolicy {
     pub proxy: Option<SocketAddr>,
     /// The polydev server, for the agent (at [`SERVER_INSIDE`] inside).
     pub server: Option<SocketAddr>,
+    /// A TURN server's TCP port (at [`TURN_INSIDE`] inside): a login sandbox's WebRTC media
+    /// leaves through it, relayed (TURN over TCP), as the sandbox has no UDP to the outside.
+    pub turn: Option<SocketAddr>,
     /// Share the host's network instead (the local driver; Nomad uses the cluster's): no
     /// tunnels, `proxy` and `server` are reached at their own addresses, and nothing confines
     /// egress. Login sandboxes need it: their WebRTC peer must be reachable by the user's
@@ -58,6 +61,8 @@ pub struct NetworkPolicy {
 pub const PROXY_INSIDE: &str = "127.0.0.1:3128";
 /// Where the polydev server is reachable from inside a local sandbox.
 pub const SERVER_INSIDE: &str = "127.0.0.1:3129";
+/// Where the TURN server (TCP) is reachable from inside a local sandbox.
+pub const TURN_INSIDE: &str = "127.0.0.1:3478";
 
 /// What to start.
 #[derive(Debug, Clone, PartialEq, Eq)]

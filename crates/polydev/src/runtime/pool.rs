@@ -395,6 +395,7 @@ impl Runtime {
             network: NetworkPolicy {
                 proxy: None,
                 server: self.config.server,
+                turn: None,
                 host: false,
             },
             binds: Vec::new(),

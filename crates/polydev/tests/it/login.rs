@@ -1062,11 +1062,28 @@ async fn coturn_allocates_a_relay_with_the_session_credential_and_refuses_expire
             turn_urls: vec![format!("turn:127.0.0.1:{port}?transport=udp")],
             secret: Some("coturn-shared-secret".into()),
             ttl: Some(Duration::from_secs(120)),
-        }
+        };
+        c.turn_forward = Some(([127, 0, 0, 1], port).into());
     })
     .await;
     let user = stack.user("login-turn@example.com").await;
-    let (session, _) = stack.start_session(&user).await;
+    let (session, secret) = stack.start_session(&user).await;
+    // The agent in its local sandbox gets TURN over TCP through its tunnel, same credential.
+    let view: Value = stack
+        .get(
+            &format!("/v1/login/agent/{}", session["id"].as_str().unwrap()),
+            &secret,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        view["ice_servers"],
+        json!([{"urls": ["turn:127.0.0.1:3478?transport=tcp"],
+                "username": session["ice_servers"][1]["username"],
+                "credential": session["ice_servers"][1]["credential"]}])
+    );
     let turn = &session["ice_servers"][1];
     let (username, credential) = (
         turn["username"].as_str().unwrap(),
@@ -1085,4 +1102,39 @@ async fn coturn_allocates_a_relay_with_the_session_credential_and_refuses_expire
     let forged = polydev::login::turn::credential("another-secret", username);
     assert!(!turn_allocates(port, username, &forged).await);
     coturn.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_local_sandbox_reaches_the_turn_server_only_through_its_tunnel() {
+    use tokio::io::AsyncReadExt;
+    let turn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = turn.local_addr().unwrap();
+    let driver = crate::runtime_local::driver();
+    let mut spec = crate::runtime_local::spec(&[
+        "/bin/bash",
+        "-c",
+        // The tunnel (127.0.0.1:3478 inside) reaches it; the host's address itself does not.
+        &format!(
+            "echo allocate >/dev/tcp/{}/3478 || exit 11; \
+             (echo direct >/dev/tcp/127.0.0.1/{}) 2>/dev/null && exit 12; exit 0",
+            "127.0.0.1",
+            addr.port()
+        ),
+    ]);
+    spec.network.turn = Some(addr);
+    let id = driver.start(spec).await.unwrap();
+    let (mut stream, _) = tokio::time::timeout(HANG_GUARD, turn.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut received = String::new();
+    stream.read_to_string(&mut received).await.unwrap();
+    assert_eq!(received, "allocate\n");
+    assert_eq!(
+        driver.wait(&id, HANG_GUARD).await,
+        Some(polydev::runtime::State::Exited {
+            code: 0,
+            reason: polydev::runtime::ExitReason::Completed
+        })
+    );
 }

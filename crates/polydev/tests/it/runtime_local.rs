@@ -259,6 +259,7 @@ async fn runtime_local_egress_only_through_the_configured_proxy() {
     spec.network = NetworkPolicy {
         proxy: Some(proxy),
         server: None,
+        turn: None,
         host: false,
     };
     assert_eq!(
@@ -326,6 +327,7 @@ async fn runtime_local_host_network_reaches_the_host_directly_without_tunnels() 
     spec.network = NetworkPolicy {
         proxy: None,
         server: Some(origin),
+        turn: None,
         host: true,
     };
     assert_eq!(
