@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::Login;
 use crate::error::{Error, Result};
-use crate::runtime::orchestrator::{Bind, ContainerSpec, NetworkPolicy};
+use crate::runtime::orchestrator::{Bind, ContainerSpec, NetworkPolicy, SERVER_INSIDE};
 use crate::runtime::{LOGIN_NAME_PREFIX, Runtime, State};
 
 /// Where the login agent binary is mounted inside a local sandbox.
@@ -31,7 +31,11 @@ impl Login {
         let orchestrator = &runtime.orchestrator;
         let local = orchestrator.driver() == "local";
         let server_url = match (&runtime.config.server, &runtime.config.server_url) {
-            // A local login sandbox shares the host's network (see `host` below).
+            // A local login sandbox shares the host's network (see `host` below), unless a
+            // TURN relay is forwarded into it: then it reaches this server by its tunnel.
+            (Some(_), _) if local && self.config.turn_forward.is_some() => {
+                format!("http://{SERVER_INSIDE}")
+            }
             (Some(server), _) if local => format!("http://{server}"),
             (_, Some(url)) => url.trim_end_matches('/').to_string(),
             _ => {
