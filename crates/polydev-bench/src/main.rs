@@ -9,6 +9,10 @@
 //! 4. the LiteLLM proxy in front of the same mock, measured like (1), when `--litellm-url` is given;
 //! 5. zero-knowledge: envelope seal/open vs the raw AEAD, unlock time, and the migration of
 //!    100,000 messages of 1 KiB (client and database in one run).
+//! 6. login signalling relay: a message posted on one `polydev serve` reaching a peer's SSE
+//!    stream on a second process (PostgreSQL LISTEN/NOTIFY) vs a plain request round trip.
+
+mod login;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -32,7 +36,7 @@ struct Args {
     mock_url: String,
     litellm: Option<(String, String)>,
     quick: bool,
-    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`).
+    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`, `login`).
     only: Option<String>,
 }
 
@@ -180,6 +184,8 @@ struct Polydev {
     /// material, clear and hand-over routes need that scope).
     account_token: String,
     pool: PgPool,
+    /// The database's URL, for more processes on it.
+    db_url: String,
 }
 
 /// Starts `polydev serve` (release build, next to this binary) on a fresh database.
@@ -230,6 +236,7 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
             server.get_port()
         ),
     };
+    let db_url = url.clone();
     let bin = std::env::current_exe()?.with_file_name("polydev");
     let mut child = Command::new(bin)
         .args([
@@ -292,6 +299,7 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         tokens,
         account_token,
         pool,
+        db_url,
     })
 }
 
@@ -487,6 +495,14 @@ async fn main() -> anyhow::Result<()> {
     if args.runs("zk") {
         println!("== 5. zero-knowledge");
         report.insert("zk".into(), zk_bench(&polydev, args.quick).await?);
+    }
+
+    if args.runs("login") {
+        println!("== 6. login signalling relay across two serve processes");
+        report.insert(
+            "login".into(),
+            login::relay_bench(&polydev, args.quick).await?,
+        );
     }
 
     let out = work.join("results.json");

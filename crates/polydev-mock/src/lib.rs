@@ -23,6 +23,8 @@
 //! OpenAI-format request with `tools` gets a call of the first tool (`{"query": <prompt>}`,
 //! streamed in pieces like OpenAI's), unless its last message is a tool's result.
 
+pub mod login_site;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -47,6 +47,8 @@ pub struct AppState {
     pub webauthn: Option<Arc<webauthn_rs::Webauthn>>,
     /// The bearer token `/metrics` requires (`serve --metrics-token`); `None`: open.
     pub metrics_token: Option<Arc<str>>,
+    /// Login sessions (docs/login.md); `None`: the login routes answer 501.
+    pub login: Option<crate::login::Login>,
 }
 
 /// Per-address request limits of the endpoints anyone can call: OAuth token and registration,
@@ -110,6 +112,7 @@ impl AppState {
             cimd_extra_roots: Vec::new(),
             webauthn: None,
             metrics_token: None,
+            login: None,
         }
     }
 
@@ -164,6 +167,11 @@ impl AppState {
 
     pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Self {
         self.runtime = runtime;
+        self
+    }
+
+    pub fn with_login(mut self, login: Option<crate::login::Login>) -> Self {
+        self.login = login;
         self
     }
 

@@ -209,6 +209,107 @@ pub struct ServeArgs {
     metrics_token: Option<String>,
     #[command(flatten)]
     runtime: Box<RuntimeArgs>,
+    #[command(flatten)]
+    login: Box<LoginArgs>,
+}
+
+/// Login sessions: provider logins in sandboxed browsers streamed over WebRTC (docs/login.md).
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The login agent binary [default: `polydev-login-agent` next to this executable].
+    #[arg(long, env = "POLYDEV_LOGIN_AGENT_BIN")]
+    login_agent_bin: Option<PathBuf>,
+    /// Seconds a login session (each attempt) may take before it fails.
+    #[arg(long, env = "POLYDEV_LOGIN_TIMEOUT", default_value_t = 600.0)]
+    login_timeout: f64,
+    /// Seconds without a heartbeat from the login agent after which its session fails.
+    #[arg(long, env = "POLYDEV_LOGIN_HEARTBEAT_TIMEOUT", default_value_t = 30.0)]
+    login_heartbeat_timeout: f64,
+    /// Seconds between two passes of the login sweeper and cleanup worker (and the first
+    /// retry's wait after a failed teardown; later ones double, up to 300 s).
+    #[arg(long, env = "POLYDEV_LOGIN_SWEEP_INTERVAL", default_value_t = 1.0)]
+    login_sweep_interval: f64,
+    /// The forward proxy (`host:port`) the login sandbox's browser reaches the provider
+    /// through [default: none: the sandbox reaches only this server].
+    #[arg(long, env = "POLYDEV_LOGIN_PROXY")]
+    login_proxy: Option<SocketAddr>,
+    /// The TURN server's TCP address (`host:port`) tunnelled into local login sandboxes (at
+    /// 127.0.0.1:3478 inside): their agents relay media through TURN over TCP.
+    #[arg(long, env = "POLYDEV_LOGIN_TURN_FORWARD")]
+    login_turn_forward: Option<SocketAddr>,
+    /// coturn's `static-auth-secret`: TURN credentials per session (docs/login.md).
+    #[arg(long, env = "POLYDEV_TURN_SECRET", hide_env_values = true)]
+    turn_secret: Option<String>,
+    /// STUN URLs handed to both peers (`stun:turn.example.com:3478`).
+    #[arg(long, env = "POLYDEV_STUN_URLS", value_delimiter = ',')]
+    stun_urls: Vec<String>,
+    /// TURN URLs handed to both peers with a per-session credential
+    /// (`turn:turn.example.com:3478?transport=udp`); needs --turn-secret.
+    #[arg(long, env = "POLYDEV_TURN_URLS", value_delimiter = ',')]
+    turn_urls: Vec<String>,
+    /// Seconds a TURN credential is valid [default: the login timeout + 300].
+    #[arg(long, env = "POLYDEV_TURN_TTL")]
+    turn_ttl: Option<f64>,
+    /// A setting of the login agent, `POLYDEV_LOGIN_<NAME>=value` (repeatable): the provider
+    /// CLI's login command, its credential file, … (docs/login.md, "The login agent").
+    #[arg(long = "login-agent-env", value_name = "KEY=VALUE")]
+    login_agent_env: Vec<String>,
+}
+
+impl LoginArgs {
+    fn config(&self) -> anyhow::Result<crate::login::LoginConfig> {
+        use std::time::Duration;
+        let seconds = |name: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--{name} must be a positive number of seconds"))
+        };
+        let mut config = crate::login::LoginConfig::default();
+        if let Some(bin) = &self.login_agent_bin {
+            config.agent_bin = bin.clone();
+        }
+        config.session_timeout = seconds("login-timeout", self.login_timeout)?;
+        config.heartbeat_timeout =
+            seconds("login-heartbeat-timeout", self.login_heartbeat_timeout)?;
+        config.sweep_interval = seconds("login-sweep-interval", self.login_sweep_interval)?;
+        config.proxy = self.login_proxy;
+        config.turn_forward = self.login_turn_forward;
+        for pair in &self.login_agent_env {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("--login-agent-env {pair:?}: expected KEY=VALUE"))?;
+            anyhow::ensure!(
+                key.starts_with("POLYDEV_LOGIN_")
+                    && !matches!(
+                        key,
+                        "POLYDEV_LOGIN_SESSION_ID"
+                            | "POLYDEV_LOGIN_SECRET"
+                            | "POLYDEV_LOGIN_PROVIDER"
+                    ),
+                "--login-agent-env {key}: only the agent's own POLYDEV_LOGIN_* settings (not the session's)"
+            );
+            config.agent_env.insert(key.to_string(), value.to_string());
+        }
+        let urls = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect()
+        };
+        config.turn.stun_urls = urls(&self.stun_urls);
+        config.turn.turn_urls = urls(&self.turn_urls);
+        config.turn.secret = self.turn_secret.clone().filter(|s| !s.is_empty());
+        config.turn.ttl = self
+            .turn_ttl
+            .map(|ttl| seconds("turn-ttl", ttl))
+            .transpose()?;
+        anyhow::ensure!(
+            config.turn.turn_urls.is_empty() || config.turn.secret.is_some(),
+            "--turn-urls needs --turn-secret (coturn's static-auth-secret)"
+        );
+        Ok(config)
+    }
 }
 
 /// The container runtime for the provider CLIs (docs/runtime.md).
@@ -670,6 +771,15 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
             proxies.spawn_background(state.shutdown.clone());
         }
     }
+    let login = crate::login::Login::new(
+        db.pool.clone(),
+        state.runtime.clone(),
+        args.login.config()?,
+        state.shutdown.clone(),
+    )
+    .await?;
+    login.spawn_background(state.shutdown.clone());
+    let state = state.with_login(Some(login));
     let stop_sweeper = tokio_util::sync::CancellationToken::new();
     let sweeping = tokio::spawn(sweeper.run(db.pool.clone(), stop_sweeper.clone()));
     let served = tokio::select! {
@@ -1200,5 +1310,45 @@ mod proxy_args_tests {
         let config = full.config().unwrap().unwrap();
         assert_eq!(config.ports, 10001..=10002);
         assert!(!format!("{full:?}{config:?}").contains("hunter2"));
+    }
+}
+
+#[cfg(test)]
+mod login_agent_env_tests {
+    use super::*;
+
+    fn login_config(args: &[&str]) -> anyhow::Result<crate::login::LoginConfig> {
+        let cli = Cli::try_parse_from(["polydev", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(serve) => serve.login.config(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn login_agent_env_takes_the_agents_own_settings_only() {
+        let config = login_config(&[
+            "--login-agent-env",
+            "POLYDEV_LOGIN_CLI=codex login --device-auth",
+            "--login-agent-env",
+            "POLYDEV_LOGIN_UDP=0.0.0.0:0",
+        ])
+        .unwrap();
+        assert_eq!(
+            config
+                .agent_env
+                .get("POLYDEV_LOGIN_CLI")
+                .map(String::as_str),
+            Some("codex login --device-auth")
+        );
+        assert_eq!(config.agent_env.len(), 2);
+        for bad in [
+            "POLYDEV_LOGIN_SECRET=x",
+            "POLYDEV_LOGIN_SESSION_ID=x",
+            "PATH=/tmp",
+            "POLYDEV_LOGIN_CLI",
+        ] {
+            assert!(login_config(&["--login-agent-env", bad]).is_err(), "{bad}");
+        }
     }
 }

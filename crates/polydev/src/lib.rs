@@ -13,6 +13,7 @@ pub mod client;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod login;
 pub mod mcp;
 pub mod net;
 pub mod oauth;

@@ -429,6 +429,7 @@ async fn sealed_true(pool: &PgPool, agent: PathBuf, runs: usize) -> anyhow::Resu
             env: BTreeMap::new(),
             resources: Resources::default(),
             network: NetworkPolicy::default(),
+            binds: Vec::new(),
         };
         let id = driver.start(spec).await?;
         let state = driver.wait(&id, Duration::from_secs(30)).await;

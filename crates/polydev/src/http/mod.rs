@@ -9,6 +9,7 @@ mod credentials;
 mod error;
 mod extract;
 mod health;
+mod login;
 mod mcp;
 mod me;
 mod metrics;
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::routes())
         .merge(credentials::routes())
         .merge(runtime::routes())
+        .merge(login::routes())
         .merge(web::routes())
         .merge(account_web::routes())
         .merge(oauth::routes())

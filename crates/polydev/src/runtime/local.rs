@@ -9,8 +9,8 @@
 //! - Limits: memory (swap included) and processes through cgroups v1 (`memory`, `pids`) under
 //!   this process's own cgroups when they are writable, else `prlimit` (address space; the
 //!   process count is not enforced for root that way); a wall-clock limit the driver enforces.
-//! - Network: only loopback inside. Each allowed destination (the proxy, the polydev server) is
-//!   a Unix socket in a per-sandbox directory bind-mounted read-only at `/run/polydev`; the
+//! - Network: only loopback inside. Each allowed destination (the proxy, the polydev server, a
+//!   login sandbox's TURN server) is a Unix socket in a per-sandbox directory bind-mounted read-only at `/run/polydev`; the
 //!   agent's `init` listens on a loopback port inside for each and the driver connects the host
 //!   end to the one address it was configured with. A direct connection anywhere else fails.
 
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::orchestrator::{
     BoxFuture, ContainerInfo, ContainerSpec, Event, ExitReason, Orchestrator, OrchestratorError,
-    PROXY_INSIDE, Result, SERVER_INSIDE, State,
+    PROXY_INSIDE, Result, SERVER_INSIDE, State, TURN_INSIDE,
 };
 
 /// Where the agent binary is mounted inside every sandbox.
@@ -186,18 +186,31 @@ impl LocalDriver {
         let mut forwards = Vec::new();
         let proxy: Target = Arc::new(Mutex::new(spec.network.proxy));
         let server: Target = Arc::new(Mutex::new(spec.network.server));
+        let turn: Target = Arc::new(Mutex::new(spec.network.turn));
         // The proxy tunnel always exists (a warm sandbox gets its user's proxy when claimed);
         // without a target it refuses every connection.
         let authorization: Option<Arc<str>> = config.proxy_authorization.as_deref().map(Into::into);
-        for (name, target, inside, authorization) in [
-            ("proxy", Some(proxy.clone()), PROXY_INSIDE, authorization),
-            (
-                "server",
-                spec.network.server.is_some().then_some(server),
-                SERVER_INSIDE,
-                None,
-            ),
-        ] {
+        // On the host's network the sandbox reaches them at their own addresses: no tunnels.
+        let tunnels = if spec.network.host {
+            Vec::new()
+        } else {
+            vec![
+                ("proxy", Some(proxy.clone()), PROXY_INSIDE, authorization),
+                (
+                    "server",
+                    spec.network.server.is_some().then_some(server),
+                    SERVER_INSIDE,
+                    None,
+                ),
+                (
+                    "turn",
+                    spec.network.turn.is_some().then_some(turn),
+                    TURN_INSIDE,
+                    None,
+                ),
+            ]
+        };
+        for (name, target, inside, authorization) in tunnels {
             let Some(target) = target else { continue };
             let socket = dir.join(format!("{name}.sock"));
             let listener = UnixListener::bind(&socket).map_err(|e| {
@@ -350,8 +363,11 @@ impl LocalDriver {
 fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(Into::into));
+    push(&["--unshare-all"]);
+    if spec.network.host {
+        push(&["--share-net"]);
+    }
     push(&[
-        "--unshare-all",
         "--die-with-parent",
         "--new-session",
         "--uid",
@@ -388,19 +404,35 @@ fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std
     a.push("--ro-bind".into());
     a.push(dir.into());
     a.push(SOCKETS_INSIDE.into());
+    for bind in &spec.binds {
+        a.push("--ro-bind".into());
+        a.push(bind.host.clone().into());
+        a.push(bind.inside.clone().into());
+    }
     let mut env = vec![
         ("HOME".to_string(), HOME_INSIDE.to_string()),
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
     // The proxy tunnel always exists (a warm sandbox gets its user's port when claimed, and
-    // refuses every connection until then), so programs are always told to use it.
-    let url = format!("http://{PROXY_INSIDE}");
-    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-        env.push((key.into(), url.clone()));
+    // refuses every connection until then), so programs are always told to use it; on the
+    // host's network they reach the proxy, if any, at its own address.
+    let url = match (spec.network.host, spec.network.proxy) {
+        (false, _) => Some(format!("http://{PROXY_INSIDE}")),
+        (true, Some(proxy)) => Some(format!("http://{proxy}")),
+        (true, None) => None,
+    };
+    for url in url {
+        for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.push((key.into(), url.clone()));
+        }
     }
-    if spec.network.server.is_some() {
-        env.push(("POLYDEV_SERVER".into(), format!("http://{SERVER_INSIDE}")));
+    if let Some(server) = spec.network.server {
+        let url = match spec.network.host {
+            true => format!("http://{server}"),
+            false => format!("http://{SERVER_INSIDE}"),
+        };
+        env.push(("POLYDEV_SERVER".into(), url));
     }
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     a.push("--clearenv".into());
@@ -541,11 +573,7 @@ fn own(parent: &Path) -> PathBuf {
 /// Removes what dead polydev processes left: per-process directories (cgroups, sockets) whose
 /// process is gone. Their sandboxes died with them (`--die-with-parent`).
 fn sweep(config: &LocalConfig) {
-    let mut parents = vec![config.state_dir.clone()];
-    if let Limits::Cgroups { memory, pids } = &config.limits {
-        parents.extend([memory.clone(), pids.clone()]);
-    }
-    for parent in parents {
+    for parent in own_parent_dirs(config) {
         let Ok(entries) = std::fs::read_dir(&parent) else {
             continue;
         };
@@ -715,6 +743,38 @@ impl Orchestrator for LocalDriver {
     fn events(&self) -> BoxStream<'static, Event> {
         broadcast_stream(self.inner.events.subscribe())
     }
+
+    fn clean_up_after<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if instance_alive(instance) != Some(false) {
+                return Err(OrchestratorError::Refused(format!(
+                    "{instance} is not an ended local instance of this machine"
+                )));
+            }
+            sweep(&self.inner.config);
+            let pid = instance.rsplit(':').next().unwrap_or_default();
+            let left = own_parent_dirs(&self.inner.config)
+                .into_iter()
+                .map(|parent| parent.join(pid))
+                .find(|dir| dir.exists());
+            match left {
+                Some(dir) => Err(OrchestratorError::Refused(format!(
+                    "{} is still there",
+                    dir.display()
+                ))),
+                None => Ok(()),
+            }
+        })
+    }
+}
+
+/// The parents of every instance's per-process directories: sockets, and cgroups when used.
+fn own_parent_dirs(config: &LocalConfig) -> Vec<PathBuf> {
+    let mut parents = vec![config.state_dir.clone()];
+    if let Limits::Cgroups { memory, pids } = &config.limits {
+        parents.extend([memory.clone(), pids.clone()]);
+    }
+    parents
 }
 
 /// A broadcast receiver as a stream that skips what it missed (consumers reconcile).

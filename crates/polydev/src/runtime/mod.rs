@@ -20,10 +20,10 @@ pub use jobs::{Follow, Job, SubmitJob, UserKey};
 pub use local::{LocalConfig, LocalDriver};
 pub use nomad::{NomadConfig, NomadDriver};
 pub use orchestrator::{
-    ContainerInfo, ContainerSpec, Event, ExitReason, NetworkPolicy, Orchestrator,
+    Bind, ContainerInfo, ContainerSpec, Event, ExitReason, NetworkPolicy, Orchestrator,
     OrchestratorError, Resources, State,
 };
-pub use pool::{Claimed, Reconciled, Runtime, RuntimeConfig};
+pub use pool::{Claimed, LOGIN_NAME_PREFIX, Reconciled, Runtime, RuntimeConfig};
 
 use crate::error::{Error, Result};
 

@@ -47,12 +47,22 @@ pub struct NetworkPolicy {
     pub proxy: Option<SocketAddr>,
     /// The polydev server, for the agent (at [`SERVER_INSIDE`] inside).
     pub server: Option<SocketAddr>,
+    /// A TURN server's TCP port (at [`TURN_INSIDE`] inside): a login sandbox's WebRTC media
+    /// leaves through it, relayed (TURN over TCP), as the sandbox has no UDP to the outside.
+    pub turn: Option<SocketAddr>,
+    /// Share the host's network instead (the local driver; Nomad uses the cluster's): no
+    /// tunnels, `proxy` and `server` are reached at their own addresses, and nothing confines
+    /// egress. Login sandboxes need it: their WebRTC peer must be reachable by the user's
+    /// browser over UDP (docs/login.md, "Limitations").
+    pub host: bool,
 }
 
 /// Where the proxy is reachable from inside a local sandbox.
 pub const PROXY_INSIDE: &str = "127.0.0.1:3128";
 /// Where the polydev server is reachable from inside a local sandbox.
 pub const SERVER_INSIDE: &str = "127.0.0.1:3129";
+/// Where the TURN server (TCP) is reachable from inside a local sandbox.
+pub const TURN_INSIDE: &str = "127.0.0.1:3478";
 
 /// What to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +74,16 @@ pub struct ContainerSpec {
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
     pub network: NetworkPolicy,
+    /// Host files mounted read-only inside (the local driver; Nomad nodes have their own files,
+    /// so it ignores them). A login sandbox's agent binary comes in this way.
+    pub binds: Vec<Bind>,
+}
+
+/// A host path mounted read-only at `inside`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub host: std::path::PathBuf,
+    pub inside: String,
 }
 
 /// Why a container ended.
@@ -184,4 +204,11 @@ pub trait Orchestrator: Send + Sync {
     /// State changes from now on. A consumer that falls behind may miss events, so it must
     /// reconcile with [`Orchestrator::list`].
     fn events(&self) -> BoxStream<'static, Event>;
+    /// Removes what the ended instance `instance` (of the same driver on this machine) left
+    /// behind. Its containers died with it; the local driver removes their directories and
+    /// cgroups. Nothing to do for the others.
+    fn clean_up_after<'a>(&'a self, instance: &'a str) -> BoxFuture<'a, Result<()>> {
+        let _ = instance;
+        Box::pin(async { Ok(()) })
+    }
 }

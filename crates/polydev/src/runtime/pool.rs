@@ -35,6 +35,9 @@ pub const PROVIDERS: [&str; 3] = ["openai", "anthropic", "google"];
 pub const LIVE_STATES: [&str; 4] = ["warming", "ready", "assigned", "executing"];
 /// Orchestrator names of polydev's containers: `polydev-<row id>`.
 pub const NAME_PREFIX: &str = "polydev-";
+/// Orchestrator names of login sandboxes (`polydev-login-<uuid>`, also their `vms.vm_id`): the
+/// login domain owns them (docs/login.md), so the reconcile loop leaves them alone.
+pub const LOGIN_NAME_PREFIX: &str = "polydev-login-";
 /// The seed of the reconcile loop's advisory lock key, `hashtextextended(<instance>, seed)`:
 /// one lock per orchestrator instance (transaction-scoped: released when its pass ends, or when
 /// its connection dies).
@@ -451,7 +454,10 @@ impl Runtime {
             network: NetworkPolicy {
                 proxy: None,
                 server: self.config.server,
+                turn: None,
+                host: false,
             },
+            binds: Vec::new(),
         };
         match self.orchestrator.start(spec).await {
             Ok(container_id) => {
@@ -531,6 +537,9 @@ impl Runtime {
             }
         }
         for container in &listed {
+            if container.name.starts_with(LOGIN_NAME_PREFIX) {
+                continue;
+            }
             let ours = row_of(&container.name).is_some_and(|row| known.contains(&row));
             if !ours {
                 self.orchestrator.stop(&container.id).await?;

@@ -12,6 +12,7 @@ const DOMAINS: &[&str] = &[
     "accounts",
     "admin",
     "chat",
+    "login",
     "oauth",
     "perspectives",
     "quota",

@@ -39,6 +39,7 @@ pub fn spec(command: &[&str]) -> ContainerSpec {
             ..Resources::default()
         },
         network: NetworkPolicy::default(),
+        binds: Vec::new(),
     }
 }
 
@@ -258,6 +259,8 @@ async fn runtime_local_egress_only_through_the_configured_proxy() {
     spec.network = NetworkPolicy {
         proxy: Some(proxy),
         server: None,
+        turn: None,
+        host: false,
     };
     assert_eq!(
         run(&driver, spec).await,
@@ -304,4 +307,35 @@ async fn runtime_local_sweeps_what_dead_processes_left() {
     for dir in &left {
         assert!(!dir.parent().unwrap().exists(), "{} swept", dir.display());
     }
+}
+
+#[tokio::test]
+async fn runtime_local_host_network_reaches_the_host_directly_without_tunnels() {
+    // `NetworkPolicy.host` (login sandboxes): the host's loopback is the sandbox's, and the
+    // server variable names the server's own address (no tunnel in between).
+    let driver = driver();
+    let (origin, origin_seen) = origin().await;
+    let port = origin.port();
+    let script = format!(
+        r#"
+        test "$(curl -sS -m 5 --noproxy '*' http://127.0.0.1:{port}/direct)" = origin-ok || exit 10
+        test "$POLYDEV_SERVER" = "http://{origin}" || exit 11
+        exit 0
+        "#
+    );
+    let mut spec = spec(&["/bin/sh", "-c", &script]);
+    spec.network = NetworkPolicy {
+        proxy: None,
+        server: Some(origin),
+        turn: None,
+        host: true,
+    };
+    assert_eq!(
+        run(&driver, spec).await,
+        State::Exited {
+            code: 0,
+            reason: ExitReason::Completed
+        }
+    );
+    assert_eq!(*origin_seen.lock().unwrap(), ["/direct"]);
 }

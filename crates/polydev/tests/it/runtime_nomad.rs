@@ -435,6 +435,7 @@ fn spec(name: &str) -> ContainerSpec {
             ..Resources::default()
         },
         network: NetworkPolicy::default(),
+        binds: Vec::new(),
     }
 }
 

@@ -90,6 +90,7 @@ impl Fake {
             env: BTreeMap::new(),
             resources: Default::default(),
             network: Default::default(),
+            binds: Vec::new(),
         };
         self.containers
             .lock()
