@@ -120,21 +120,7 @@ impl ProgressNotifier {
             }
             Progress::Finished(model) => {
                 self.finished += 1;
-                match (model.status, &model.text, &model.error) {
-                    (Status::Ok, Some(text), _) => format!(
-                        "{} ({} ms, {} in / {} out tokens, ${}):\n{}",
-                        model.model,
-                        model.latency_ms,
-                        model.input_tokens.unwrap_or(0),
-                        model.output_tokens.unwrap_or(0),
-                        model.cost_usd.as_deref().unwrap_or("0"),
-                        text
-                    ),
-                    (_, _, Some(error)) => {
-                        format!("{}: {:?}: {}", model.model, model.status, error.message)
-                    }
-                    _ => format!("{}: {:?}", model.model, model.status),
-                }
+                super::finished_message(&model)
             }
             Progress::Delta { .. } => return,
         };

@@ -30,11 +30,11 @@ fn client_dir() -> PathBuf {
     dir
 }
 
-async fn sdk_client(args: &[&str]) -> Value {
+pub async fn sdk_client(args: &[&str]) -> Value {
     sdk_client_env(args, &[]).await
 }
 
-async fn sdk_client_env(args: &[&str], env: &[(&str, &str)]) -> Value {
+pub async fn sdk_client_env(args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = Command::new("node")
         .envs(env.iter().copied())
         .arg("client.mjs")
