@@ -128,7 +128,6 @@ async fn a_cli_is_detected_only_on_path_and_when_it_answers_its_version() {
             .await
             .is_none()
     );
-    fakes.add("codex", "x", "exit 0");
     // `--version` that fails: not used.
     std::fs::write(fakes.path().join("codex"), "#!/bin/sh\nexit 3\n").unwrap();
     assert!(

@@ -7,7 +7,7 @@
 //! shapes as serde types and ignores what it does not name.
 //!
 //! Used by `polydev mcp` on the developer's machine (mcp/local.rs). The module does no I/O but
-//! running the CLI, so a runtime container's agent-side runner can use the same parsers.
+//! running the CLI, and the parsers take plain text, so the server side can use them too.
 
 mod claude;
 mod codex;
@@ -264,8 +264,13 @@ impl CliBackend {
 }
 
 /// The class a CLI's error text names: not signed in, rate or usage limit; else unknown.
+/// Status codes count as whole words only (a token count such as 24012 is not a 401).
 fn classify(text: &str) -> Option<ErrorClass> {
     let text = text.to_lowercase();
+    let has_code = |code: &str| {
+        text.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|word| word == code)
+    };
     const AUTH: &[&str] = &[
         "not logged in",
         "/login",
@@ -276,7 +281,6 @@ fn classify(text: &str) -> Option<ErrorClass> {
         "api key not valid",
         "unauthorized",
         "unauthenticated",
-        "401",
         "authentication",
         "credentials",
     ];
@@ -286,13 +290,12 @@ fn classify(text: &str) -> Option<ErrorClass> {
         "usage limit",
         "limit reached",
         "too many requests",
-        "429",
         "quota",
         "resource_exhausted",
     ];
-    if AUTH.iter().any(|w| text.contains(w)) {
+    if has_code("401") || AUTH.iter().any(|w| text.contains(w)) {
         Some(ErrorClass::Auth)
-    } else if LIMIT.iter().any(|w| text.contains(w)) {
+    } else if has_code("429") || LIMIT.iter().any(|w| text.contains(w)) {
         Some(ErrorClass::RateLimited)
     } else {
         None
@@ -435,6 +438,20 @@ mod tests {
             ))
             .unwrap_err();
         assert_eq!(error.class, ErrorClass::Auth);
+    }
+
+    #[test]
+    fn status_codes_count_only_as_whole_words() {
+        assert_eq!(
+            classify("unexpected status 401 Unauthorized"),
+            Some(ErrorClass::Auth)
+        );
+        assert_eq!(
+            classify("Rate limit reached: Limit 30000, Used 24012"),
+            Some(ErrorClass::RateLimited)
+        );
+        assert_eq!(classify("HTTP 429"), Some(ErrorClass::RateLimited));
+        assert_eq!(classify("wrote 14015 bytes, then crashed"), None);
     }
 
     #[test]
