@@ -36,6 +36,8 @@ pub async fn sdk_client(args: &[&str]) -> Value {
 
 pub async fn sdk_client_env(args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = Command::new("node")
+        // The developer's own CLIs stay out of these tests (cli_backends.rs turns them on).
+        .env("POLYDEV_LOCAL_CLIS", "off")
         .envs(env.iter().copied())
         .arg("client.mjs")
         .args(args)
