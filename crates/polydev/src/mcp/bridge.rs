@@ -18,8 +18,8 @@ use futures_util::stream::FuturesUnordered;
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam,
-    ClientRequest, ContentBlock, LoggingMessageNotificationParam, ProgressNotificationParam,
-    ProgressToken, Request, ServerResult, SetLevelRequestParams,
+    ClientRequest, ContentBlock, LoggingLevel, LoggingMessageNotificationParam,
+    ProgressNotificationParam, ProgressToken, Request, ServerResult, SetLevelRequestParams,
 };
 use rmcp::service::{
     NotificationContext, Peer, PeerRequestOptions, RequestContext, RunningService,
@@ -106,6 +106,8 @@ pub struct Bridge {
     relay: ProgressRelay,
     upstream: OnceCell<RunningService<RoleClient, ProgressRelay>>,
     local: LocalBackends,
+    /// The level the IDE set with `logging/setLevel` (for the local CLIs' log notifications).
+    log_level: Mutex<Option<LoggingLevel>>,
 }
 
 impl Bridge {
@@ -117,6 +119,7 @@ impl Bridge {
             relay: ProgressRelay::default(),
             upstream: OnceCell::new(),
             local: LocalBackends::new(LocalClis::Off),
+            log_level: Mutex::new(None),
         }
     }
 
@@ -179,6 +182,7 @@ impl ServerHandler for Bridge {
     ) -> Result<(), ErrorData> {
         let upstream = self.upstream().await?;
         *self.relay.logs_to.lock().expect("relay lock") = Some(ctx.peer.clone());
+        *self.log_level.lock().expect("log level lock") = Some(request.level);
         upstream
             .peer()
             .set_level(request)
@@ -271,6 +275,7 @@ impl Bridge {
             let mut results: Vec<(usize, ModelResult)> = Vec::new();
             while let Some((index, result)) = pending.next().await {
                 progress.local(ctx, &result).await;
+                self.log_local(&result).await;
                 results.push((index, result));
             }
             results.sort_by_key(|(index, _)| *index);
@@ -360,6 +365,26 @@ impl Bridge {
         }
         self.relay.forget(&remote_token);
         outcome
+    }
+}
+
+impl Bridge {
+    /// A log notification for a local CLI that finished, as the server sends for its models.
+    async fn log_local(&self, result: &ModelResult) {
+        let Some(threshold) = *self.log_level.lock().expect("log level lock") else {
+            return;
+        };
+        let (level, data) = super::server::finished_log(result);
+        if super::server::severity(level) < super::server::severity(threshold) {
+            return;
+        }
+        let ide = self.relay.logs_to.lock().expect("relay lock").clone();
+        if let Some(ide) = ide {
+            let param = LoggingMessageNotificationParam::new(level, data).with_logger("polydev");
+            if let Err(error) = ide.notify_logging_message(param).await {
+                tracing::debug!(%error, "log notification not delivered");
+            }
+        }
     }
 }
 

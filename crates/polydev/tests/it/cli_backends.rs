@@ -355,6 +355,7 @@ async fn bridge_call(
                 &format!("{path}:{}", std::env::var("PATH").unwrap_or_default()),
             ),
             ("POLYDEV_LOCAL_CLIS", local_clis),
+            ("LOG_LEVEL", "info"),
         ],
     )
     .await
@@ -430,6 +431,17 @@ async fn polydev_mcp_adds_the_local_clis_answers_to_the_servers() {
         .map(|p| p["progress"].as_f64().unwrap())
         .collect();
     assert!(values.windows(2).all(|w| w[0] <= w[1]), "{values:?}");
+
+    // Log notifications (`logging/setLevel info`): the server's models and the local CLIs'.
+    let logged: Vec<&str> = out["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["data"]["model"].as_str())
+        .collect();
+    for model in ["gpt-premium", "claude-normal", "claude-code", "codex-cli"] {
+        assert!(logged.contains(&model), "{model} not logged: {logged:?}");
+    }
 
     // The server charged its two models only.
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM perspective_usage WHERE user_id = $1")
