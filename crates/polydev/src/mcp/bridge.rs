@@ -355,9 +355,10 @@ impl Bridge {
         };
         // The server sends every progress notification before its response, but the client
         // dispatches them concurrently: pass on the ones still in flight (until progress
-        // reaches its total, for at most 200 ms).
+        // reaches its total, for at most 200 ms). Only when the IDE asked for progress: else
+        // there is nothing to pass on, and the wait would only delay the answer.
         let grace = tokio::time::Instant::now() + Duration::from_millis(200);
-        while !done && outcome.is_ok() {
+        while !done && outcome.is_ok() && progress.token.is_some() {
             match tokio::time::timeout_at(grace, updates.recv()).await {
                 Ok(Some(update)) => done = progress.server(ctx, update).await,
                 _ => break,
