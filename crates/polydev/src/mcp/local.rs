@@ -176,7 +176,7 @@ pub enum ServerAnswer {
 
 /// The server's answer with the local CLIs' results added: their answers after the server's,
 /// totals over both. When the server had no provider for the call and a CLI answered, the
-/// CLIs' answers are the result. `None`: the server's error stands.
+/// CLIs' answers are the result. `Err`: the server's error stands.
 pub fn merge(
     server: ServerAnswer,
     local: Vec<ModelResult>,
