@@ -8,9 +8,11 @@
 //! 3. quota contention: 1,000 concurrent reservations for one user vs 1,000 plain increments;
 //! 4. the LiteLLM proxy in front of the same mock, measured like (1), when `--litellm-url` is given;
 //! 5. zero-knowledge: envelope seal/open vs the raw AEAD, unlock time, and the migration of
-//!    100,000 messages of 1 KiB (client and database in one run).
+//!    100,000 messages of 1 KiB (client and database in one run);
 //! 6. login signalling relay: a message posted on one `polydev serve` reaching a peer's SSE
-//!    stream on a second process (PostgreSQL LISTEN/NOTIFY) vs a plain request round trip.
+//!    stream on a second process (PostgreSQL LISTEN/NOTIFY) vs a plain request round trip;
+//! 7. local CLIs: `get_perspectives` through `polydev mcp` answered by a fake `claude` that
+//!    answers at once vs running that fake `claude` directly.
 
 mod login;
 
@@ -36,7 +38,7 @@ struct Args {
     mock_url: String,
     litellm: Option<(String, String)>,
     quick: bool,
-    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`, `login`).
+    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`, `login`, `cli`).
     only: Option<String>,
 }
 
@@ -79,6 +81,14 @@ struct Run {
 }
 
 impl Run {
+    fn empty() -> Run {
+        Run {
+            latencies: Vec::new(),
+            elapsed: Duration::ZERO,
+            errors: 0,
+        }
+    }
+
     fn percentile(&self, p: f64) -> Duration {
         let mut sorted = self.latencies.clone();
         sorted.sort();
@@ -215,8 +225,12 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
     drop(conn);
 
     let models = work.join("models.toml");
+    // `unconfigured`'s provider has no key: the CLI section asks it so that the server answers
+    // `no_provider_configured` at once and the local CLI's answer is the result.
     let catalogue = format!(
-        "[providers.openai]\nkind = \"openai\"\nbase_url = \"{mock_url}/v1\"\napi_key_env = \"BENCH_MOCK_KEY\"\n\n{}",
+        "[providers.openai]\nkind = \"openai\"\nbase_url = \"{mock_url}/v1\"\napi_key_env = \"BENCH_MOCK_KEY\"\n\n\
+         [providers.nokey]\nkind = \"openai\"\nbase_url = \"{mock_url}/v1\"\napi_key_env = \"POLYDEV_BENCH_UNSET_KEY\"\n\n\
+         [[models]]\nid = \"unconfigured\"\nprovider = \"nokey\"\ntier = \"premium\"\ninput_price = \"1\"\noutput_price = \"1\"\ncontext_window = 128000\n\n{}",
         [("bench", "bench"), ("delay-100", "bench~delay100"), ("delay-300", "bench~delay300"), ("delay-900", "bench~delay900")]
             .map(|(id, upstream)| format!(
                 "[[models]]\nid = \"{id}\"\nprovider = \"openai\"\ntier = \"premium\"\ninput_price = \"2.50\"\noutput_price = \"10\"\ncontext_window = 128000\nupstream = \"{upstream}\"\n"
@@ -250,6 +264,7 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         .arg(&models)
         .env("DATABASE_URL", url)
         .env("BENCH_MOCK_KEY", "mock-key")
+        .env_remove("POLYDEV_BENCH_UNSET_KEY")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -505,6 +520,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    if args.runs("cli") {
+        println!(
+            "== 7. local CLI through `polydev mcp` vs the CLI run directly (a fake `claude` that answers at once)"
+        );
+        report.insert("cli".into(), cli_bench(&polydev, &work, args.quick).await?);
+    }
+
     let out = work.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(report))?)?;
     println!("results: {}", out.display());
@@ -703,4 +725,179 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
     .inspect(|_| {
         let _ = std::fs::remove_dir_all(&pins);
     })
+}
+
+/// Claude Code's `result` object, as the fake CLI prints it.
+const FAKE_CLAUDE_OUTPUT: &str = r#"{"type":"result","subtype":"success","is_error":false,"duration_ms":1,"num_turns":1,"result":"Spaces.","session_id":"bench","total_cost_usd":0,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":2}}"#;
+
+/// A JSON-RPC client of `polydev mcp` over its stdio (newline-delimited messages).
+struct StdioMcp {
+    _child: Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    next_id: u64,
+}
+
+impl StdioMcp {
+    async fn start(bin: &std::path::Path, env: &[(&str, String)]) -> anyhow::Result<StdioMcp> {
+        let mut child = Command::new(bin)
+            .arg("mcp")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start polydev mcp")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let mut mcp = StdioMcp {
+            _child: child,
+            stdin,
+            lines,
+            next_id: 0,
+        };
+        mcp.request(
+            "initialize",
+            json!({ "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": { "name": "polydev-bench", "version": "0" } }),
+        )
+        .await?;
+        mcp.send(json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }))
+            .await?;
+        Ok(mcp)
+    }
+
+    async fn send(&mut self, message: Value) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut line = serde_json::to_vec(&message)?;
+        line.push(b'\n');
+        self.stdin.write_all(&line).await?;
+        Ok(())
+    }
+
+    async fn request(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params }))
+            .await?;
+        while let Some(line) = self.lines.next_line().await? {
+            let message: Value = serde_json::from_str(&line)?;
+            if message["id"] == id {
+                if !message["error"].is_null() {
+                    bail!("{method} failed: {}", message["error"]);
+                }
+                return Ok(message["result"].clone());
+            }
+        }
+        bail!("polydev mcp exited")
+    }
+}
+
+/// `get_perspectives` through `polydev mcp` answered by a fake `claude` alone (the server has
+/// no provider for the model asked, so it answers `no_provider_configured` at once), against
+/// spawning the same fake `claude` with the same arguments and prompt directly.
+async fn cli_bench(
+    polydev: &Polydev,
+    work: &std::path::Path,
+    quick: bool,
+) -> anyhow::Result<Value> {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+
+    let dir = work.join("fake-cli");
+    std::fs::create_dir_all(&dir)?;
+    let claude = dir.join("claude");
+    std::fs::write(
+        &claude,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = \"--version\" ]; then echo '2.1.332 (Claude Code)'; exit 0; fi\ncat > /dev/null\necho '{FAKE_CLAUDE_OUTPUT}'\n"
+        ),
+    )?;
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755))?;
+    let prompt = "Summarise the trade-offs of optimistic locking in one paragraph.";
+    let rounds = if quick { 50 } else { 300 };
+
+    let direct = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut child = Command::new(&claude)
+            .args(["-p", "--output-format", "json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(prompt.as_bytes()).await?;
+        drop(stdin);
+        let out = child.wait_with_output().await?;
+        if !out.status.success() || !out.stdout.starts_with(b"{") {
+            bail!("the fake CLI failed");
+        }
+        Ok(started.elapsed())
+    };
+
+    let path = format!(
+        "{}:{}",
+        dir.canonicalize()?.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let bin = std::env::current_exe()?.with_file_name("polydev");
+    let mut mcp = StdioMcp::start(
+        &bin,
+        &[
+            ("PATH", path),
+            ("POLYDEV_SERVER_URL", polydev.url.clone()),
+            ("POLYDEV_USER_TOKEN", polydev.tokens[0].clone()),
+            ("POLYDEV_LOCAL_CLIS", "claude".into()),
+        ],
+    )
+    .await?;
+    let arguments = json!({ "prompt": prompt, "models": ["unconfigured"] });
+    let mut through_mcp = async || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let result = mcp
+            .request(
+                "tools/call",
+                json!({ "name": "get_perspectives", "arguments": arguments }),
+            )
+            .await?;
+        let elapsed = started.elapsed();
+        let answered = &result["structuredContent"]["perspectives"][0];
+        if result["isError"] == true
+            || answered["model"] != "claude-code"
+            || answered["status"] != "ok"
+        {
+            bail!("unexpected result: {result}");
+        }
+        Ok(elapsed)
+    };
+
+    // Warm up both (the bridge detects the CLI and connects to the server on first use), then
+    // alternate so both see the same machine.
+    for _ in 0..5 {
+        direct().await?;
+        through_mcp().await?;
+    }
+    let mut runs = (Run::empty(), Run::empty());
+    for _ in 0..rounds {
+        runs.0.latencies.push(direct().await?);
+        runs.1.latencies.push(through_mcp().await?);
+    }
+    drop(mcp);
+    let (direct, mcp) = runs;
+    println!(
+        "cli        c=1   direct p50 {} p99 {} | through polydev mcp p50 {} p99 {} | added p50 {} p99 {}",
+        ms(direct.percentile(0.5)),
+        ms(direct.percentile(0.99)),
+        ms(mcp.percentile(0.5)),
+        ms(mcp.percentile(0.99)),
+        signed_ms(mcp.percentile(0.5), direct.percentile(0.5)),
+        signed_ms(mcp.percentile(0.99), direct.percentile(0.99)),
+    );
+    Ok(json!({
+        "rounds": rounds,
+        "direct_p50_ms": direct.percentile(0.5).as_secs_f64() * 1e3,
+        "direct_p99_ms": direct.percentile(0.99).as_secs_f64() * 1e3,
+        "mcp_p50_ms": mcp.percentile(0.5).as_secs_f64() * 1e3,
+        "mcp_p99_ms": mcp.percentile(0.99).as_secs_f64() * 1e3,
+    }))
 }

@@ -96,6 +96,11 @@ pub enum Command {
         /// The user's `pd_` token.
         #[arg(long, env = "POLYDEV_USER_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// The CLIs of this machine that get_perspectives asks too (their answers are added
+        /// to the server's): `auto` (every one installed: claude, codex, gemini), `off`, or a
+        /// list such as `claude,codex`.
+        #[arg(long, env = "POLYDEV_LOCAL_CLIS", default_value = "auto")]
+        local_clis: crate::mcp::local::LocalClis,
     },
     /// Zero-knowledge encryption of your stored chat history (docs/crypto.md). Talks to a
     /// polydev server with POLYDEV_USER_TOKEN (an `account` token); all cryptography happens
@@ -588,13 +593,19 @@ pub enum TokenCommand {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         // The stdio bridge needs no database: it must answer the IDE at once.
-        if let Command::Mcp { server_url, token } = self.command {
+        if let Command::Mcp {
+            server_url,
+            token,
+            local_clis,
+        } = self.command
+        {
             crate::net::install_tls_provider();
             let token = match token.filter(|t| !t.is_empty()) {
                 Some(token) => Some(token),
                 None => crate::client::login::token_for(&server_url).await,
             };
             return crate::mcp::bridge::Bridge::new(server_url, token)
+                .with_local_clis(local_clis)
                 .run()
                 .await;
         }

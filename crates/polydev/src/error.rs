@@ -200,6 +200,10 @@ pub enum Error {
     },
     #[error("{0}")]
     QuotaExceeded(String),
+    /// No model of the call can run because none of their providers is configured (no API
+    /// key, no local CLI answered): not a quota matter. The message names what to set.
+    #[error("{0}")]
+    NoProviderConfigured(String),
     /// A call with the same idempotency key is still running: retry after `retry_after`.
     #[error("a call with this idempotency_key is still running; retry in {} s", retry_after.as_secs())]
     InProgress { retry_after: std::time::Duration },
@@ -245,6 +249,7 @@ impl Error {
             Error::Forbidden { code, .. } => code,
             Error::RateLimited { .. } => "rate_limited",
             Error::QuotaExceeded(_) => "quota_exceeded",
+            Error::NoProviderConfigured(_) => "no_provider_configured",
             Error::InProgress { .. } => "in_progress",
             Error::NotConfigured(_) => "not_configured",
             Error::Internal(_) => "internal",

@@ -42,6 +42,9 @@ pub fn status(error: &Error) -> StatusCode {
         Error::ZkProof(_) => StatusCode::FORBIDDEN,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::QuotaExceeded(_) => StatusCode::PAYMENT_REQUIRED,
+        // Like `not_configured`: what is missing is configuration, not payment (402) and not a
+        // passing condition (503, which clients retry); see docs/api.md.
+        Error::NoProviderConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         Error::InProgress { .. } => StatusCode::CONFLICT,
         Error::NotConfigured(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -2,6 +2,7 @@
 //! streamable HTTP at `/mcp` ([`server`]) and bridged to stdio by `polydev mcp` ([`bridge`]).
 
 pub mod bridge;
+pub mod local;
 pub mod server;
 
 /// The `ServerHandler` methods both servers answer the same way, from static definitions:
@@ -34,7 +35,7 @@ use rmcp::model::{
     Implementation, JsonObject, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
 
-use crate::perspectives::{PerspectivesRequest, PerspectivesResult};
+use crate::perspectives::{ModelResult, PerspectivesRequest, PerspectivesResult, Status};
 
 pub const GET_PERSPECTIVES: &str = "get_perspectives";
 pub const LIST_MODELS: &str = "list_available_models";
@@ -65,6 +66,32 @@ fn no_arguments() -> Arc<JsonObject> {
     Arc::new(object)
 }
 
+/// `get_perspectives`'s output: its result, or (with `isError`) the error body every surface
+/// sends. Clients such as the official TypeScript SDK validate `structuredContent` against the
+/// output schema even for tool errors, so the schema names both shapes.
+fn perspectives_output_schema() -> Arc<JsonObject> {
+    let mut result = (*schema_for_output::<PerspectivesResult>()).clone();
+    let defs = result.remove("$defs");
+    result.remove("$schema");
+    let error = serde_json::json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": { "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": { "code": { "type": "string" }, "message": { "type": "string" } }
+        } }
+    });
+    let mut schema = serde_json::json!({ "type": "object", "anyOf": [result, error] });
+    if let (Some(defs), serde_json::Value::Object(object)) = (defs, &mut schema) {
+        object.insert("$defs".into(), defs);
+    }
+    let serde_json::Value::Object(object) = schema else {
+        unreachable!()
+    };
+    Arc::new(object)
+}
+
 /// The tool definitions. Static: `polydev mcp` answers `tools/list` from these without a
 /// network call.
 pub fn tools() -> Vec<Tool> {
@@ -77,7 +104,7 @@ pub fn tools() -> Vec<Tool> {
              stream back as progress notifications as each model finishes.",
             input,
         )
-        .with_raw_output_schema(schema_for_output::<PerspectivesResult>())
+        .with_raw_output_schema(perspectives_output_schema())
         .with_annotations(ToolAnnotations::new().read_only(false).open_world(true)),
         Tool::new(
             LIST_MODELS,
@@ -92,4 +119,22 @@ pub fn tools() -> Vec<Tool> {
         )
         .with_annotations(ToolAnnotations::new().read_only(true)),
     ]
+}
+
+/// The message of the progress notification for one finished model: its answer with latency,
+/// tokens and cost, or its error (the same over HTTP and for `polydev mcp`'s local CLIs).
+pub fn finished_message(model: &ModelResult) -> String {
+    match (model.status, &model.text, &model.error) {
+        (Status::Ok, Some(text), _) => format!(
+            "{} ({} ms, {} in / {} out tokens, ${}):\n{}",
+            model.model,
+            model.latency_ms,
+            model.input_tokens.unwrap_or(0),
+            model.output_tokens.unwrap_or(0),
+            model.cost_usd.as_deref().unwrap_or("0"),
+            text
+        ),
+        (_, _, Some(error)) => format!("{}: {:?}: {}", model.model, model.status, error.message),
+        _ => format!("{}: {:?}", model.model, model.status),
+    }
 }

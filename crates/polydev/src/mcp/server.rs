@@ -20,7 +20,7 @@ use crate::accounts::Caller;
 use crate::api::{ErrorResponse, ModelList};
 use crate::app::AppState;
 use crate::error::Error;
-use crate::perspectives::{self, PerspectivesRequest, Progress, ProgressSink, Status};
+use crate::perspectives::{self, ModelResult, PerspectivesRequest, Progress, ProgressSink, Status};
 
 /// One per MCP session (the transport's factory makes a new one for each).
 #[derive(Clone)]
@@ -120,21 +120,7 @@ impl ProgressNotifier {
             }
             Progress::Finished(model) => {
                 self.finished += 1;
-                match (model.status, &model.text, &model.error) {
-                    (Status::Ok, Some(text), _) => format!(
-                        "{} ({} ms, {} in / {} out tokens, ${}):\n{}",
-                        model.model,
-                        model.latency_ms,
-                        model.input_tokens.unwrap_or(0),
-                        model.output_tokens.unwrap_or(0),
-                        model.cost_usd.as_deref().unwrap_or("0"),
-                        text
-                    ),
-                    (_, _, Some(error)) => {
-                        format!("{}: {:?}: {}", model.model, model.status, error.message)
-                    }
-                    _ => format!("{}: {:?}", model.model, model.status),
-                }
+                super::finished_message(&model)
             }
             Progress::Delta { .. } => return,
         };
@@ -173,20 +159,7 @@ impl ProgressNotifier {
                 LoggingLevel::Debug,
                 serde_json::json!({ "event": "started", "models": models }),
             ),
-            Progress::Finished(model) => (
-                if model.status == Status::Ok {
-                    LoggingLevel::Info
-                } else {
-                    LoggingLevel::Warning
-                },
-                serde_json::json!({
-                    "event": "model_finished",
-                    "model": model.model,
-                    "status": model.status,
-                    "latency_ms": model.latency_ms,
-                    "error": model.error,
-                }),
-            ),
+            Progress::Finished(model) => finished_log(model),
             Progress::Delta { .. } => return,
         };
         if severity(level) < severity(threshold) {
@@ -199,8 +172,26 @@ impl ProgressNotifier {
     }
 }
 
+/// The log notification of a finished model: `info` for an answer, `warning` for a model that
+/// failed or timed out (also sent by `polydev mcp` for its local CLIs).
+pub(super) fn finished_log(model: &ModelResult) -> (LoggingLevel, serde_json::Value) {
+    let level = if model.status == Status::Ok {
+        LoggingLevel::Info
+    } else {
+        LoggingLevel::Warning
+    };
+    let data = serde_json::json!({
+        "event": "model_finished",
+        "model": model.model,
+        "status": model.status,
+        "latency_ms": model.latency_ms,
+        "error": model.error,
+    });
+    (level, data)
+}
+
 /// RFC 5424's order, least severe first (rmcp's `LoggingLevel` has no `Ord`).
-fn severity(level: LoggingLevel) -> u8 {
+pub(super) fn severity(level: LoggingLevel) -> u8 {
     match level {
         LoggingLevel::Debug => 0,
         LoggingLevel::Info => 1,

@@ -149,15 +149,26 @@ async fn run(
             .iter()
             .find(|p| p.model == m.id && p.status == Status::Ok)
     };
+    // Models whose provider is not configured are answered at once and reserve nothing.
     let to_run: Vec<&ModelSpec> = models
         .iter()
         .copied()
-        .filter(|m| paid(m).is_none())
+        .filter(|m| paid(m).is_none() && gateway.is_configured(&m.provider))
         .collect();
     // The message was paid with the first answer of an earlier holder of the key.
     let with_message = !resume.paid.iter().any(|p| p.status == Status::Ok);
     let reserved = reserve_all(pools, user_id, resume.request_id, &to_run, with_message).await?;
     progress.started(&models);
+    let unconfigured: Vec<ModelResult> = models
+        .iter()
+        .filter(|m| paid(m).is_none() && !gateway.is_configured(&m.provider))
+        .map(|m| {
+            let result = Failure::not_configured(m).into_result(m, 0);
+            progress.finished(&result);
+            result
+        })
+        .collect();
+    let mut unconfigured = unconfigured.into_iter();
     let call = ModelCall {
         pools,
         gateway,
@@ -178,6 +189,9 @@ async fn run(
         .iter()
         .map(|m| match paid(m) {
             Some(answer) => answer.clone(),
+            None if !gateway.is_configured(&m.provider) => unconfigured
+                .next()
+                .expect("a result per unconfigured model"),
             None => fresh.next().expect("a result per model run"),
         })
         .collect();
@@ -199,8 +213,10 @@ async fn run(
     })
 }
 
-/// The models to ask; an error when none can run. Settings and the quota snapshot only matter
-/// when polydev chooses the models.
+/// The models to ask; an error when none can run, saying why: no provider configured for any
+/// of them (`no_provider_configured`), or no quota left for the configured ones
+/// (`quota_exceeded`). Settings and the quota snapshot only matter when polydev chooses the
+/// models.
 async fn choose_models<'g>(
     pool: &PgPool,
     gateway: &'g Gateway,
@@ -218,11 +234,71 @@ async fn choose_models<'g>(
         request.choose(gateway, &settings, quota_state.as_ref())
     };
     if models.is_empty() {
-        return Err(Error::QuotaExceeded(
-            "no model can run: every eligible tier's monthly quota is used up, or no provider is configured (see list_available_models)".into(),
-        ));
+        return Err(why_none_can_run(gateway, request));
+    }
+    if !models.iter().any(|m| gateway.is_configured(&m.provider)) {
+        return Err(no_provider_configured(gateway, &models));
     }
     Ok(models)
+}
+
+/// Why polydev's own choice came out empty: the providers left are not configured, the
+/// configured ones' tiers have no quota left, or the provider filters left no model at all.
+fn why_none_can_run(gateway: &Gateway, request: &PerspectivesRequest) -> Error {
+    let candidates: Vec<&ModelSpec> = gateway
+        .catalogue()
+        .models
+        .iter()
+        .filter(|m| {
+            !request.exclude_providers.contains(&m.provider)
+                && (request.models.is_some()
+                    || request.request_providers.is_empty()
+                    || request.request_providers.contains(&m.provider))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Error::Invalid(
+            "no model left to ask: `exclude_providers` and `request_providers` rule out every model of the catalogue (see list_available_models)".into(),
+        );
+    }
+    if !candidates
+        .iter()
+        .any(|m| gateway.is_configured(&m.provider))
+    {
+        return no_provider_configured(gateway, &candidates);
+    }
+    Error::QuotaExceeded(
+        "no model can run: the monthly quota of every tier with a configured provider is used up (see get_usage)".into(),
+    )
+}
+
+/// `no_provider_configured`, naming the providers of `models` and what would configure them.
+fn no_provider_configured(gateway: &Gateway, models: &[&ModelSpec]) -> Error {
+    let mut providers: Vec<&str> = models.iter().map(|m| m.provider.as_str()).collect();
+    providers.sort_unstable();
+    providers.dedup();
+    let mut keys: Vec<&str> = providers
+        .iter()
+        .filter_map(|p| gateway.catalogue().providers.get(*p))
+        .filter_map(|spec| spec.api_key_env.as_deref())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let keys = if keys.is_empty() {
+        "the provider's API key".to_string()
+    } else {
+        keys.join(", ")
+    };
+    Error::NoProviderConfigured(format!(
+        "no provider is configured for {}: the server operator sets an API key ({keys}; see the model catalogue), \
+         or you ask the CLIs installed and signed in on your machine (Claude Code, Codex CLI, Gemini CLI) \
+         through `polydev mcp` (docs/cli-backends.md)",
+        providers
+            .iter()
+            .map(|p| format!("`{p}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 /// What is reserved before any model is called.
@@ -327,7 +403,8 @@ async fn fan_out(
 
 /// The message was settled by the call's first usage row, if any. With no answer it goes back
 /// (no answer, no charge: the refund finds nothing when a partial answer settled it), and when
-/// every model was skipped for its quota the call fails.
+/// no model was called because every configured one was skipped for its quota (the others
+/// having no provider configured), the call fails with `quota_exceeded`.
 async fn charge_message(
     message: Option<Arc<ReservationGuard>>,
     perspectives: &[ModelResult],
@@ -341,7 +418,14 @@ async fn charge_message(
             Err(_) => {}
         }
     }
-    if answered || !perspectives.iter().all(|p| p.status == Status::Skipped) {
+    let not_called = |p: &&ModelResult| {
+        p.status == Status::Skipped
+            || p.error
+                .as_ref()
+                .is_some_and(|e| e.class == ErrorClass::NotConfigured)
+    };
+    let skipped = perspectives.iter().any(|p| p.status == Status::Skipped);
+    if answered || !skipped || !perspectives.iter().all(|p| not_called(&p)) {
         return Ok(());
     }
     let reasons: Vec<String> = perspectives
@@ -464,10 +548,7 @@ impl ModelCall<'_> {
             if let Some(unused) = prepaid {
                 unused.refund().await;
             }
-            return Err(Failure::error(
-                ErrorClass::NotConfigured,
-                format!("provider `{}` has no API key configured", model.provider),
-            ));
+            return Err(Failure::not_configured(model));
         };
         let reservation = self.reserve(model, prepaid).await?;
         let request = self.completion_request(model);
@@ -835,6 +916,13 @@ impl Failure {
 
     fn error(class: ErrorClass, message: impl Into<String>) -> Self {
         Failure::new(Status::Error, class, message)
+    }
+
+    fn not_configured(model: &ModelSpec) -> Self {
+        Failure::error(
+            ErrorClass::NotConfigured,
+            format!("provider `{}` has no API key configured", model.provider),
+        )
     }
 
     fn into_result(self, model: &ModelSpec, latency_ms: u64) -> ModelResult {

@@ -2,6 +2,7 @@
 //! models, parallel fan-out with quotas, deadline and cancellation, usage records).
 
 pub mod catalogue;
+pub mod cli;
 mod fanout;
 mod idempotency;
 pub mod provider;

@@ -422,7 +422,7 @@ fn bwrap_args(config: &LocalConfig, spec: &ContainerSpec, dir: &Path) -> Vec<std
         (true, Some(proxy)) => Some(format!("http://{proxy}")),
         (true, None) => None,
     };
-    for url in url {
+    if let Some(url) = url {
         for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
             env.push((key.into(), url.clone()));
         }

@@ -30,12 +30,14 @@ fn client_dir() -> PathBuf {
     dir
 }
 
-async fn sdk_client(args: &[&str]) -> Value {
+pub async fn sdk_client(args: &[&str]) -> Value {
     sdk_client_env(args, &[]).await
 }
 
-async fn sdk_client_env(args: &[&str], env: &[(&str, &str)]) -> Value {
+pub async fn sdk_client_env(args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = Command::new("node")
+        // The developer's own CLIs stay out of these tests (cli_backends.rs turns them on).
+        .env("POLYDEV_LOCAL_CLIS", "off")
         .envs(env.iter().copied())
         .arg("client.mjs")
         .args(args)

@@ -5,7 +5,7 @@
 mod anthropic;
 mod gemini;
 mod openai;
-mod redact;
+pub(super) mod redact;
 
 use std::borrow::Cow;
 use std::future::Future;
