@@ -41,6 +41,7 @@ fn request(model: &str) -> CompletionRequest {
         prompt: "Should I use a B-tree or an LSM tree for a write-heavy workload?".into(),
         temperature: Some(0.2),
         max_tokens: 256,
+        deadline: None,
     }
 }
 

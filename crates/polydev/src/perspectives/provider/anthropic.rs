@@ -207,6 +207,7 @@ mod tests {
             prompt: "Why?".into(),
             temperature: Some(1.5),
             max_tokens: 300,
+            deadline: None,
         };
         let (path, body) = Anthropic.request(&request, true);
         assert_eq!(path, "/v1/messages");

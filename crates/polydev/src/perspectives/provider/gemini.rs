@@ -204,6 +204,7 @@ mod tests {
             prompt: "Why?".into(),
             temperature: Some(0.5),
             max_tokens: 100,
+            deadline: None,
         };
         let (path, body) = Gemini.request(&request, false);
         assert_eq!(path, "/v1beta/models/gemini-2.5-flash:generateContent");

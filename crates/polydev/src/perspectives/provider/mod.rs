@@ -31,6 +31,8 @@ pub struct CompletionRequest {
     pub prompt: String,
     pub temperature: Option<f32>,
     pub max_tokens: u32,
+    /// When the caller stops waiting: no retry is slept for past it.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// A model's answer with the usage the provider reported.
@@ -434,7 +436,8 @@ impl Provider for HttpProvider {
             }
             let (result, _) = self
                 .retry
-                .run(
+                .run_until(
+                    request.deadline,
                     move || async move {
                         let mut streamed = false;
                         let result = self.attempt(request, deltas, &mut streamed).await;

@@ -165,6 +165,7 @@ mod tests {
             prompt: "Say \"hi\"".into(),
             temperature,
             max_tokens: 64,
+            deadline: None,
         }
     }
 
