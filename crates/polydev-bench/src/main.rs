@@ -231,6 +231,25 @@ struct Polydev {
     /// material, clear and hand-over routes need that scope).
     account_token: String,
     pool: PgPool,
+    /// The server holding the bench's database, and its name: dropped at the end.
+    server: sqlx::postgres::PgConnectOptions,
+    database: String,
+}
+
+impl Polydev {
+    /// Stops `polydev serve` and drops the bench's database (a shared server keeps no leftovers).
+    async fn finish(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        self.pool.close().await;
+        let mut admin = PgConnection::connect_with(&self.server).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                self.database
+            )))
+            .await?;
+        Ok(())
+    }
 }
 
 /// Starts `polydev serve` (release build, next to this binary) on a fresh database.
@@ -343,6 +362,8 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         tokens,
         account_token,
         pool,
+        server,
+        database: name,
     })
 }
 
@@ -623,6 +644,7 @@ async fn main() -> anyhow::Result<()> {
     let out = work.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(report))?)?;
     println!("results: {}", out.display());
+    polydev.finish().await?;
     Ok(())
 }
 
