@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Polydev benchmarks (docs/benchmarks.md).
-# Usage: bench/run.sh [--quick] [--no-litellm] [--only gateway|fanout|quota|zk|login|cli]
+# Usage: bench/run.sh [--quick] [--no-litellm] [--only gateway|fanout|quota|mcp|zk|login|cli]
 # Builds release binaries, starts the mock upstream, installs and starts the LiteLLM proxy from
 # PyPI (in target/bench/litellm-venv) in front of the same mock, then runs polydev-bench, which
 # starts `polydev serve` on a fresh database (DATABASE_URL, else an embedded cluster).
@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
     --quick) quick=(--quick) ;;
     --no-litellm) litellm=0 ;;
     --only) only=(--only "$2"); [ "$2" = gateway ] || litellm=0; shift ;;
-    *) echo "usage: bench/run.sh [--quick] [--no-litellm] [--only gateway|fanout|quota|zk|login|cli]" >&2; exit 2 ;;
+    *) echo "usage: bench/run.sh [--quick] [--no-litellm] [--only gateway|fanout|quota|mcp|zk|login|cli]" >&2; exit 2 ;;
   esac
   shift
 done

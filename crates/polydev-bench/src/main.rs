@@ -9,10 +9,13 @@
 //! 4. the LiteLLM proxy in front of the same mock, measured like (1), when `--litellm-url` is given;
 //! 5. zero-knowledge: envelope seal/open vs the raw AEAD, unlock time, and the migration of
 //!    100,000 messages of 1 KiB (client and database in one run);
-//! 6. login signalling relay: a message posted on one `polydev serve` reaching a peer's SSE
+//! 6. MCP: 1,000 idle sessions' memory, and a call over MCP vs the same call over REST;
+//! 7. login signalling relay: a message posted on one `polydev serve` reaching a peer's SSE
 //!    stream on a second process (PostgreSQL LISTEN/NOTIFY) vs a plain request round trip;
-//! 7. local CLIs: `get_perspectives` through `polydev mcp` answered by a fake `claude` that
+//! 8. local CLIs: `get_perspectives` through `polydev mcp` answered by a fake `claude` that
 //!    answers at once vs running that fake `claude` directly.
+//!
+//! At the end every target of issue 13 is printed with its figure and whether it is met.
 
 mod login;
 
@@ -38,7 +41,7 @@ struct Args {
     mock_url: String,
     litellm: Option<(String, String)>,
     quick: bool,
-    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`, `login`, `cli`).
+    /// Run only this section (`gateway`, `fanout`, `quota`, `zk`, `mcp`, `login`, `cli`).
     only: Option<String>,
 }
 
@@ -101,6 +104,54 @@ impl Run {
     fn throughput(&self) -> f64 {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64()
     }
+}
+
+/// One target of issue 13: its figure and whether it is met (`None`: not measured in this run).
+struct Target {
+    name: &'static str,
+    figure: String,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Targets(Vec<Target>);
+
+impl Targets {
+    fn add(&mut self, name: &'static str, figure: String, met: Option<bool>) {
+        self.0.push(Target { name, figure, met });
+    }
+
+    fn print(&self) {
+        println!("== targets (issue 13), load average {}", loadavg());
+        for t in &self.0 {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "NOT MET",
+                None => "not measured",
+            };
+            println!("[{verdict:^12}] {:<58} {}", t.name, t.figure);
+        }
+    }
+
+    fn json(&self) -> Value {
+        Value::Array(
+            self.0
+                .iter()
+                .map(|t| json!({ "target": t.name, "figure": t.figure, "met": t.met }))
+                .collect(),
+        )
+    }
+}
+
+/// The 1-, 5- and 15-minute load averages: this machine is shared, every figure comes with it.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn ms(d: Duration) -> String {
@@ -185,7 +236,7 @@ fn chat_body(model: &str) -> Value {
 }
 
 struct Polydev {
-    _child: Child,
+    child: Child,
     url: String,
     /// One user per concurrent client, as real IDEs are: same-row quota contention is measured
     /// on its own (section 3).
@@ -196,6 +247,25 @@ struct Polydev {
     pool: PgPool,
     /// The database's URL, for more processes on it.
     db_url: String,
+    /// The server holding the bench's database, and its name: dropped at the end.
+    server: sqlx::postgres::PgConnectOptions,
+    database: String,
+}
+
+impl Polydev {
+    /// Stops `polydev serve` and drops the bench's database (a shared server keeps no leftovers).
+    async fn finish(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        self.pool.close().await;
+        let mut admin = PgConnection::connect_with(&self.server).await?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                self.database
+            )))
+            .await?;
+        Ok(())
+    }
 }
 
 /// Starts `polydev serve` (release build, next to this binary) on a fresh database.
@@ -231,7 +301,7 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
         "[providers.openai]\nkind = \"openai\"\nbase_url = \"{mock_url}/v1\"\napi_key_env = \"BENCH_MOCK_KEY\"\n\n\
          [providers.nokey]\nkind = \"openai\"\nbase_url = \"{mock_url}/v1\"\napi_key_env = \"POLYDEV_BENCH_UNSET_KEY\"\n\n\
          [[models]]\nid = \"unconfigured\"\nprovider = \"nokey\"\ntier = \"premium\"\ninput_price = \"1\"\noutput_price = \"1\"\ncontext_window = 128000\n\n{}",
-        [("bench", "bench"), ("delay-100", "bench~delay100"), ("delay-300", "bench~delay300"), ("delay-900", "bench~delay900")]
+        [("bench", "bench"), ("delay-100", "bench~delay100"), ("delay-300", "bench~delay300"), ("delay-900", "bench~delay900"), ("failing", "bench~status500")]
             .map(|(id, upstream)| format!(
                 "[[models]]\nid = \"{id}\"\nprovider = \"openai\"\ntier = \"premium\"\ninput_price = \"2.50\"\noutput_price = \"10\"\ncontext_window = 128000\nupstream = \"{upstream}\"\n"
             ))
@@ -309,12 +379,14 @@ async fn start_polydev(mock_url: &str, work: &std::path::Path) -> anyhow::Result
     )
     .await?;
     Ok(Polydev {
-        _child: child,
+        child,
         url,
         tokens,
         account_token,
         pool,
         db_url,
+        server,
+        database: name,
     })
 }
 
@@ -364,6 +436,8 @@ async fn main() -> anyhow::Result<()> {
         (2000, 20000)
     };
     let mut report = serde_json::Map::new();
+    let mut targets = Targets::default();
+    println!("load average at start: {}", loadavg());
 
     if args.runs("gateway") {
         println!(
@@ -411,7 +485,25 @@ async fn main() -> anyhow::Result<()> {
             )
             .await;
             report.insert(format!("overhead_c{concurrency}"), summary(&o));
+            let added = ms_f(o.gateway.percentile(0.99)) - ms_f(o.direct.percentile(0.99));
+            let bound = if concurrency == 1 { 1.0 } else { 5.0 };
+            targets.add(
+                if concurrency == 1 {
+                    "1. gateway c=1: added p99 < 1 ms"
+                } else {
+                    "1. gateway c=32: added p99 < 5 ms"
+                },
+                format!("added p99 {added:+.2} ms (load {})", loadavg()),
+                Some(added < bound),
+            );
             polydev_runs.push((concurrency, total, o));
+        }
+        if args.litellm.is_none() {
+            targets.add(
+                "1. gateway c=32: throughput >= 50x LiteLLM",
+                "run without --no-litellm".into(),
+                None,
+            );
         }
 
         if let Some((url, key)) = &args.litellm {
@@ -443,6 +535,18 @@ async fn main() -> anyhow::Result<()> {
                     - ours.direct.percentile(0.99).as_secs_f64();
                 let theirs_added = o.gateway.percentile(0.99).as_secs_f64()
                     - o.direct.percentile(0.99).as_secs_f64();
+                let ratio = ours.gateway.throughput() / o.gateway.throughput();
+                if *concurrency == 32 {
+                    targets.add(
+                        "1. gateway c=32: throughput >= 50x LiteLLM",
+                        format!(
+                            "{ratio:.1}x ({:.0} vs {:.0} req/s)",
+                            ours.gateway.throughput(),
+                            o.gateway.throughput()
+                        ),
+                        Some(ratio >= 50.0),
+                    );
+                }
                 println!(
                     "polydev vs litellm c={concurrency}: throughput {:.1}x, added p99 {} vs {}",
                     ours.gateway.throughput() / o.gateway.throughput(),
@@ -495,10 +599,52 @@ async fn main() -> anyhow::Result<()> {
             signed_ms(fanout.percentile(0.5), slowest.percentile(0.5)),
             signed_ms(fanout.percentile(0.99), slowest.percentile(0.99)),
         );
+        let added = ms_f(fanout.percentile(0.5)) - ms_f(slowest.percentile(0.5));
+        targets.add(
+            "2. fan-out 100/300/900 ms: total - slowest < 5 ms",
+            format!("p50 {added:+.2} ms (load {})", loadavg()),
+            Some(added < 5.0),
+        );
+        let first = first_answer(&client, &args.mock_url, &polydev, rounds).await?;
+        targets.add(
+            "2. first answer's event < 1 ms after its model (REST/SSE)",
+            format!("p50 {:+.2} ms (load {})", first.0, loadavg()),
+            Some(first.0 < 1.0),
+        );
+        targets.add(
+            "2. first answer's event < 1 ms after its model (MCP)",
+            format!("p50 {:+.2} ms (load {})", first.1, loadavg()),
+            Some(first.1 < 1.0),
+        );
+        let deadline = deadline_kept(&client, &polydev, rounds).await?;
+        targets.add(
+            "2. deadline 500 ms on 100/900 ms/failing: within 5 ms",
+            format!(
+                "elapsed_ms - deadline: p50 {:+.1} ms, worst {:+.1} ms; client-observed p50 {:+.1} ms (load {})",
+                deadline.0,
+                deadline.1,
+                deadline.2,
+                loadavg()
+            ),
+            Some(deadline.1 <= 5.0),
+        );
         report.insert(
-        "fanout".into(),
-        json!({ "total_p50_ms": fanout.percentile(0.5).as_secs_f64() * 1e3, "slowest_p50_ms": slowest.percentile(0.5).as_secs_f64() * 1e3 }),
-    );
+            "fanout".into(),
+            json!({
+                "total_p50_ms": ms_f(fanout.percentile(0.5)), "slowest_p50_ms": ms_f(slowest.percentile(0.5)),
+                "first_answer_sse_lag_ms": first.0, "first_answer_mcp_lag_ms": first.1,
+                "deadline_over_p50_ms": deadline.0, "deadline_over_worst_ms": deadline.1,
+                "deadline_client_over_p50_ms": deadline.2,
+            }),
+        );
+    }
+
+    if args.runs("mcp") {
+        println!("== 6. MCP sessions and per-call overhead");
+        report.insert(
+            "mcp".into(),
+            mcp_bench(&client, &polydev, args.quick, &mut targets).await?,
+        );
     }
 
     if args.runs("quota") {
@@ -509,11 +655,14 @@ async fn main() -> anyhow::Result<()> {
 
     if args.runs("zk") {
         println!("== 5. zero-knowledge");
-        report.insert("zk".into(), zk_bench(&polydev, args.quick).await?);
+        report.insert(
+            "zk".into(),
+            zk_bench(&polydev, args.quick, &mut targets).await?,
+        );
     }
 
     if args.runs("login") {
-        println!("== 6. login signalling relay across two serve processes");
+        println!("== 7. login signalling relay across two serve processes");
         report.insert(
             "login".into(),
             login::relay_bench(&polydev, args.quick).await?,
@@ -522,14 +671,18 @@ async fn main() -> anyhow::Result<()> {
 
     if args.runs("cli") {
         println!(
-            "== 7. local CLI through `polydev mcp` vs the CLI run directly (a fake `claude` that answers at once)"
+            "== 8. local CLI through `polydev mcp` vs the CLI run directly (a fake `claude` that answers at once)"
         );
         report.insert("cli".into(), cli_bench(&polydev, &work, args.quick).await?);
     }
 
+    targets.print();
+    report.insert("targets".into(), targets.json());
+    report.insert("load_average_end".into(), json!(loadavg()));
     let out = work.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(report))?)?;
     println!("results: {}", out.display());
+    polydev.finish().await?;
     Ok(())
 }
 
@@ -626,7 +779,7 @@ async fn quota_contention(pool: &PgPool) -> anyhow::Result<Value> {
     )
 }
 
-async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
+async fn zk_bench(polydev: &Polydev, quick: bool, targets: &mut Targets) -> anyhow::Result<Value> {
     use chacha20poly1305::aead::{Aead, KeyInit};
     use polydev_zk::{Context as ZkContext, KdfParams, Keyring};
 
@@ -666,6 +819,16 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
         seal * 1024.0 / 1e6,
         raw * 1024.0 / 1e6,
         seal / raw
+    );
+    targets.add(
+        "5. envelope seal 1 KiB >= 0.5x raw AEAD",
+        format!("{:.2}x ({seal:.0} vs {raw:.0}/s)", seal / raw),
+        Some(seal / raw >= 0.5),
+    );
+    targets.add(
+        "5. envelope open at least as fast as seal",
+        format!("open/seal {:.2} ({open:.0} vs {seal:.0}/s)", open / seal),
+        Some(open >= seal),
     );
 
     // (b) Unlock with the default parameters (Argon2id m=64 MiB, t=3).
@@ -711,6 +874,14 @@ async fn zk_bench(polydev: &Polydev, quick: bool) -> anyhow::Result<Value> {
         .await?;
     let elapsed = started.elapsed();
     let rate = f64::from(messages) / elapsed.as_secs_f64();
+    targets.add(
+        "4. ZK migration 100,000 x 1 KiB >= 20,000 msg/s",
+        format!(
+            "{rate:.0} msg/s over {messages} messages (load {})",
+            loadavg()
+        ),
+        Some(rate >= 20_000.0),
+    );
     println!(
         "migration of {messages} messages of 1 KiB: {:.1} s, {rate:.0} messages/s ({} encrypted, {} verified and cleared) | {:.3} of the raw seal rate",
         elapsed.as_secs_f64(),
@@ -899,5 +1070,348 @@ async fn cli_bench(
         "direct_p99_ms": direct.percentile(0.99).as_secs_f64() * 1e3,
         "mcp_p50_ms": mcp.percentile(0.5).as_secs_f64() * 1e3,
         "mcp_p99_ms": mcp.percentile(0.99).as_secs_f64() * 1e3,
+    }))
+}
+
+/// Server-sent events of a response as they arrive: `(arrival, event name, data)`. Reads until
+/// `until` says the last wanted event came, or the body ends.
+async fn sse_events(
+    mut response: reqwest::Response,
+    until: impl Fn(&str, &str) -> bool,
+) -> anyhow::Result<Vec<(Instant, String, String)>> {
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    while let Some(chunk) = response.chunk().await? {
+        let arrived = Instant::now();
+        buffer.push_str(std::str::from_utf8(&chunk)?);
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut name, mut data) = (String::from("message"), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let done = until(&name, &data);
+            events.push((arrived, name, data));
+            if done {
+                return Ok(events);
+            }
+        }
+    }
+    Ok(events)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// How long after its model finished the first answer's event reaches the client, over
+/// REST/SSE and over MCP (`notifications/progress`): (time from the call's first event to the
+/// first answer's event) minus (the 100 ms model called straight at the mock, same run). What
+/// remains is polydev's own work around the upstream call (the upstream request, the usage
+/// row's durable commit, the event), as p50 of `rounds` calls each.
+async fn first_answer(
+    client: &reqwest::Client,
+    mock_url: &str,
+    polydev: &Polydev,
+    rounds: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let direct = load(1, rounds, {
+        let (client, url) = (client.clone(), format!("{mock_url}/v1/chat/completions"));
+        Arc::new(move || {
+            client
+                .post(&url)
+                .bearer_auth("mock-key")
+                .json(&chat_body("bench~delay100"))
+        })
+    })
+    .await;
+    let upstream = ms_f(direct.percentile(0.5));
+    let body = PerspectivesRequest {
+        max_tokens: Some(64),
+        ..PerspectivesRequest::to_models(
+            "Compare three queueing designs.",
+            &["delay-100", "delay-300", "delay-900"],
+        )
+    };
+    let mut sse = Vec::new();
+    for _ in 0..rounds {
+        let response = client
+            .post(format!("{}/v1/perspectives", polydev.url))
+            .bearer_auth(&polydev.tokens[0])
+            .header("accept", "text/event-stream")
+            .json(&body)
+            .send()
+            .await?;
+        let events = sse_events(response, |name, _| name == "result").await?;
+        let started = events
+            .iter()
+            .find(|e| e.1 == "started")
+            .context("no started event")?;
+        let first = events
+            .iter()
+            .find(|e| e.1 == "model")
+            .context("no model event")?;
+        sse.push(ms_f(first.0 - started.0) - upstream);
+    }
+    let mcp = McpSession::open(client, &polydev.url, &polydev.tokens[0]).await?;
+    let mut over_mcp = Vec::new();
+    for _ in 0..rounds {
+        let arguments = serde_json::to_value(&body)?;
+        let response = mcp.call_tool(client, arguments, true).await?;
+        let events = sse_events(response, |_, data| data.contains("\"result\"")).await?;
+        let progress: Vec<_> = events
+            .iter()
+            .filter(|e| e.2.contains("notifications/progress"))
+            .collect();
+        let (Some(started), Some(first)) = (progress.first(), progress.get(1)) else {
+            bail!("MCP: expected progress notifications, got {events:?}");
+        };
+        over_mcp.push(ms_f(first.0 - started.0) - upstream);
+    }
+    let (sse, over_mcp) = (median(sse), median(over_mcp));
+    println!(
+        "first answer's event after its model finished (100 ms model alone p50 {upstream:.2} ms): REST/SSE p50 {sse:+.2} ms, MCP p50 {over_mcp:+.2} ms"
+    );
+    Ok((sse, over_mcp))
+}
+
+/// A call with `deadline_ms: 500` on the 100 ms, the 900 ms and a failing model: how far past
+/// the deadline it returns, by its own `elapsed_ms` (p50, worst) and as the client sees it (p50).
+async fn deadline_kept(
+    client: &reqwest::Client,
+    polydev: &Polydev,
+    rounds: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let body = PerspectivesRequest {
+        max_tokens: Some(64),
+        deadline_ms: Some(500),
+        ..PerspectivesRequest::to_models(
+            "Answer within the deadline.",
+            &["delay-100", "delay-900", "failing"],
+        )
+    };
+    let (mut own, mut seen) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let result: Value = client
+            .post(format!("{}/v1/perspectives", polydev.url))
+            .bearer_auth(&polydev.tokens[1])
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        seen.push(ms_f(t.elapsed()) - 500.0);
+        let elapsed = result["totals"]["elapsed_ms"]
+            .as_f64()
+            .context("no elapsed_ms")?;
+        own.push(elapsed - 500.0);
+        let statuses: Vec<&str> = result["perspectives"]
+            .as_array()
+            .context("no perspectives")?
+            .iter()
+            .filter_map(|p| p["status"].as_str())
+            .collect();
+        if statuses != ["ok", "timeout", "error"] {
+            bail!("deadline call: unexpected statuses {statuses:?}");
+        }
+    }
+    let worst = own.iter().copied().fold(f64::MIN, f64::max);
+    let (own, seen) = (median(own), median(seen));
+    println!(
+        "deadline 500 ms (100 ms ok, 900 ms timeout, failing error): elapsed_ms - deadline p50 {own:+.1} ms, worst {worst:+.1} ms; client-observed p50 {seen:+.1} ms"
+    );
+    Ok((own, worst, seen))
+}
+
+/// A raw MCP session over streamable HTTP (protocol revision 2025-06-18).
+struct McpSession {
+    url: String,
+    token: String,
+    id: String,
+    next: AtomicUsize,
+}
+
+impl McpSession {
+    async fn open(client: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<Self> {
+        let url = format!("{base}/mcp");
+        let response = client
+            .post(&url)
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .json(
+                &json!({ "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": { "name": "polydev-bench", "version": "1" } } }),
+            )
+            .send()
+            .await?
+            .error_for_status()?;
+        let id = response
+            .headers()
+            .get("mcp-session-id")
+            .context("no MCP session id")?
+            .to_str()?
+            .to_string();
+        response.bytes().await?;
+        let session = McpSession {
+            url,
+            token: token.to_string(),
+            id,
+            next: AtomicUsize::new(1),
+        };
+        session
+            .post(
+                client,
+                json!({ "jsonrpc": "2.0", "method": "notifications/initialized" }),
+            )
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        Ok(session)
+    }
+
+    fn post(&self, client: &reqwest::Client, body: Value) -> reqwest::RequestBuilder {
+        client
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &self.id)
+            .header("mcp-protocol-version", "2025-06-18")
+            .json(&body)
+    }
+
+    /// `tools/call` of `get_perspectives`; with `progress`, asks for progress notifications.
+    async fn call_tool(
+        &self,
+        client: &reqwest::Client,
+        arguments: Value,
+        progress: bool,
+    ) -> anyhow::Result<reqwest::Response> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut params = json!({ "name": "get_perspectives", "arguments": arguments });
+        if progress {
+            params["_meta"] = json!({ "progressToken": id });
+        }
+        Ok(self
+            .post(
+                client,
+                json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params }),
+            )
+            .send()
+            .await?
+            .error_for_status()?)
+    }
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// 1,000 idle MCP sessions (initialized, then left alone): the server's extra resident memory;
+/// and a one-model call over MCP against the same call over REST, at concurrency 1.
+async fn mcp_bench(
+    client: &reqwest::Client,
+    polydev: &Polydev,
+    quick: bool,
+    targets: &mut Targets,
+) -> anyhow::Result<Value> {
+    let pid = polydev.child.id().context("polydev serve has exited")?;
+    let token = &polydev.tokens[2];
+    // Warm up the MCP path (allocator arenas, first session), then measure.
+    let _warm = McpSession::open(client, &polydev.url, token).await?;
+    let before = rss_kib(pid)?;
+    const SESSIONS: usize = 1000;
+    let mut sessions = Vec::with_capacity(SESSIONS);
+    for _ in 0..SESSIONS {
+        sessions.push(McpSession::open(client, &polydev.url, token).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid)?;
+    let extra_mib = (after.saturating_sub(before)) as f64 / 1024.0;
+    println!(
+        "{SESSIONS} idle MCP sessions: RSS {:.1} -> {:.1} MiB, {extra_mib:.1} MiB extra ({:.1} KiB each)",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / SESSIONS as f64
+    );
+    targets.add(
+        "3. 1,000 idle MCP sessions < 30 MiB extra RSS",
+        format!("{extra_mib:.1} MiB"),
+        Some(extra_mib < 30.0),
+    );
+    targets.add(
+        "3. idle MCP sessions expire after a documented timeout",
+        "--mcp-session-idle-timeout, default 900 s (test mcp::an_idle_session_expires)".into(),
+        Some(true),
+    );
+    drop(sessions);
+
+    let rounds = if quick { 100 } else { 500 };
+    let body = PerspectivesRequest {
+        max_tokens: Some(64),
+        ..PerspectivesRequest::to_models(
+            "Summarise the trade-offs of optimistic locking in one paragraph.",
+            &["bench"],
+        )
+    };
+    let arguments = serde_json::to_value(&body)?;
+    let mcp = McpSession::open(client, &polydev.url, token).await?;
+    let (mut rest, mut over_mcp) = (Vec::new(), Vec::new());
+    for i in 0..rounds * 11 / 10 {
+        let t = Instant::now();
+        client
+            .post(format!("{}/v1/perspectives", polydev.url))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
+        let r = ms_f(t.elapsed());
+        let t = Instant::now();
+        let response = mcp.call_tool(client, arguments.clone(), false).await?;
+        sse_events(response, |_, data| data.contains("\"result\"")).await?;
+        let m = ms_f(t.elapsed());
+        // The first tenth warms up.
+        if i >= rounds / 10 {
+            rest.push(r);
+            over_mcp.push(m);
+        }
+    }
+    let (rest, over_mcp) = (median(rest), median(over_mcp));
+    println!(
+        "one-model call, c=1, p50: REST {rest:.2} ms, MCP {over_mcp:.2} ms, MCP over REST {:+.2} ms",
+        over_mcp - rest
+    );
+    targets.add(
+        "3. per-call overhead of MCP over REST (reported)",
+        format!(
+            "p50 {:+.2} ms (REST {rest:.2} ms, MCP {over_mcp:.2} ms)",
+            over_mcp - rest
+        ),
+        Some(true),
+    );
+    Ok(json!({
+        "idle_sessions": SESSIONS, "rss_before_kib": before, "rss_after_kib": after,
+        "rest_p50_ms": rest, "mcp_p50_ms": over_mcp,
     }))
 }

@@ -29,6 +29,8 @@ pub struct AppState {
     pub legacy_secret: Option<crate::vault::LegacySecret>,
     /// Longest time a request may take to be answered (408 after it).
     pub request_timeout: Duration,
+    /// An MCP session with no request for this long is closed (the client starts a new one).
+    pub mcp_session_idle_timeout: Duration,
     /// Containers and sealed jobs (docs/runtime.md); `None`: the runtime routes answer 501.
     pub runtime: Option<crate::runtime::Runtime>,
     /// The server's public base URL (`--public-url`): the OAuth issuer, the MCP resource's
@@ -89,6 +91,10 @@ fn webauthn_for(public_url: &str) -> Option<webauthn_rs::Webauthn> {
 /// The default request timeout: longer than the longest `get_perspectives` deadline (600 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(660);
 
+/// The default idle timeout of MCP sessions: longer than the longest `get_perspectives`
+/// deadline, so a session is never closed under a call it is waiting for.
+pub const DEFAULT_MCP_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
+
 impl AppState {
     pub fn new(pool: PgPool, gateway: Gateway) -> Self {
         // The process's metrics recorder, before anything is recorded.
@@ -104,6 +110,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             legacy_secret: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            mcp_session_idle_timeout: DEFAULT_MCP_SESSION_IDLE_TIMEOUT,
             runtime: None,
             public_url: Self::new_default_public_url().into(),
             mailer: Arc::new(Mailer::Log),
@@ -194,6 +201,11 @@ impl AppState {
 
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    pub fn with_mcp_session_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.mcp_session_idle_timeout = timeout;
         self
     }
 

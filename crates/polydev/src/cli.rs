@@ -170,6 +170,10 @@ pub struct ServeArgs {
     /// get_perspectives deadline, 600 s).
     #[arg(long, env = "POLYDEV_REQUEST_TIMEOUT", default_value_t = crate::app::DEFAULT_REQUEST_TIMEOUT.as_secs())]
     request_timeout: u64,
+    /// Seconds after which an MCP session with no request is closed; the client then gets 404
+    /// and starts a new session (keep it above the longest get_perspectives deadline, 600 s).
+    #[arg(long, env = "POLYDEV_MCP_SESSION_IDLE_TIMEOUT", default_value_t = crate::app::DEFAULT_MCP_SESSION_IDLE_TIMEOUT.as_secs_f64())]
+    mcp_session_idle_timeout: f64,
     /// The HMAC key of idempotency request hashes, the same on every replica [default: one
     /// generated once and kept in the database (`server_secrets`)].
     #[arg(long, env = "POLYDEV_IDEMPOTENCY_SECRET", hide_env_values = true)]
@@ -762,6 +766,12 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
         .with_relaxed_pool(db.relaxed_pool.clone())
         .with_allowed_hosts(args.allowed_hosts)
         .with_request_timeout(std::time::Duration::from_secs(args.request_timeout))
+        .with_mcp_session_idle_timeout(
+            std::time::Duration::try_from_secs_f64(args.mcp_session_idle_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--mcp-session-idle-timeout must be a positive number of seconds")?,
+        )
         .with_allowed_origins(
             args.allowed_origins
                 .into_iter()

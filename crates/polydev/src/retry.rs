@@ -7,7 +7,7 @@
 //! decision ([`Verdict`]).
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 
@@ -54,6 +54,22 @@ impl RetryPolicy {
     /// last outcome. `on_retry` sees each outcome retried, its attempt number and the wait.
     pub async fn run<T, Fut>(
         &self,
+        attempt: impl FnMut() -> Fut,
+        verdict: impl Fn(&T) -> Verdict,
+        on_retry: impl FnMut(&T, u32, Duration),
+    ) -> T
+    where
+        Fut: Future<Output = T>,
+    {
+        self.run_until(None, attempt, verdict, on_retry).await
+    }
+
+    /// [`RetryPolicy::run`] for a caller with a deadline: a retry whose backoff would end at
+    /// or after `deadline` is not waited for; the last outcome is returned at once (its own
+    /// error, rather than a sleep the deadline would cut).
+    pub async fn run_until<T, Fut>(
+        &self,
+        deadline: Option<Instant>,
         mut attempt: impl FnMut() -> Fut,
         verdict: impl Fn(&T) -> Verdict,
         mut on_retry: impl FnMut(&T, u32, Duration),
@@ -71,6 +87,9 @@ impl RetryPolicy {
             let Some(wait) = self.backoff(n, after) else {
                 return outcome;
             };
+            if deadline.is_some_and(|deadline| Instant::now() + wait >= deadline) {
+                return outcome;
+            }
             on_retry(&outcome, n, wait);
             // Release what the outcome holds (a response's connection) before sleeping.
             drop(outcome);
@@ -180,5 +199,25 @@ mod tests {
             )
             .await;
         assert_eq!(outcome, fast.max_attempts, "never more than the bound");
+    }
+
+    #[tokio::test]
+    async fn no_retry_is_waited_for_past_the_deadline() {
+        let slow = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_secs(60),
+            max_wait: Duration::from_secs(60),
+        };
+        let calls = AtomicU32::new(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outcome = slow
+            .run_until(
+                Some(deadline),
+                || async { calls.fetch_add(1, Ordering::SeqCst) + 1 },
+                |_| Verdict::Retry { after: None },
+                |_, _, _| panic!("no backoff fits before the deadline"),
+            )
+            .await;
+        assert_eq!(outcome, 1, "the first outcome, returned at once");
     }
 }

@@ -7,8 +7,8 @@
 //! 4. reads a POST body of at most [`MAX_MCP_BODY`] (413).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -43,7 +43,13 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .with_allowed_hosts(state.allowed_hosts.clone())
         .with_max_request_body_bytes(MAX_MCP_BODY)
         .with_cancellation_token(state.shutdown.child_token());
-    let sessions = Arc::new(LocalSessionManager::default());
+    let idle = state.mcp_session_idle_timeout;
+    let mut manager = LocalSessionManager::default();
+    // Idle sessions are closed by `expire_idle` below (a request to one then gets 404 and the
+    // client starts a new session); rmcp's own keep-alive is only the backstop for a session
+    // whose owner was never recorded.
+    manager.session_config.keep_alive = Some(idle.saturating_mul(2));
+    let sessions = Arc::new(manager);
     let service = StreamableHttpService::new(
         // A handler per session: each keeps its own log level.
         move || Ok(PolydevMcp::new(mcp_state.clone())),
@@ -54,6 +60,13 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         state: state.clone(),
         owners: SessionOwners::new(sessions, MAX_SESSIONS),
     });
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(expire_idle(
+            Arc::downgrade(&guard),
+            idle,
+            state.shutdown.clone(),
+        ));
+    }
     Router::new()
         .nest_service("/mcp", service)
         .layer(middleware::from_fn_with_state(guard, mcp_guard))
@@ -62,6 +75,27 @@ pub fn routes(state: &AppState) -> Router<AppState> {
 struct McpGuard {
     state: AppState,
     owners: SessionOwners,
+}
+
+/// Closes the sessions that have seen no request for `idle` (checked every `idle / 4`, at
+/// least every second), until shutdown or until the router is dropped.
+async fn expire_idle(
+    guard: Weak<McpGuard>,
+    idle: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let period = (idle / 4).max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(guard) = guard.upgrade() else { return };
+        let expired = guard.owners.expire(idle, Instant::now()).await;
+        if expired > 0 {
+            tracing::debug!(expired, "idle MCP sessions closed");
+        }
+    }
 }
 
 async fn mcp_guard(
@@ -146,6 +180,8 @@ struct Owner {
     user_id: Uuid,
     token_id: Uuid,
     since: Instant,
+    /// The start of the session's last request.
+    last_seen: Instant,
 }
 
 impl SessionOwners {
@@ -159,11 +195,38 @@ impl SessionOwners {
 
     /// True when `id` is a session `caller`'s token created. An unknown id is not: rmcp would
     /// answer 404 for it anyway, and a session whose owner is not known must not be served.
+    /// A request of the owner counts as activity.
     fn owned_by(&self, id: &str, caller: &Caller) -> bool {
-        let owners = self.owners.lock().expect("session owners lock");
-        owners
-            .get(id)
-            .is_some_and(|o| o.token_id == caller.token_id && o.user_id == caller.user_id)
+        let mut owners = self.owners.lock().expect("session owners lock");
+        match owners.get_mut(id) {
+            Some(o) if o.token_id == caller.token_id && o.user_id == caller.user_id => {
+                o.last_seen = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes and forgets the sessions with no request for `idle`; returns how many.
+    async fn expire(&self, idle: Duration, now: Instant) -> usize {
+        let expired: Vec<String> = {
+            let mut owners = self.owners.lock().expect("session owners lock");
+            let expired: Vec<String> = owners
+                .iter()
+                .filter(|(_, o)| now.saturating_duration_since(o.last_seen) >= idle)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &expired {
+                owners.remove(id);
+            }
+            expired
+        };
+        for id in &expired {
+            if let Err(error) = self.manager.close_session(&id.as_str().into()).await {
+                tracing::debug!(%error, "closing an idle MCP session");
+            }
+        }
+        expired.len()
     }
 
     async fn remember(&self, id: &str, caller: &Caller) {
@@ -177,6 +240,7 @@ impl SessionOwners {
                 user_id: caller.user_id,
                 token_id: caller.token_id,
                 since: Instant::now(),
+                last_seen: Instant::now(),
             },
         );
     }

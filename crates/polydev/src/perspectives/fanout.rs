@@ -42,7 +42,8 @@ pub async fn get_perspectives(
 ) -> Result<PerspectivesResult> {
     request.validate(gateway)?;
     let pool = pools.durable;
-    let deadline = Duration::from_millis(request.deadline_ms());
+    // The deadline runs from here: the claim and the reservations are inside it.
+    let deadline = Deadline::from_now(Duration::from_millis(request.deadline_ms()));
     let Some(key) = request.idempotency_key.as_deref() else {
         return run(
             pools,
@@ -58,7 +59,7 @@ pub async fn get_perspectives(
     let secret = gateway.idempotency_secret(pool).await?;
     let hash = idempotency::request_hash(secret, request);
     // A first call that has not finished well after its deadline has crashed: take over.
-    let running_for = deadline + CALL_MARGIN;
+    let running_for = deadline.length + CALL_MARGIN;
     let claim = match idempotency::claim(
         pool,
         user_id,
@@ -102,6 +103,28 @@ pub async fn get_perspectives(
     result
 }
 
+/// When a call started and when it must return. At `at`, the model calls still running are
+/// cut; what is written after it (their refunds, an answer's usage row that was already being
+/// written) goes through the relaxed pool or was already in flight, so a call returns within a
+/// database round trip of its deadline.
+#[derive(Clone, Copy)]
+struct Deadline {
+    started: Instant,
+    at: Instant,
+    length: Duration,
+}
+
+impl Deadline {
+    fn from_now(length: Duration) -> Self {
+        let started = Instant::now();
+        Deadline {
+            started,
+            at: started + length,
+            length,
+        }
+    }
+}
+
 /// Where a call starts: afresh, or taking over an idempotency key with answers already paid for.
 struct Resume<'a> {
     request_id: Uuid,
@@ -137,10 +160,9 @@ async fn run(
     user_id: Uuid,
     request: &PerspectivesRequest,
     progress: &ProgressSink,
-    deadline: Duration,
+    deadline: Deadline,
     resume: Resume<'_>,
 ) -> Result<PerspectivesResult> {
-    let started = Instant::now();
     let today = chrono::Utc::now().date_naive();
     let models = choose_models(pools.durable, gateway, user_id, request, today).await?;
     let paid = |m: &ModelSpec| {
@@ -180,8 +202,9 @@ async fn run(
         progress,
         message: reserved.message.clone(),
         keep: resume.keep,
+        deadline: deadline.at,
     };
-    let mut fresh = fan_out(&call, &to_run, reserved.models, deadline)
+    let mut fresh = fan_out(&call, &to_run, reserved.models, deadline.at)
         .await
         .into_iter();
     drop(call);
@@ -204,7 +227,7 @@ async fn run(
         .collect();
     perspectives.extend(unchosen);
     charge_message(reserved.message, &perspectives).await?;
-    let totals = totals(gateway, &perspectives, started.elapsed());
+    let totals = totals(gateway, &perspectives, deadline.started.elapsed());
     Ok(PerspectivesResult {
         request_id: resume.request_id,
         perspectives,
@@ -331,10 +354,12 @@ async fn reserve_all(
             models: Vec::new(),
         });
     }
-    let guard = |reservation| ReservationGuard::new(pools.durable, reservation);
-    // Reservations commit without waiting for the WAL flush: the usage row's durable commit
-    // later flushes them too (WAL is flushed in order); concurrency is unaffected. A crash
-    // loses the counter increment and its reservation row together.
+    // Reservations and refunds commit without waiting for the WAL flush: the usage row's
+    // durable commit later flushes them too (WAL is flushed in order); concurrency is
+    // unaffected. A crash loses the counter increment and its reservation row together, or a
+    // refund together with the deletion of its reservation row (which the sweeper then
+    // refunds).
+    let guard = |reservation| ReservationGuard::new(pools.relaxed, reservation);
     if let Some(reservations) =
         quota::reserve_all(pools.relaxed, user_id, request_id, &wants).await?
     {
@@ -367,7 +392,7 @@ async fn fan_out(
     call: &ModelCall<'_>,
     models: &[&ModelSpec],
     prepaid: Vec<Option<ReservationGuard>>,
-    deadline: Duration,
+    deadline: Instant,
 ) -> Vec<ModelResult> {
     if models.is_empty() {
         return Vec::new();
@@ -379,7 +404,7 @@ async fn fan_out(
         .map(|(index, (model, prepaid))| async move { (index, call.run(model, prepaid).await) })
         .collect();
     let mut results: Vec<Option<ModelResult>> = vec![None; models.len()];
-    let timer = tokio::time::sleep(deadline);
+    let timer = tokio::time::sleep_until(deadline.into());
     tokio::pin!(timer);
     loop {
         tokio::select! {
@@ -483,6 +508,8 @@ struct ModelCall<'a> {
     message: Option<Arc<ReservationGuard>>,
     /// Where answers are kept for retries (an idempotency key's claim).
     keep: Option<Keep<'a>>,
+    /// When the calls still running are cut.
+    deadline: Instant,
 }
 
 /// Why a model has no answer.
@@ -577,6 +604,7 @@ impl ModelCall<'_> {
             temperature: self.request.temperature,
             max_tokens: self.request.max_tokens(),
             tools,
+            deadline: Some(self.deadline),
         }
     }
 
@@ -599,7 +627,7 @@ impl ModelCall<'_> {
         }
         let counter = model.tier.counter();
         match quota::reserve(self.pools.relaxed, self.user_id, self.request_id, counter).await {
-            Ok(Ok(reservation)) => Ok(ReservationGuard::new(self.pools.durable, reservation)),
+            Ok(Ok(reservation)) => Ok(ReservationGuard::new(self.pools.relaxed, reservation)),
             Ok(Err(exhausted)) => Err(Failure::new(
                 Status::Skipped,
                 ErrorClass::QuotaExceeded,

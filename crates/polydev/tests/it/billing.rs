@@ -224,3 +224,120 @@ async fn after_the_database_dies_mid_call_one_sweep_brings_the_counters_back_to_
         .unwrap();
     assert_eq!(left, 0);
 }
+
+/// `polydev serve` SIGKILLed under load: every call answered 200 has its usage row (a response
+/// is sent only after its row is committed), and once the dead process's reservations are
+/// swept the counters equal the rows.
+#[tokio::test]
+async fn a_server_killed_under_load_lost_no_usage_row_of_an_answered_call() {
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    // Measure the billing, not the limits: no rate limit or quota stops the load.
+    sqlx::query("UPDATE rate_limit_tiers SET requests_per_minute = 1000000")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (user_id, token) = user_with_token(&db, "killed@example.com", Plan::Enterprise).await;
+    sqlx::query(
+        "UPDATE user_perspective_quotas SET premium_perspectives_limit = NULL, normal_perspectives_limit = NULL, messages_per_month = NULL WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models.toml");
+    std::fs::write(&models, crate::common::mock_catalogue(&mock.base_url())).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_polydev"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+        .arg(&models)
+        .env("DATABASE_URL", db.url())
+        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next_line()
+        .await
+        .unwrap()
+        .expect("serve printed its address");
+    let base = line
+        .strip_prefix("polydev listening on ")
+        .unwrap()
+        .to_string();
+
+    let answered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = polydev::net::http_client();
+    let workers: Vec<_> = (0..8)
+        .map(|i| {
+            let (client, base, token, answered) = (
+                client.clone(),
+                base.clone(),
+                token.clone(),
+                answered.clone(),
+            );
+            tokio::spawn(async move {
+                let models = if i % 2 == 0 {
+                    json!(["gpt-premium"])
+                } else {
+                    json!(["gpt-premium", "claude-normal"])
+                };
+                loop {
+                    let response = client
+                        .post(format!("{base}/v1/perspectives"))
+                        .bearer_auth(&token)
+                        .json(&json!({ "prompt": "count me", "models": models }))
+                        .send()
+                        .await;
+                    let Ok(response) = response else { return };
+                    if response.status() != StatusCode::OK {
+                        return;
+                    }
+                    let Ok(body) = response.json::<serde_json::Value>().await else {
+                        return;
+                    };
+                    let id = body["request_id"].as_str().unwrap().to_string();
+                    answered.lock().unwrap().push(id);
+                }
+            })
+        })
+        .collect();
+    // Kill it mid-load (once calls are flowing), not at a quiet moment.
+    assert!(
+        eventually(|| async { answered.lock().unwrap().len() >= 40 }).await,
+        "the load is running"
+    );
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    let recorded: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT session_id FROM perspective_usage WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|id| !recorded.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "answered without a usage row: {missing:?}"
+    );
+    // The killed calls' reservations are the sweeper's: swept, counters equal rows.
+    polydev::quota::reconcile(&db.pool, Duration::ZERO)
+        .await
+        .unwrap();
+    let (counters, usage) = ledger(&db.pool, user_id).await;
+    assert_eq!(counters, usage);
+}

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -62,6 +63,11 @@ struct Server {
 }
 
 async fn serve(db: &TestDb) -> Server {
+    serve_with(db, &[]).await
+}
+
+/// [`serve`] with more `polydev serve` arguments.
+async fn serve_with(db: &TestDb, extra: &[&str]) -> Server {
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models.toml");
@@ -69,6 +75,7 @@ async fn serve(db: &TestDb) -> Server {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--models"])
         .arg(&models)
+        .args(extra)
         .env("DATABASE_URL", db.url())
         .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
         .stdin(Stdio::null())
@@ -624,4 +631,61 @@ async fn mcp_request_bodies_are_limited() {
         .await
         .unwrap();
     assert_eq!(status_and_code(chunked).await, (413, "too_large".into()));
+}
+
+/// A session with no request for `--mcp-session-idle-timeout` is closed: a request in it is
+/// then answered 404 (the client starts a new session), as for a session that never existed.
+#[tokio::test]
+async fn an_idle_session_expires() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "idle@example.com", Plan::Pro).await;
+    let server = serve_with(&db, &["--mcp-session-idle-timeout", "1"]).await;
+    let client = polydev::net::http_client();
+    let post = |session: Option<&str>, body: Value| {
+        let mut request = client
+            .post(format!("{}/mcp", server.base))
+            .bearer_auth(&token)
+            .header("accept", "application/json, text/event-stream")
+            .json(&body);
+        if let Some(session) = session {
+            request = request
+                .header("mcp-session-id", session)
+                .header("mcp-protocol-version", "2025-06-18");
+        }
+        request.send()
+    };
+    let response = post(
+        None,
+        json!({ "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": { "name": "raw", "version": "1" } } }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let session = response.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    response.text().await.unwrap();
+    let initialized = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+    let response = post(Some(&session), initialized).await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let list = json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/list" });
+    let response = post(Some(&session), list.clone()).await.unwrap();
+    assert_eq!(response.status(), 200, "a live session is served");
+    response.text().await.unwrap();
+    // Idle from here on: polled rarely enough (every 3 s) that the polls do not keep it alive.
+    let mut status = 200;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        status = post(Some(&session), list.clone())
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 404 {
+            break;
+        }
+    }
+    assert_eq!(status, 404, "the idle session was closed");
 }

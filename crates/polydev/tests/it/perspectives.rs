@@ -780,3 +780,89 @@ async fn stale_reservations_are_refunded_once_and_live_ones_are_not() {
     quota::refund(&f.db.pool, &live).await.unwrap();
     assert_eq!(used(&f.db, f.user).await, (0, 0, 0, 0));
 }
+
+/// A call with a 500 ms deadline on a 100 ms, a 900 ms and a failing model returns at its
+/// deadline: the clock starts when the call does (its reservations are inside the deadline),
+/// the failing model's retry backoff is not slept past the deadline (it reports its own
+/// error, not a timeout), and the cut model is refunded before the call returns.
+#[tokio::test]
+async fn a_deadline_is_kept_with_a_slow_and_a_failing_model() {
+    use polydev::perspectives::provider::{HttpProvider, Provider, RetryPolicy};
+    let db = TestDb::migrated().await;
+    let mock = MockUpstream::start().await;
+    let model = |id: &str, upstream: &str| {
+        format!(
+            "[[models]]\nid = \"{id}\"\nprovider = \"openai\"\ntier = \"premium\"\ninput_price = \"1\"\noutput_price = \"1\"\ncontext_window = 1000\nupstream = \"{upstream}\"\n\n"
+        )
+    };
+    let catalogue = polydev::perspectives::Catalogue::parse(&format!(
+        "[providers.openai]\nkind = \"openai\"\nbase_url = \"{}/v1\"\n\n{}{}{}",
+        mock.base_url(),
+        model("m100", "a~delay100"),
+        model("m900", "b~delay900"),
+        model("failing", "c~status500"),
+    ))
+    .unwrap();
+    // The second backoff (400-800 ms after the second attempt, which starts 200-400 ms in)
+    // always ends past the deadline: a policy that ignored the deadline would be asleep at it.
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_millis(400),
+        max_wait: Duration::from_secs(5),
+    };
+    let provider = HttpProvider::new(
+        "openai",
+        polydev::perspectives::catalogue::ProviderKind::Openai,
+        &format!("{}/v1", mock.base_url()),
+        Some("test-key".into()),
+        true,
+        polydev::net::http_client(),
+    )
+    .with_retry(retry);
+    let gateway = Gateway::with_providers(
+        catalogue,
+        [(
+            "openai".to_string(),
+            Arc::new(provider) as Arc<dyn Provider>,
+        )]
+        .into(),
+    );
+    let user = accounts::create_user(&db.pool, "deadline@example.com", Plan::Pro)
+        .await
+        .unwrap()
+        .user_id;
+    let mut request = ask(&["m100", "m900", "failing"]);
+    request.deadline_ms = Some(500);
+    let result = get_perspectives(
+        Pools::single(&db.pool),
+        &gateway,
+        user,
+        &request,
+        ProgressSink::none(),
+    )
+    .await
+    .unwrap();
+    let status = |id: &str| {
+        let p = result.perspectives.iter().find(|p| p.model == id).unwrap();
+        (p.status, p.error.as_ref().map(|e| e.class))
+    };
+    assert_eq!(status("m100"), (Status::Ok, None));
+    assert_eq!(status("m900"), (Status::Timeout, Some(ErrorClass::Timeout)));
+    assert_eq!(
+        status("failing"),
+        (Status::Error, Some(ErrorClass::Upstream)),
+        "the failing model gave up rather than sleeping past the deadline"
+    );
+    // A bound against waiting for the 900 ms model, not a timing measurement.
+    assert!(
+        result.totals.elapsed_ms < 900,
+        "returned at the deadline, not with the slow model: {} ms",
+        result.totals.elapsed_ms
+    );
+    // The message and m100 are charged; the cut m900 and the failing model are refunded.
+    assert_eq!(used(&db, user).await, (1, 1, 0, 0));
+    let (counters, usage) = ledger(&db.pool, user).await;
+    assert_eq!(counters, usage);
+    eventually(|| async { mock.stats().abandoned() >= 1 }).await;
+    assert_eq!(mock.stats().abandoned(), 1, "the 900 ms call was cut");
+}

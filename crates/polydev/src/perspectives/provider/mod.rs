@@ -33,6 +33,8 @@ pub struct CompletionRequest {
     pub max_tokens: u32,
     /// Function tools, passed through to providers that speak the OpenAI format.
     pub tools: Option<Tools>,
+    /// When the caller stops waiting: no retry is slept for past it.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl CompletionRequest {
@@ -44,6 +46,7 @@ impl CompletionRequest {
             temperature,
             max_tokens,
             tools: None,
+            deadline: None,
         }
     }
 
@@ -550,7 +553,8 @@ impl Provider for HttpProvider {
             }
             let (result, _) = self
                 .retry
-                .run(
+                .run_until(
+                    request.deadline,
                     move || async move {
                         let mut streamed = false;
                         let result = self.attempt(request, deltas, &mut streamed).await;
