@@ -108,7 +108,12 @@ function drawModels(days) {
     row.append(el("td", model), el("td", m.tier ?? ""), el("td", String(m.calls)), el("td", String(m.tokens)), el("td", m.cost.toFixed(4)));
     body.append(row);
   }
-  if (!models.size) body.append(el("tr", undefined)).append(el("td", "No model calls yet this month.", { colspan: "5" }));
+  if (!models.size) {
+    // `append` returns nothing: build the row, then add it.
+    const row = el("tr");
+    row.append(el("td", "No model calls yet this month.", { colspan: "5" }));
+    body.append(row);
+  }
 }
 
 async function loadTokens() {

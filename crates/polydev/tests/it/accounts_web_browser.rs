@@ -134,3 +134,40 @@ async fn accounts_web_page_registers_a_passkey_and_signs_in_with_it_in_chromium(
         .unwrap();
     assert_eq!(challenges, 0, "ceremony state is single-use");
 }
+
+/// A user who has made no model call yet: the page says so, without a script error (it used to
+/// throw on the empty model table and stop drawing the rest of the page).
+#[tokio::test]
+async fn accounts_web_page_of_a_new_user_without_usage_has_no_script_error() {
+    let db = TestDb::migrated().await;
+    let (email, password) = ("new@example.com", "the new user's password");
+    verified_user(&db, email, password).await;
+    let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        polydev::perspectives::Gateway::new(catalogue),
+    );
+    let server = TestServer::start_localhost(state).await;
+    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
+    let out = Command::new("node")
+        .arg("account-new-user.mjs")
+        .args([&server.base, email, password])
+        .current_dir(web)
+        .output()
+        .await
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(out.get("failure").is_none(), "{out}");
+    assert_eq!(out["pageErrors"], serde_json::json!([]), "{out}");
+    assert_eq!(
+        out["modelRows"],
+        serde_json::json!(["No model calls yet this month."]),
+        "{out}"
+    );
+}
