@@ -33,10 +33,12 @@ pub use scope::Scope;
 pub use throttle::{AUTH_FAILURES_PER_MINUTE, FailedAuthLimiter};
 pub use tokens::{
     ApiToken, Caller, CreatedToken, LastUsedTracker, MAX_LIVE_TOKENS_PER_USER, MAX_TOKEN_NAME_LEN,
-    Via, authenticate, create_scoped_token, create_token, list_tokens, revoke_token,
+    Via, authenticate, create_scoped_token, create_token, list_tokens, revoke_all_tokens_in,
+    revoke_token,
 };
 pub use users::{Plan, Profile, User, create_user, find_profile, find_user, find_user_by_email};
 pub use web_sessions::{
     NewSession, PRE_SESSION_CSRF_COOKIE, SESSION_COOKIE, SESSION_DAYS, check_csrf, csrf_token,
-    end_all_sessions, end_session, random_secret, session_caller, start_session,
+    end_all_sessions, end_all_sessions_in, end_session, random_secret, session_caller,
+    start_session,
 };

@@ -336,6 +336,19 @@ impl LastUsedTracker {
     }
 }
 
+/// Deactivates every active token of `user_id` (its `pd_` tokens and the OAuth access tokens
+/// issued to it) inside the caller's transaction; how many were active.
+pub async fn revoke_all_tokens_in(conn: &mut sqlx::PgConnection, user_id: Uuid) -> Result<u64> {
+    Ok(sqlx::query!(
+        "UPDATE mcp_user_tokens SET active = false, updated_at = now()
+          WHERE user_id = $1 AND active IS TRUE",
+        user_id
+    )
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

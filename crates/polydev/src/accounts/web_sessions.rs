@@ -166,7 +166,8 @@ pub async fn end_all_sessions(pool: &PgPool, user_id: Uuid) -> Result<u64> {
     end_all_sessions_in(&mut conn, user_id).await
 }
 
-pub(super) async fn end_all_sessions_in(conn: &mut PgConnection, user_id: Uuid) -> Result<u64> {
+/// [`end_all_sessions`] inside the caller's transaction.
+pub async fn end_all_sessions_in(conn: &mut PgConnection, user_id: Uuid) -> Result<u64> {
     let done = sqlx::query!(
         "UPDATE account_web_sessions SET revoked_at = now()
           WHERE user_id = $1 AND revoked_at IS NULL",

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{Actor, audit, begin};
 use crate::error::{Error, Result};
 use crate::quota::{self, QuotaState};
+use crate::{accounts, oauth};
 
 /// Most users one page of the list returns.
 pub const MAX_USER_PAGE: i64 = 200;
@@ -504,36 +505,10 @@ pub async fn revoke_access(pool: &PgPool, actor: &Actor, user_id: Uuid) -> Resul
     }
     let (mut tx, _) = begin(pool, actor, false).await?;
     find(&mut tx, user_id, true).await?;
-    let tokens = sqlx::query!(
-        "UPDATE mcp_user_tokens SET active = false, updated_at = now()
-          WHERE user_id = $1 AND active IS TRUE",
-        user_id
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let sessions = sqlx::query!(
-        "UPDATE account_web_sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
-        user_id
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let oauth_grants = sqlx::query!(
-        "UPDATE oauth_grants SET revoked_at = now(), updated_at = now()
-          WHERE user_id = $1 AND revoked_at IS NULL",
-        user_id
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let refresh_tokens = sqlx::query!(
-        "UPDATE oauth_refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
-        user_id
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let tokens = accounts::revoke_all_tokens_in(&mut tx, user_id).await?;
+    let sessions = accounts::end_all_sessions_in(&mut tx, user_id).await?;
+    let (oauth_grants, refresh_tokens) =
+        oauth::flow::revoke_all_grants_in(&mut tx, user_id).await?;
     let revoked = Revoked {
         tokens,
         sessions,

@@ -690,6 +690,28 @@ pub async fn revoke_grant(pool: &PgPool, user_id: Uuid, grant_id: Uuid) -> Resul
     Ok(())
 }
 
+/// Revokes every grant of `user_id` and their refresh tokens inside the caller's transaction
+/// (their access tokens are `mcp_user_tokens` rows: `accounts::revoke_all_tokens_in`); how many
+/// grants and refresh tokens were live.
+pub async fn revoke_all_grants_in(conn: &mut PgConnection, user_id: Uuid) -> Result<(u64, u64)> {
+    let grants = sqlx::query!(
+        "UPDATE oauth_grants SET revoked_at = now(), updated_at = now()
+          WHERE user_id = $1 AND revoked_at IS NULL",
+        user_id
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let refresh_tokens = sqlx::query!(
+        "UPDATE oauth_refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        user_id
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok((grants, refresh_tokens))
+}
+
 pub(super) async fn revoke_grant_in(conn: &mut PgConnection, grant_id: Uuid) -> Result<()> {
     sqlx::query!(
         "UPDATE oauth_grants SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1",
