@@ -6,10 +6,9 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use tokio::process::Command;
 
 use crate::accounts_web::verified_user;
-use crate::common::TestDb;
+use crate::common::{TestDb, run_browser_script};
 use crate::http_api::TestServer;
 
 #[tokio::test]
@@ -68,24 +67,12 @@ async fn accounts_web_page_registers_a_passkey_and_signs_in_with_it_in_chromium(
         ])
         .unwrap()
     );
-    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
-    let out = Command::new("node")
-        .arg("account-page.mjs")
-        .args([&server.base, email, password, &authorize])
-        .env("SCREENSHOT_DIR", &dir)
-        .current_dir(web)
-        .output()
-        .await
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert!(out.get("failure").is_none(), "{out}");
-    assert_eq!(out["pageErrors"], serde_json::json!([]), "{out}");
+    let out = run_browser_script(
+        "account-page.mjs",
+        &[&server.base, email, password, &authorize],
+        Some(&dir),
+    )
+    .await;
     assert_eq!(out["focusReachedEmail"], true, "{out}");
     assert_eq!(out["whoami"], format!("Signed in as {email}"));
     assert_eq!(out["quotaRows"], 4, "{out}");
@@ -148,23 +135,12 @@ async fn accounts_web_page_of_a_new_user_without_usage_has_no_script_error() {
         polydev::perspectives::Gateway::new(catalogue),
     );
     let server = TestServer::start_localhost(state).await;
-    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
-    let out = Command::new("node")
-        .arg("account-new-user.mjs")
-        .args([&server.base, email, password])
-        .current_dir(web)
-        .output()
-        .await
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert!(out.get("failure").is_none(), "{out}");
-    assert_eq!(out["pageErrors"], serde_json::json!([]), "{out}");
+    let out = run_browser_script(
+        "account-new-user.mjs",
+        &[&server.base, email, password],
+        None,
+    )
+    .await;
     assert_eq!(
         out["modelRows"],
         serde_json::json!(["No model calls yet this month."]),

@@ -880,30 +880,18 @@ async fn admin_page_in_chromium_changes_a_plan_and_shows_the_audit_row() {
     let dir = std::env::var("POLYDEV_SCREENSHOT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| shots.path().to_path_buf());
-    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
-    let out = tokio::process::Command::new("node")
-        .arg("admin-page.mjs")
-        .args([
+    let out = crate::common::run_browser_script(
+        "admin-page.mjs",
+        &[
             &server.base,
             "root@example.com",
             PASSWORD,
             "ada@example.com",
             "plain@example.com",
-        ])
-        .env("SCREENSHOT_DIR", &dir)
-        .current_dir(web)
-        .output()
-        .await
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert!(out.get("failure").is_none(), "{out}");
-    assert_eq!(out["pageErrors"], json!([]), "{out}");
+        ],
+        Some(&dir),
+    )
+    .await;
     assert_eq!(out["consoleErrorsBeforeBadInput"], json!([]), "{out}");
     assert_eq!(out["plainConsoleHidden"], true, "{out}");
     assert_eq!(

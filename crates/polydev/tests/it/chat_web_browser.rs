@@ -11,10 +11,9 @@ use std::path::PathBuf;
 use polydev::accounts::{self, Scope};
 use polydev_zk::KdfParams;
 use serde_json::Value;
-use tokio::process::Command;
 
 use crate::accounts_web::verified_user;
-use crate::common::{TestDb, mock_gateway};
+use crate::common::{TestDb, mock_gateway, run_browser_script};
 use crate::http_api::TestServer;
 
 /// `content`, `encrypted_content_v2`, `migrated_to_zk`, `model_id` of a `chat_messages` row.
@@ -24,25 +23,9 @@ async fn drive(server: &TestServer, args: &[&str], shots: &std::path::Path) -> V
     let dir = std::env::var("POLYDEV_SCREENSHOT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| shots.to_path_buf());
-    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web");
-    let out = Command::new("node")
-        .arg("chat-page.mjs")
-        .arg(&server.base)
-        .args(args)
-        .env("SCREENSHOT_DIR", &dir)
-        .current_dir(web)
-        .output()
-        .await
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert!(out.get("failure").is_none(), "{out}");
-    assert_eq!(out["pageErrors"], serde_json::json!([]), "{out}");
+    let mut all = vec![server.base.as_str()];
+    all.extend_from_slice(args);
+    let out = run_browser_script("chat-page.mjs", &all, Some(&dir)).await;
     for shot in out["shots"].as_array().unwrap() {
         assert!(std::path::Path::new(shot.as_str().unwrap()).exists());
     }

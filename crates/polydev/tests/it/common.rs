@@ -422,3 +422,32 @@ impl Drop for OwnedCluster {
         }
     }
 }
+
+/// Runs a browser script of `tests/web` (`node <script> <args>`, playwright-core in Chromium),
+/// with `SCREENSHOT_DIR` when given, and returns the JSON summary it prints, after checking that
+/// it ran to its end (no `failure`) and that the page threw no script error (`pageErrors`).
+pub async fn run_browser_script(
+    script: &str,
+    args: &[&str],
+    screenshots: Option<&std::path::Path>,
+) -> serde_json::Value {
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(script)
+        .args(args)
+        .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web"));
+    if let Some(dir) = screenshots {
+        command.env("SCREENSHOT_DIR", dir);
+    }
+    let out = command.output().await.expect("run node");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{script}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(out.get("failure").is_none(), "{script}: {out}");
+    assert_eq!(out["pageErrors"], serde_json::json!([]), "{script}: {out}");
+    out
+}
