@@ -38,6 +38,8 @@ pub struct Gateway {
     /// from the database on first use.
     idempotency_secret: tokio::sync::OnceCell<idempotency::Secret>,
     idempotency_wait: std::time::Duration,
+    /// Runs the `cli` providers (`None`: they are not configured).
+    runtime: Option<crate::runtime::Runtime>,
 }
 
 impl Gateway {
@@ -46,6 +48,11 @@ impl Gateway {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         let mut configured = HashMap::new();
         for (name, spec) in &catalogue.providers {
+            if spec.kind == catalogue::ProviderKind::Cli {
+                // Runs in users' containers: only with a runtime (`with_runtime`).
+                configured.insert(name.clone(), false);
+                continue;
+            }
             let provider = HttpProvider::from_spec(name, spec, client.clone());
             configured.insert(name.clone(), provider.is_configured());
             if !provider.is_configured() {
@@ -59,6 +66,7 @@ impl Gateway {
             configured,
             idempotency_secret: Default::default(),
             idempotency_wait: idempotency::DEFAULT_WAIT,
+            runtime: None,
         }
     }
 
@@ -74,7 +82,60 @@ impl Gateway {
             configured,
             idempotency_secret: Default::default(),
             idempotency_wait: idempotency::DEFAULT_WAIT,
+            runtime: None,
         }
+    }
+
+    /// Runs the catalogue's `cli` providers in the users' runtime containers (docs/cli-backends.md).
+    pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Gateway {
+        let Some(runtime) = runtime else { return self };
+        for (name, spec) in &self.catalogue.providers {
+            let Some(kind) = spec.cli.as_deref().and_then(cli::CliKind::parse) else {
+                continue;
+            };
+            if spec.kind != catalogue::ProviderKind::Cli {
+                continue;
+            }
+            let provider =
+                cli::container::ContainerCli::new(kind, spec.program.as_deref(), runtime.clone());
+            self.providers.insert(name.clone(), Arc::new(provider));
+            self.configured.insert(name.clone(), true);
+        }
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// The `cli` providers among `providers` the user cannot use now (no granted container).
+    pub async fn cli_unavailable(
+        &self,
+        user_id: uuid::Uuid,
+        providers: &[&str],
+    ) -> error::Result<std::collections::HashSet<String>> {
+        let mut out = std::collections::HashSet::new();
+        for name in providers {
+            let Some(spec) = self.catalogue.providers.get(*name) else {
+                continue;
+            };
+            if spec.kind != catalogue::ProviderKind::Cli {
+                continue;
+            }
+            let granted = match (&self.runtime, spec.cli.as_deref()) {
+                (Some(runtime), Some(cli)) => runtime.has_grant(user_id, cli).await?,
+                _ => false,
+            };
+            if !granted {
+                out.insert(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The CLI of a `cli` provider.
+    pub fn cli_of(&self, provider: &str) -> Option<cli::CliKind> {
+        let spec = self.catalogue.providers.get(provider)?;
+        (spec.kind == catalogue::ProviderKind::Cli)
+            .then(|| spec.cli.as_deref().and_then(cli::CliKind::parse))
+            .flatten()
     }
 
     /// Hashes idempotent requests with the operator's secret (`--idempotency-secret`) instead

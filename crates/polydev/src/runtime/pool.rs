@@ -77,6 +77,8 @@ pub struct RuntimeConfig {
     pub job_wall_clock: Duration,
     /// Plaintext output per stream of a job; the rest is dropped behind a marker.
     pub max_output_bytes: u64,
+    /// Extra read-only binds in every container (the local driver; tests mount fake CLIs).
+    pub binds: Vec<super::orchestrator::Bind>,
 }
 
 impl Default for RuntimeConfig {
@@ -92,6 +94,7 @@ impl Default for RuntimeConfig {
             reconcile_interval: Duration::from_secs(5),
             job_wall_clock: Duration::from_secs(10 * 60),
             max_output_bytes: 1024 * 1024,
+            binds: Vec::new(),
         }
     }
 }
@@ -457,7 +460,7 @@ impl Runtime {
                 turn: None,
                 host: false,
             },
-            binds: Vec::new(),
+            binds: self.config.binds.clone(),
         };
         match self.orchestrator.start(spec).await {
             Ok(container_id) => {

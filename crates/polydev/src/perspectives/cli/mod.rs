@@ -6,11 +6,13 @@
 //! from, are in docs/cli-backends.md; each adapter (`claude`, `codex`, `gemini`) keeps its
 //! shapes as serde types and ignores what it does not name.
 //!
-//! Used by `polydev mcp` on the developer's machine (mcp/local.rs). The module does no I/O but
+//! Used by `polydev mcp` on the developer's machine (mcp/local.rs), and by the catalogue's `cli`
+//! providers in the user's runtime container ([`container`]). The module does no I/O but
 //! running the CLI, and the parsers take plain text, so the server side can use them too.
 
 mod claude;
 mod codex;
+pub mod container;
 mod gemini;
 mod process;
 
