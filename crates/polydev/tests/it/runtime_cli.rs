@@ -63,7 +63,7 @@ async fn start(dir: &Path) -> Stack {
     }];
     Stack::start_full(
         "anthropic",
-        2,
+        3,
         move |config| config.binds = binds,
         None,
         catalogue(),

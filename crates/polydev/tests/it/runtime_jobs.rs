@@ -183,8 +183,9 @@ impl Stack {
                 &json!({"provider": provider}),
             )
             .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
+        let status = response.status();
         let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
         (
             body["id"].as_str().unwrap().parse().unwrap(),
             body["public_key"].as_str().unwrap().to_string(),
