@@ -231,6 +231,14 @@ impl Runtime {
         .await?;
         tx.commit().await?;
         self.jobs.notify_waiters();
+        // The caller may stop waiting (its deadline cut the call, the client left): the job
+        // is then cancelled, and the agent kills the CLI at its next report.
+        let mut guard = CancelOnDrop {
+            runtime: self.clone(),
+            user_id,
+            job_id,
+            armed: true,
+        };
         let job = loop {
             let notified = self.jobs.notified();
             tokio::pin!(notified);
@@ -241,6 +249,7 @@ impl Runtime {
             }
             let now = Instant::now();
             if now >= deadline {
+                guard.armed = false;
                 let _ = self.cancel(user_id, job_id).await;
                 return Ok(GrantedRun::TimedOut);
             }
@@ -248,6 +257,7 @@ impl Runtime {
             let wait = (deadline - now).min(Duration::from_millis(250));
             let _ = tokio::time::timeout(wait, notified).await;
         };
+        guard.armed = false;
         let open = |text: Option<&str>, namespace: &str| -> Result<Zeroizing<Vec<u8>>> {
             let mut out = Zeroizing::new(Vec::new());
             let prefix = format!("{job_id}/");
@@ -278,5 +288,28 @@ impl Runtime {
             stdout: open(job.encrypted_stdout.as_deref(), STDOUT_NAMESPACE)?,
             stderr: open(job.encrypted_stderr.as_deref(), STDERR_NAMESPACE)?,
         }))
+    }
+}
+
+/// Cancels a granted run's job when its waiter goes away before it finished.
+struct CancelOnDrop {
+    runtime: Runtime,
+    user_id: Uuid,
+    job_id: Uuid,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (runtime, user_id, job_id) = (self.runtime.clone(), self.user_id, self.job_id);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                // `Conflict`: it finished in between; nothing to cancel.
+                let _ = runtime.cancel(user_id, job_id).await;
+            });
+        }
     }
 }

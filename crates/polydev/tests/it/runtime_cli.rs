@@ -34,6 +34,7 @@ if [ "$(cat "$HOME/.claude/.credentials.json" 2>/dev/null)" != '{credential}' ];
   exit 1
 fi
 case "$prompt" in
+  *"take your time"*) sleep 120 ;;
   *"Tabs or spaces?"*) heard=yes ;;
   *) heard=no ;;
 esac
@@ -209,12 +210,53 @@ async fn runtime_cli_model_answers_from_the_users_granted_container_and_leaves_n
     let (status, _) = ask(&stack, &alice, body.clone()).await;
     assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "still not connected");
 
-    // Granted: the CLI's answer, with the tokens it reported, a usage row and the counters.
+    // Granted, as a client does it: the credential the login session stored (sealed to
+    // alice's runtime key), fetched, opened with her key, re-sealed to the container.
+    let session = Uuid::new_v4();
+    let (user_id, row) = (alice.id.to_string(), session.to_string());
+    let login_ctx = Context {
+        namespace: "login.credential",
+        user_id: &user_id,
+        row_id: &row,
+    };
+    let stored =
+        polydev_zk::seal_to(&alice.keys.public_key(), &login_ctx, credential.as_bytes()).unwrap();
+    sqlx::query(
+        "INSERT INTO cli_credentials
+             (credential_id, user_id, provider, encrypted_data_v2, migrated_to_zk, kind)
+         VALUES ($1, $2, 'anthropic', $3, true, 'cli')",
+    )
+    .bind(session)
+    .bind(alice.id)
+    .bind(&stored)
+    .execute(&stack.db.pool)
+    .await
+    .unwrap();
+    let envelopes: Value = stack
+        .get("/v1/zk/credentials", &alice.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let envelope = envelopes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["credential_id"] == session.to_string())
+        .unwrap_or_else(|| panic!("the stored credential is listed: {envelopes}"));
+    let opened = alice
+        .keys
+        .open(&login_ctx, envelope["envelope"].as_str().unwrap())
+        .unwrap();
+    let opened = String::from_utf8(opened).unwrap();
+    assert_eq!(opened, credential);
+
+    // The CLI's answer, with the tokens it reported, a usage row and the counters.
     let granted = put_grant(
         &stack,
         &alice,
         container,
-        &sealed_grant(&alice, container, &public_key, &credential),
+        &sealed_grant(&alice, container, &public_key, &opened),
     )
     .await;
     assert_eq!(granted.status(), StatusCode::OK);
@@ -341,4 +383,69 @@ async fn runtime_cli_grant_files_go_to_the_granted_cli_only() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let (stdout, _, _) = stack.follow(&alice, id).await;
     assert_eq!(stdout, "no-credential\n");
+}
+
+#[tokio::test]
+async fn runtime_cli_model_past_the_deadline_is_a_timeout_its_job_cancelled_and_nothing_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let credential = format!("CRED-{}", crate::common::random_hex(8));
+    fake_claude(dir.path(), &credential, "unused");
+    let stack = start(dir.path()).await;
+    let alice = stack.user("alice@example.com").await;
+    let (container, public_key) = stack.claim(&alice, "anthropic").await;
+    let granted = put_grant(
+        &stack,
+        &alice,
+        container,
+        &sealed_grant(&alice, container, &public_key, &credential),
+    )
+    .await;
+    assert_eq!(granted.status(), StatusCode::OK);
+
+    let (status, result) = ask(
+        &stack,
+        &alice,
+        json!({"prompt": "take your time", "models": ["claude-code"], "deadline_ms": 3000}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result["perspectives"][0]["status"], "timeout", "{result}");
+    assert_eq!(
+        charged(&stack, &alice).await,
+        ((0, 0, 0, 0), 0, 0),
+        "the unit and the message given back"
+    );
+    // The job was cancelled and the agent killed the CLI: the container takes jobs again.
+    let pool = stack.db.pool.clone();
+    let settled = crate::common::eventually(|| {
+        let pool = pool.clone();
+        async move {
+            let job: (String, Option<i32>) = sqlx::query_as(
+                "SELECT status, exit_code FROM job_executions WHERE container_id = $1",
+            )
+            .bind(container)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let state: String =
+                sqlx::query_scalar("SELECT status FROM runtime_containers WHERE id = $1")
+                    .bind(container)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            job.0 == "cancelled" && job.1.is_some() && state == "assigned"
+        }
+    })
+    .await;
+    let state: (String, Option<i32>, Option<String>) = sqlx::query_as(
+        "SELECT status, exit_code, failure_reason FROM job_executions WHERE container_id = $1",
+    )
+    .bind(container)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        settled,
+        "the job cancelled, the CLI killed, the container free: {state:?}"
+    );
 }
