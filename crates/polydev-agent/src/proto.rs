@@ -82,11 +82,34 @@ pub struct Assignment {
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Grant {
     /// The CLI's executable name (`claude`, `codex`, `gemini`): a job gets the files only when
-    /// its program (the first word of its command, its file name) is this.
+    /// its program (the first word of its command, its file name) is this, its arguments are
+    /// exactly [`granted_args`], and it brings no environment and no files of its own.
     pub cli: String,
     /// Files written (mode 0600) in the job's home directory, by relative path
     /// (`.claude/.credentials.json`).
     pub files: BTreeMap<String, String>,
+}
+
+/// The arguments polydev runs each CLI with (headless, JSON output, the prompt on stdin, no
+/// tools that write), and the only ones a job that gets a grant's files may pass: a server that
+/// chooses other arguments (enabling tools, settings, hooks) gets a run without the credential.
+pub fn granted_args(cli: &str) -> Option<&'static [&'static str]> {
+    match cli {
+        // `-p` without a prompt argument reads the prompt from stdin.
+        "claude" => Some(&["-p", "--output-format", "json"]),
+        // `-`: the prompt is read from stdin; read-only sandbox; any directory.
+        "codex" => Some(&[
+            "exec",
+            "--json",
+            "--skip-git-repo-check",
+            "--sandbox",
+            "read-only",
+            "-",
+        ]),
+        // Headless because stdin is not a terminal; stdin is the prompt.
+        "gemini" => Some(&["--output-format", "json"]),
+        _ => None,
+    }
 }
 
 impl std::fmt::Debug for Grant {

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::proto::{
     Assignment, CHUNK_BYTES, CHUNKS_PER_BATCH, COMMAND_NAMESPACE, Finish, GRANT_NAMESPACE, Grant,
-    JobCommand, OutputAck, OutputBatch, OutputChunk, Register, Stream, output_row,
+    JobCommand, OutputAck, OutputBatch, OutputChunk, Register, Stream, granted_args, output_row,
     truncation_marker,
 };
 
@@ -221,8 +221,14 @@ impl Agent {
             .first()
             .and_then(|p| Path::new(p).file_name())
             .and_then(|n| n.to_str());
-        if program != Some(grant.cli.as_str()) {
-            // Only the granted CLI gets the credential (not `cat`, not a shell).
+        let args: Vec<&str> = job.command.iter().skip(1).map(String::as_str).collect();
+        if program != Some(grant.cli.as_str())
+            || granted_args(&grant.cli) != Some(args.as_slice())
+            || !job.env.is_empty()
+            || !job.files.is_empty()
+        {
+            // Only the granted CLI, run as polydev runs it, gets the credential: not `cat`, not
+            // a shell, not the CLI with tools, settings or hooks switched on.
             return Ok(files);
         }
         for (name, content) in grant.files {

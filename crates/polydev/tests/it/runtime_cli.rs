@@ -383,6 +383,48 @@ async fn runtime_cli_grant_files_go_to_the_granted_cli_only() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let (stdout, _, _) = stack.follow(&alice, id).await;
     assert_eq!(stdout, "no-credential\n");
+
+    // The granted CLI itself: with polydev's arguments and nothing else it gets the file (the
+    // fake answers); with other arguments, its own environment or files, it runs without it
+    // (the fake reports "not logged in").
+    let claude = |extra_args: &[&str]| {
+        let mut command: Vec<String> = [format!("{CLI_DIR}/claude"), "-p".into()].into();
+        command.extend(["--output-format", "json"].map(String::from));
+        command.extend(extra_args.iter().map(|a| a.to_string()));
+        polydev_agent::proto::JobCommand {
+            command,
+            stdin: Some("Tabs or spaces?".into()),
+            ..Default::default()
+        }
+    };
+    let with_env = {
+        let mut job = claude(&[]);
+        job.env
+            .insert("NODE_OPTIONS".into(), "--require ./x.js".into());
+        job
+    };
+    let with_files = {
+        let mut job = claude(&[]);
+        job.files.insert("x.js".into(), "1".into());
+        job
+    };
+    for (job, gets_it) in [
+        (claude(&[]), true),
+        (claude(&["--allowedTools", "Bash"]), false),
+        (with_env, false),
+        (with_files, false),
+    ] {
+        let (id, response) = stack.submit(&alice, container, &public_key, &job).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let (stdout, _, _) = stack.follow(&alice, id).await;
+        assert_eq!(
+            stdout.contains("(heard: yes)"),
+            gets_it,
+            "{:?}: {stdout}",
+            job.command
+        );
+        assert_eq!(stdout.contains("Please run /login"), !gets_it, "{stdout}");
+    }
 }
 
 #[tokio::test]
