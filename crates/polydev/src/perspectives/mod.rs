@@ -106,28 +106,32 @@ impl Gateway {
     }
 
     /// The `cli` providers among `providers` the user cannot use now (no granted container).
+    /// One query, and none when `providers` holds no `cli` provider.
     pub async fn cli_unavailable(
         &self,
         user_id: uuid::Uuid,
         providers: &[&str],
     ) -> error::Result<std::collections::HashSet<String>> {
-        let mut out = std::collections::HashSet::new();
-        for name in providers {
-            let Some(spec) = self.catalogue.providers.get(*name) else {
-                continue;
-            };
-            if spec.kind != catalogue::ProviderKind::Cli {
-                continue;
-            }
-            let granted = match (&self.runtime, spec.cli.as_deref()) {
-                (Some(runtime), Some(cli)) => runtime.has_grant(user_id, cli).await?,
-                _ => false,
-            };
-            if !granted {
-                out.insert(name.to_string());
-            }
+        let clis: Vec<(&str, &str)> = providers
+            .iter()
+            .filter_map(|name| {
+                let spec = self.catalogue.providers.get(*name)?;
+                (spec.kind == catalogue::ProviderKind::Cli)
+                    .then(|| (*name, spec.cli.as_deref().unwrap_or("")))
+            })
+            .collect();
+        if clis.is_empty() {
+            return Ok(Default::default());
         }
-        Ok(out)
+        let granted = match &self.runtime {
+            Some(runtime) => runtime.granted_clis(user_id).await?,
+            None => Vec::new(),
+        };
+        Ok(clis
+            .into_iter()
+            .filter(|(_, cli)| !granted.iter().any(|g| g == cli))
+            .map(|(name, _)| name.to_string())
+            .collect())
     }
 
     /// The CLI of a `cli` provider.

@@ -156,9 +156,16 @@ impl Runtime {
         removed.map(|_| ()).ok_or(Error::NotFound("grant"))
     }
 
-    /// Whether the user has a live container with a grant for `cli`.
-    pub async fn has_grant(&self, user_id: Uuid, cli: &str) -> Result<bool> {
-        Ok(self.granted_container(user_id, cli).await?.is_some())
+    /// The CLIs the user has a live container with a grant for (one query).
+    pub async fn granted_clis(&self, user_id: Uuid) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar!(
+            r#"SELECT DISTINCT grant_cli AS "cli!" FROM runtime_containers
+               WHERE user_id = $1 AND grant_cli IS NOT NULL AND credential_grant IS NOT NULL
+                 AND agent_public_key IS NOT NULL AND status IN ('assigned', 'executing')"#,
+            user_id
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn granted_container(&self, user_id: Uuid, cli: &str) -> Result<Option<(Uuid, String)>> {
