@@ -394,7 +394,8 @@ impl Runtime {
         let mut tx = self.pool.begin().await?;
         let container = sqlx::query_scalar!(
             "UPDATE runtime_containers
-             SET status = 'destroyed', destroyed_at = NOW(), destroy_reason = $2
+             SET status = 'destroyed', destroyed_at = NOW(), destroy_reason = $2,
+                 credential_grant = NULL -- the grant dies with its container
              WHERE id = $1 AND status IS DISTINCT FROM 'destroyed'
              RETURNING container_id",
             id,

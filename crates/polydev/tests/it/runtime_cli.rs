@@ -425,6 +425,23 @@ async fn runtime_cli_grant_files_go_to_the_granted_cli_only() {
         );
         assert_eq!(stdout.contains("Please run /login"), !gets_it, "{stdout}");
     }
+
+    // Released: the container is destroyed and its grant with it.
+    let released = stack
+        .client
+        .delete(format!("{}/v1/runtime/containers/{container}", stack.base))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(released.status(), StatusCode::OK);
+    let (status, grant): (String, Option<String>) =
+        sqlx::query_as("SELECT status, credential_grant FROM runtime_containers WHERE id = $1")
+            .bind(container)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), grant), ("destroyed", None));
 }
 
 #[tokio::test]
