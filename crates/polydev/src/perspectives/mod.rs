@@ -195,6 +195,29 @@ impl Gateway {
             })
             .collect()
     }
+
+    /// The catalogue as one user sees it (`list_available_models`): a `cli` model is available
+    /// only when the user has a live container granted for its CLI.
+    pub async fn models_for(&self, user_id: uuid::Uuid) -> Vec<ModelInfo> {
+        let mut models = self.models();
+        let providers: Vec<&str> = self
+            .catalogue
+            .providers
+            .keys()
+            .map(String::as_str)
+            .collect();
+        match self.cli_unavailable(user_id, &providers).await {
+            Ok(off) => {
+                for info in &mut models {
+                    if off.contains(&info.model.provider) {
+                        info.available = false;
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "the user's granted CLIs could not be read"),
+        }
+        models
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

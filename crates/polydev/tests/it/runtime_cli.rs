@@ -299,6 +299,30 @@ async fn runtime_cli_model_answers_from_the_users_granted_container_and_leaves_n
             .unwrap();
     assert!(output_key.is_some_and(|k| k != alice.keys.public_key()));
 
+    // list_available_models (MCP) shows it available to alice, not to bob.
+    let available = |token: String| {
+        let base = stack.base.clone();
+        async move {
+            let out = crate::mcp::sdk_client_env(
+                &["http", &base, &token, "{}"],
+                &[("TOOL", "list_available_models")],
+            )
+            .await;
+            let models = out["structured"]["models"].as_array().cloned();
+            let models = models.unwrap_or_else(|| panic!("no model list: {out}"));
+            let of = |id: &str| {
+                models
+                    .iter()
+                    .find(|m| m["id"] == id)
+                    .map(|m| m["available"] == true)
+                    .unwrap_or_else(|| panic!("{id} is listed: {out}"))
+            };
+            (of("claude-code"), of("codex-cli"))
+        }
+    };
+    assert_eq!(available(alice.token.clone()).await, (true, false));
+    assert_eq!(available(bob.token.clone()).await, (false, false));
+
     // polydev's own choice picks it for alice too (she has it connected).
     let (status, chosen) = ask(&stack, &alice, json!({"prompt": "Tabs or spaces?"})).await;
     assert_eq!(status, StatusCode::OK, "{chosen}");
