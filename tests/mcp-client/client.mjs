@@ -44,7 +44,9 @@ const abort = new AbortController();
 const cancelAfter = Number(process.env.CANCEL_AFTER_MS || 0);
 if (cancelAfter) setTimeout(() => abort.abort("test cancels"), cancelAfter);
 try {
-  const result = await client.callTool({ name: "get_perspectives", arguments: args }, undefined, {
+  // TOOL: another tool than get_perspectives (list_available_models).
+  const tool = process.env.TOOL || "get_perspectives";
+  const result = await client.callTool({ name: tool, arguments: args }, undefined, {
     onprogress: (p) => out.progress.push(p),
     timeout: 60000,
     signal: abort.signal,

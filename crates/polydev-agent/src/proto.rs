@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 pub const COMMAND_NAMESPACE: &str = "job.command";
 pub const STDOUT_NAMESPACE: &str = "job.stdout";
 pub const STDERR_NAMESPACE: &str = "job.stderr";
+/// A credential grant's namespace (row id: the container id): a [`Grant`] sealed to the
+/// container's key by a client that holds the user's keys (docs/cli-backends.md).
+pub const GRANT_NAMESPACE: &str = "runtime.grant";
+/// The largest sealed grant the server stores.
+pub const MAX_SEALED_GRANT: usize = 48 * 1024;
 
 /// Plaintext bytes per sealed output chunk: 4 bytes of length framing make it fill its padding
 /// bucket (8 KiB) exactly.
@@ -53,7 +58,7 @@ pub struct Limits {
 }
 
 /// A job for the agent: its command sealed to the agent's key, and the user's public key to
-/// seal the output to.
+/// seal the output to (unless the sealed command names its own output key).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Assignment {
     pub job_id: String,
@@ -65,6 +70,55 @@ pub struct Assignment {
     /// (Nomad); `None`: keep the container's `HTTP(S)_PROXY`.
     #[serde(default)]
     pub proxy: Option<String>,
+    /// The container's credential grant, if its user made one: a sealed box of a [`Grant`] to
+    /// the agent's key (namespace [`GRANT_NAMESPACE`], row = the container id). Its files are
+    /// written for a job whose program is the granted CLI only.
+    #[serde(default)]
+    pub grant: Option<String>,
+}
+
+/// The plaintext inside a sealed grant: one CLI's credential files (`Debug` shows the paths
+/// only).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Grant {
+    /// The CLI's executable name (`claude`, `codex`, `gemini`): a job gets the files only when
+    /// its program (the first word of its command, its file name) is this, its arguments are
+    /// exactly [`granted_args`], and it brings no environment and no files of its own.
+    pub cli: String,
+    /// Files written (mode 0600) in the job's home directory, by relative path
+    /// (`.claude/.credentials.json`).
+    pub files: BTreeMap<String, String>,
+}
+
+/// The arguments polydev runs each CLI with (headless, JSON output, the prompt on stdin, no
+/// tools that write), and the only ones a job that gets a grant's files may pass: a server that
+/// chooses other arguments (enabling tools, settings, hooks) gets a run without the credential.
+pub fn granted_args(cli: &str) -> Option<&'static [&'static str]> {
+    match cli {
+        // `-p` without a prompt argument reads the prompt from stdin.
+        "claude" => Some(&["-p", "--output-format", "json"]),
+        // `-`: the prompt is read from stdin; read-only sandbox; any directory.
+        "codex" => Some(&[
+            "exec",
+            "--json",
+            "--skip-git-repo-check",
+            "--sandbox",
+            "read-only",
+            "-",
+        ]),
+        // Headless because stdin is not a terminal; stdin is the prompt.
+        "gemini" => Some(&["--output-format", "json"]),
+        _ => None,
+    }
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("cli", &self.cli)
+            .field("files", &self.files.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// The plaintext inside a sealed command.
@@ -80,6 +134,11 @@ pub struct JobCommand {
     pub files: BTreeMap<String, String>,
     #[serde(default)]
     pub stdin: Option<String>,
+    /// The X25519 public key (base64url) the output is sealed to instead of the assignment's
+    /// `user_public_key`: a client pins its own key here, and the server's perspectives calls
+    /// put an ephemeral key of that one call (docs/cli-backends.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

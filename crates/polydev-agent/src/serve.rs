@@ -2,7 +2,9 @@
 //! this process's memory only), registers the public half with the container's bootstrap
 //! secret, then takes jobs one at a time: opens the sealed command, runs it under limits in a
 //! private directory on the sandbox's tmpfs, seals stdout and stderr in chunks to the user's
-//! public key as they come, and reports the exit code. The command and its output exist in
+//! public key as they come (or to the output key the sealed command names), and reports the
+//! exit code. A container's credential grant, when its user made one, is opened per job and
+//! its files written only for a job that runs the granted CLI. The command and its output exist in
 //! plaintext only in this process, the job's process and that tmpfs directory.
 
 use std::collections::BTreeMap;
@@ -16,8 +18,9 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use crate::proto::{
-    Assignment, CHUNK_BYTES, CHUNKS_PER_BATCH, COMMAND_NAMESPACE, Finish, JobCommand, OutputAck,
-    OutputBatch, OutputChunk, Register, Stream, output_row, truncation_marker,
+    Assignment, CHUNK_BYTES, CHUNKS_PER_BATCH, COMMAND_NAMESPACE, Finish, GRANT_NAMESPACE, Grant,
+    JobCommand, OutputAck, OutputBatch, OutputChunk, Register, Stream, granted_args, output_row,
+    truncation_marker,
 };
 
 /// How often pending output is sent (and cancellation asked for) while a job runs.
@@ -28,6 +31,8 @@ struct Agent {
     server: String,
     auth: Zeroizing<String>,
     keys: X25519KeyPair,
+    /// This container's id (the row a grant is bound to).
+    container: String,
     /// Where job directories go: a tmpfs (the sandbox's home; Nomad's secrets dir).
     base: PathBuf,
 }
@@ -61,8 +66,9 @@ async fn run() -> Result<i32, String> {
     let agent = Agent {
         client,
         server,
-        auth: Zeroizing::new(format!("Bearer {container}.{}", secret.as_str())),
+        auth: Zeroizing::new(format!("Bearer {}.{}", container, secret.as_str())),
         keys: X25519KeyPair::generate().map_err(|e| e.to_string())?,
+        container,
         base,
     };
     agent.register().await?;
@@ -174,13 +180,63 @@ impl Agent {
             let error = "the sealed command cannot be opened by this container or is not a job";
             return self.fail(&a.job_id, started, error).await;
         };
+        let files = match self.files_of(&a, &job) {
+            Ok(files) => files,
+            Err(error) => return self.fail(&a.job_id, started, error).await,
+        };
         let dir = self.base.join("jobs").join(&a.job_id);
-        if let Err(error) = prepare_dir(&dir, &job.files) {
+        if let Err(error) = prepare_dir(&dir, &files) {
+            let _ = std::fs::remove_dir_all(&dir);
             return self.fail(&a.job_id, started, &error).await;
         }
         let outcome = self.execute(&a, &job, &dir, started).await;
         let _ = std::fs::remove_dir_all(&dir);
         self.finish(&a.job_id, outcome).await;
+    }
+
+    /// The job's files, and the grant's credential files when the job runs the granted CLI.
+    fn files_of(
+        &self,
+        a: &Assignment,
+        job: &JobCommand,
+    ) -> Result<BTreeMap<String, String>, &'static str> {
+        let mut files = job.files.clone();
+        let Some(sealed) = a.grant.as_deref() else {
+            return Ok(files);
+        };
+        let ctx = Context {
+            namespace: GRANT_NAMESPACE,
+            user_id: &a.user_id,
+            row_id: &self.container,
+        };
+        let grant: Grant = self
+            .keys
+            .open(&ctx, sealed)
+            .ok()
+            .map(Zeroizing::new)
+            .and_then(|plain| serde_json::from_slice(&plain).ok())
+            .ok_or("the container's credential grant cannot be opened by this container")?;
+        let program = job
+            .command
+            .first()
+            .and_then(|p| Path::new(p).file_name())
+            .and_then(|n| n.to_str());
+        let args: Vec<&str> = job.command.iter().skip(1).map(String::as_str).collect();
+        if program != Some(grant.cli.as_str())
+            || granted_args(&grant.cli) != Some(args.as_slice())
+            || !job.env.is_empty()
+            || !job.files.is_empty()
+        {
+            // Only the granted CLI, run as polydev runs it, gets the credential: not `cat`, not
+            // a shell, not the CLI with tools, settings or hooks switched on.
+            return Ok(files);
+        }
+        for (name, content) in grant.files {
+            if files.insert(name, content).is_some() {
+                return Err("a job file has the path of a granted credential file");
+            }
+        }
+        Ok(files)
     }
 
     async fn fail(&self, job_id: &str, started: Instant, error: &str) {
@@ -249,7 +305,7 @@ impl Agent {
             )),
             tokio::spawn(read_pipe(child.stderr.take(), Stream::Stderr, sender)),
         ];
-        let mut output = Output::new(a);
+        let mut output = Output::new(a, job);
         let deadline = tokio::time::sleep(Duration::from_millis(a.limits.wall_clock_ms));
         tokio::pin!(deadline);
         let mut ticker = tokio::time::interval(FLUSH_EVERY);
@@ -408,11 +464,15 @@ fn index(stream: Stream) -> usize {
 }
 
 impl Output {
-    fn new(a: &Assignment) -> Output {
+    /// Sealed to the command's own output key when it names one, else to the user's.
+    fn new(a: &Assignment, job: &JobCommand) -> Output {
         Output {
             job_id: a.job_id.clone(),
             user_id: a.user_id.clone(),
-            user_key: a.user_public_key.clone(),
+            user_key: job
+                .output_public_key
+                .clone()
+                .unwrap_or_else(|| a.user_public_key.clone()),
             limit: a.limits.max_output_bytes,
             seq: 0,
             kept: [0, 0],

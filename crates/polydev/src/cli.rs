@@ -746,11 +746,12 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
         None => crate::accounts::Mailer::Log,
     };
     tracing::info!(%public_url, "OAuth issuer and public URL");
-    let mut gateway = Gateway::new(catalogue);
+    let runtime = args.runtime.build(db.pool.clone(), addr)?;
+    // The catalogue's `cli` providers run in the users' runtime containers.
+    let mut gateway = Gateway::new(catalogue).with_runtime(runtime.clone());
     if let Some(secret) = args.idempotency_secret.as_deref().filter(|s| !s.is_empty()) {
         gateway = gateway.with_idempotency_secret(secret.as_bytes());
     }
-    let runtime = args.runtime.build(db.pool.clone(), addr)?;
     let state = AppState::new(db.pool.clone(), gateway)
         .with_runtime(runtime)
         .with_public_url(&public_url)

@@ -111,6 +111,8 @@ fn operations() -> Vec<Operation> {
         post("/v1/runtime/containers", "Claims a container of a provider").token().json(),
         get("/v1/runtime/containers/{id}", "A claimed container").token().json(),
         delete("/v1/runtime/containers/{id}", "Releases a container").token().json(),
+        put("/v1/runtime/containers/{id}/grant", "Grants a container the caller's sealed CLI credential").token().json(),
+        delete("/v1/runtime/containers/{id}/grant", "Removes a container's credential grant").token().json(),
         get("/v1/runtime/proxy", "The caller's proxy port and its health").token().json(),
         get("/v1/runtime/keys", "The caller's job key").token().json(),
         put("/v1/runtime/keys", "Sets the caller's job key").token().json(),

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use polydev_agent::proto::{Finish, OutputBatch, Register, Registered};
@@ -22,7 +22,7 @@ use crate::app::AppState;
 use crate::error::Error;
 use crate::runtime::jobs::Agent;
 use crate::runtime::pool::ContainerView;
-use crate::runtime::{Follow, Job, Runtime, SubmitJob, UserKey};
+use crate::runtime::{Follow, GrantView, Job, PutGrant, Runtime, SubmitJob, UserKey};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -30,6 +30,10 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/v1/runtime/containers/{id}",
             get(container).delete(release),
+        )
+        .route(
+            "/v1/runtime/containers/{id}/grant",
+            put(put_grant).delete(delete_grant),
         )
         .route("/v1/runtime/keys", get(user_key).put(put_user_key))
         .route("/v1/runtime/proxy", get(proxy_port))
@@ -81,6 +85,30 @@ async fn release(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<ContainerView>, ApiError> {
     Ok(Json(runtime(&state)?.release(caller.user_id, id).await?))
+}
+
+/// Grants the container the caller's CLI credential, sealed to its agent's key by the client
+/// (docs/cli-backends.md, "In runtime containers").
+async fn put_grant(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(grant): ApiJson<PutGrant>,
+) -> Result<Json<GrantView>, ApiError> {
+    Ok(Json(
+        runtime(&state)?
+            .put_grant(caller.user_id, id, &grant)
+            .await?,
+    ))
+}
+
+async fn delete_grant(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    runtime(&state)?.delete_grant(caller.user_id, id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The caller's proxy port and what its last health check found (docs/cli-backends.md).

@@ -201,7 +201,15 @@ impl ServerHandler for Bridge {
             ctx.meta.get_progress_token(),
             plan.as_ref().map_or(0, |p| p.backends.len()),
         );
+        let lists_models = request.name == super::LIST_MODELS;
         let outcome = match plan {
+            None if lists_models => {
+                let out = self.forward(upstream, request, &ctx, &progress).await;
+                match out {
+                    Ok(out) => Ok(with_local_models(out, &self.local.available().await)),
+                    Err(error) => Err(error),
+                }
+            }
             None => self.forward(upstream, request, &ctx, &progress).await,
             Some(plan) => {
                 self.with_local(upstream, request, &ctx, &progress, plan)
@@ -215,6 +223,47 @@ impl ServerHandler for Bridge {
         }
         outcome.map(Into::into)
     }
+}
+
+/// The server's model list with the local CLIs this bridge detected added (`provider`
+/// `cli`, `tier` `subscription`, `local: true`, the CLI's version): the models
+/// `get_perspectives` adds from this machine.
+fn with_local_models(mut out: CallToolResult, backends: &[CliBackend]) -> CallToolResult {
+    if backends.is_empty() || out.is_error == Some(true) {
+        return out;
+    }
+    if let Some(models) = out
+        .structured_content
+        .as_mut()
+        .and_then(|s| s.get_mut("models"))
+        .and_then(|m| m.as_array_mut())
+    {
+        for backend in backends {
+            models.push(serde_json::json!({
+                "id": backend.kind.model_id(),
+                "provider": crate::perspectives::cli::PROVIDER,
+                "tier": crate::perspectives::cli::TIER,
+                "input_price": "0",
+                "output_price": "0",
+                "available": true,
+                "local": true,
+                "version": backend.version,
+            }));
+        }
+    }
+    let mut text = String::new();
+    for backend in backends {
+        text.push_str(&format!(
+            "{} · {} · {} · 0 · 0 · true (on this machine: `{}` {})\n",
+            backend.kind.model_id(),
+            crate::perspectives::cli::PROVIDER,
+            crate::perspectives::cli::TIER,
+            backend.kind.command(),
+            backend.version
+        ));
+    }
+    out.content.push(ContentBlock::text(text));
+    out
 }
 
 /// The local CLIs a `get_perspectives` call asks, and with what.

@@ -239,7 +239,7 @@ impl ServerHandler for PolydevMcp {
             }
             super::LIST_MODELS => {
                 let models = ModelList {
-                    models: self.state.gateway.models(),
+                    models: self.state.gateway.models_for(caller.user_id).await,
                 };
                 let mut text =
                     String::from("model · provider · tier · $/M in · $/M out · available\n");

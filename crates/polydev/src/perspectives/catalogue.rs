@@ -48,6 +48,9 @@ pub enum ProviderKind {
     Anthropic,
     Gemini,
     OpenaiCompatible,
+    /// A provider CLI (Claude Code, Codex CLI, Gemini CLI) run in the user's runtime container
+    /// with the user's own subscription (docs/cli-backends.md, "In runtime containers").
+    Cli,
 }
 
 /// A price in millionths of a US dollar per million tokens, parsed from a decimal string so
@@ -137,11 +140,21 @@ fn parse_price(text: &str) -> std::result::Result<Price, String> {
 #[serde(deny_unknown_fields)]
 pub struct ProviderSpec {
     pub kind: ProviderKind,
+    /// The API root (`kind = "cli"`: none).
+    #[serde(default)]
     pub base_url: String,
     #[serde(default, skip_serializing)]
     pub api_key_env: Option<String>,
     #[serde(default = "yes")]
     pub streaming: bool,
+    /// `kind = "cli"`: which CLI (`claude`, `codex`, `gemini`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cli: Option<String>,
+    /// `kind = "cli"`: the executable inside the container (default: the CLI's name, looked up
+    /// on the container's `PATH`). Its file name must be the CLI's name: only that program
+    /// gets the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
 }
 
 fn yes() -> bool {
@@ -226,6 +239,28 @@ impl Catalogue {
             }
         }
         for (name, provider) in &self.providers {
+            if provider.kind == ProviderKind::Cli {
+                let cli = provider.cli.as_deref().unwrap_or("");
+                let Some(kind) = super::cli::CliKind::parse(cli).filter(|k| k.command() == cli)
+                else {
+                    return Err(Error::Internal(format!(
+                        "provider `{name}`: kind \"cli\" needs cli = \"claude\", \"codex\" or \"gemini\""
+                    )));
+                };
+                let program = provider.program.as_deref().unwrap_or(kind.command());
+                if Path::new(program).file_name().and_then(|n| n.to_str()) != Some(kind.command()) {
+                    return Err(Error::Internal(format!(
+                        "provider `{name}`: the file name of `program` must be `{}`",
+                        kind.command()
+                    )));
+                }
+                continue;
+            }
+            if provider.cli.is_some() || provider.program.is_some() {
+                return Err(Error::Internal(format!(
+                    "provider `{name}`: `cli` and `program` are for kind \"cli\" only"
+                )));
+            }
             if !(provider.base_url.starts_with("http://")
                 || provider.base_url.starts_with("https://"))
             {

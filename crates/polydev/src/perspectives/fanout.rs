@@ -1,6 +1,7 @@
 //! `get_perspectives`: ask the chosen models in parallel, each paid for by a quota reservation
 //! taken before its upstream call and given back if the call fails, times out or is cancelled.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -164,7 +165,10 @@ async fn run(
     resume: Resume<'_>,
 ) -> Result<PerspectivesResult> {
     let today = chrono::Utc::now().date_naive();
-    let models = choose_models(pools.durable, gateway, user_id, request, today).await?;
+    let (models, unavailable) =
+        choose_models(pools.durable, gateway, user_id, request, today).await?;
+    // A `cli` model of a user with no granted container is like an unconfigured provider's.
+    let runnable = |m: &ModelSpec| runnable(gateway, &unavailable, m);
     let paid = |m: &ModelSpec| {
         resume
             .paid
@@ -175,7 +179,7 @@ async fn run(
     let to_run: Vec<&ModelSpec> = models
         .iter()
         .copied()
-        .filter(|m| paid(m).is_none() && gateway.is_configured(&m.provider))
+        .filter(|m| paid(m).is_none() && runnable(m))
         .collect();
     // The message was paid with the first answer of an earlier holder of the key.
     let with_message = !resume.paid.iter().any(|p| p.status == Status::Ok);
@@ -183,9 +187,9 @@ async fn run(
     progress.started(&models);
     let unconfigured: Vec<ModelResult> = models
         .iter()
-        .filter(|m| paid(m).is_none() && !gateway.is_configured(&m.provider))
+        .filter(|m| paid(m).is_none() && !runnable(m))
         .map(|m| {
-            let result = Failure::not_configured(m).into_result(m, 0);
+            let result = Failure::not_configured(gateway, m).into_result(m, 0);
             progress.finished(&result);
             result
         })
@@ -212,7 +216,7 @@ async fn run(
         .iter()
         .map(|m| match paid(m) {
             Some(answer) => answer.clone(),
-            None if !gateway.is_configured(&m.provider) => unconfigured
+            None if !runnable(m) => unconfigured
                 .next()
                 .expect("a result per unconfigured model"),
             None => fresh.next().expect("a result per model run"),
@@ -246,28 +250,47 @@ async fn choose_models<'g>(
     user_id: Uuid,
     request: &PerspectivesRequest,
     today: NaiveDate,
-) -> Result<Vec<&'g ModelSpec>> {
+) -> Result<(Vec<&'g ModelSpec>, HashSet<String>)> {
+    // The `cli` providers this user has no granted container for (one query per CLI).
+    let cli_providers: Vec<&str> = gateway
+        .catalogue()
+        .providers
+        .keys()
+        .map(String::as_str)
+        .filter(|p| gateway.cli_of(p).is_some() && gateway.is_configured(p))
+        .collect();
+    let unavailable = gateway.cli_unavailable(user_id, &cli_providers).await?;
     let models = if request.models.is_some() {
-        request.choose(gateway, &Default::default(), None)
+        request.choose(gateway, &Default::default(), None, &unavailable)
     } else {
         let settings = get_settings(pool, user_id).await?;
         let quota_state = quota::for_user(pool, user_id)
             .await?
             .map(|q| q.state(today));
-        request.choose(gateway, &settings, quota_state.as_ref())
+        request.choose(gateway, &settings, quota_state.as_ref(), &unavailable)
     };
     if models.is_empty() {
-        return Err(why_none_can_run(gateway, request));
+        return Err(why_none_can_run(gateway, request, &unavailable));
     }
-    if !models.iter().any(|m| gateway.is_configured(&m.provider)) {
+    if !models.iter().any(|m| runnable(gateway, &unavailable, m)) {
         return Err(no_provider_configured(gateway, &models));
     }
-    Ok(models)
+    Ok((models, unavailable))
+}
+
+/// Whether `model` can be asked for this user: its provider is configured, and for a `cli`
+/// provider the user has a granted container.
+fn runnable(gateway: &Gateway, unavailable: &HashSet<String>, model: &ModelSpec) -> bool {
+    gateway.is_configured(&model.provider) && !unavailable.contains(&model.provider)
 }
 
 /// Why polydev's own choice came out empty: the providers left are not configured, the
 /// configured ones' tiers have no quota left, or the provider filters left no model at all.
-fn why_none_can_run(gateway: &Gateway, request: &PerspectivesRequest) -> Error {
+fn why_none_can_run(
+    gateway: &Gateway,
+    request: &PerspectivesRequest,
+    unavailable: &HashSet<String>,
+) -> Error {
     let candidates: Vec<&ModelSpec> = gateway
         .catalogue()
         .models
@@ -284,10 +307,7 @@ fn why_none_can_run(gateway: &Gateway, request: &PerspectivesRequest) -> Error {
             "no model left to ask: `exclude_providers` and `request_providers` rule out every model of the catalogue (see list_available_models)".into(),
         );
     }
-    if !candidates
-        .iter()
-        .any(|m| gateway.is_configured(&m.provider))
-    {
+    if !candidates.iter().any(|m| runnable(gateway, unavailable, m)) {
         return no_provider_configured(gateway, &candidates);
     }
     Error::QuotaExceeded(
@@ -302,6 +322,7 @@ fn no_provider_configured(gateway: &Gateway, models: &[&ModelSpec]) -> Error {
     providers.dedup();
     let mut keys: Vec<&str> = providers
         .iter()
+        .filter(|p| gateway.cli_of(p).is_none())
         .filter_map(|p| gateway.catalogue().providers.get(*p))
         .filter_map(|spec| spec.api_key_env.as_deref())
         .collect();
@@ -312,10 +333,16 @@ fn no_provider_configured(gateway: &Gateway, models: &[&ModelSpec]) -> Error {
     } else {
         keys.join(", ")
     };
+    let connect = if providers.iter().any(|p| gateway.cli_of(p).is_some()) {
+        ", or you connect your subscription in a runtime container (cli_not_connected: claim a container, \
+         then PUT /v1/runtime/containers/{id}/grant)"
+    } else {
+        ""
+    };
     Error::NoProviderConfigured(format!(
         "no provider is configured for {}: the server operator sets an API key ({keys}; see the model catalogue), \
          or you ask the CLIs installed and signed in on your machine (Claude Code, Codex CLI, Gemini CLI) \
-         through `polydev mcp` (docs/cli-backends.md)",
+         through `polydev mcp`{connect} (docs/cli-backends.md)",
         providers
             .iter()
             .map(|p| format!("`{p}`"))
@@ -575,7 +602,7 @@ impl ModelCall<'_> {
             if let Some(unused) = prepaid {
                 unused.refund().await;
             }
-            return Err(Failure::not_configured(model));
+            return Err(Failure::not_configured(self.gateway, model));
         };
         let reservation = self.reserve(model, prepaid).await?;
         let request = self.completion_request(model);
@@ -660,7 +687,7 @@ impl ModelCall<'_> {
         };
         let deltas = progress.wants_deltas().then_some(&sink as DeltaSink<'_>);
         tokio::select! {
-            outcome = provider.complete(request, deltas) => outcome.map_err(|error| {
+            outcome = provider.complete_for(self.user_id, request, deltas) => outcome.map_err(|error| {
                 tracing::info!(model = %model.id, class = error.class.as_str(), "model call failed");
                 Failure::from(error)
             }),
@@ -946,11 +973,18 @@ impl Failure {
         Failure::new(Status::Error, class, message)
     }
 
-    fn not_configured(model: &ModelSpec) -> Self {
-        Failure::error(
-            ErrorClass::NotConfigured,
-            format!("provider `{}` has no API key configured", model.provider),
-        )
+    fn not_configured(gateway: &Gateway, model: &ModelSpec) -> Self {
+        let message = match gateway.cli_of(&model.provider) {
+            Some(kind) if gateway.is_configured(&model.provider) => {
+                super::cli::container::ContainerCli::not_connected(kind)
+            }
+            Some(_) => format!(
+                "provider `{}` runs a CLI in runtime containers, and this server has no runtime (`polydev serve --runtime`)",
+                model.provider
+            ),
+            None => format!("provider `{}` has no API key configured", model.provider),
+        };
+        Failure::error(ErrorClass::NotConfigured, message)
     }
 
     fn into_result(self, model: &ModelSpec, latency_ms: u64) -> ModelResult {

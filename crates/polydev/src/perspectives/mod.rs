@@ -38,6 +38,8 @@ pub struct Gateway {
     /// from the database on first use.
     idempotency_secret: tokio::sync::OnceCell<idempotency::Secret>,
     idempotency_wait: std::time::Duration,
+    /// Runs the `cli` providers (`None`: they are not configured).
+    runtime: Option<crate::runtime::Runtime>,
 }
 
 impl Gateway {
@@ -46,6 +48,11 @@ impl Gateway {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         let mut configured = HashMap::new();
         for (name, spec) in &catalogue.providers {
+            if spec.kind == catalogue::ProviderKind::Cli {
+                // Runs in users' containers: only with a runtime (`with_runtime`).
+                configured.insert(name.clone(), false);
+                continue;
+            }
             let provider = HttpProvider::from_spec(name, spec, client.clone());
             configured.insert(name.clone(), provider.is_configured());
             if !provider.is_configured() {
@@ -59,6 +66,7 @@ impl Gateway {
             configured,
             idempotency_secret: Default::default(),
             idempotency_wait: idempotency::DEFAULT_WAIT,
+            runtime: None,
         }
     }
 
@@ -74,7 +82,64 @@ impl Gateway {
             configured,
             idempotency_secret: Default::default(),
             idempotency_wait: idempotency::DEFAULT_WAIT,
+            runtime: None,
         }
+    }
+
+    /// Runs the catalogue's `cli` providers in the users' runtime containers (docs/cli-backends.md).
+    pub fn with_runtime(mut self, runtime: Option<crate::runtime::Runtime>) -> Gateway {
+        let Some(runtime) = runtime else { return self };
+        for (name, spec) in &self.catalogue.providers {
+            let Some(kind) = spec.cli.as_deref().and_then(cli::CliKind::parse) else {
+                continue;
+            };
+            if spec.kind != catalogue::ProviderKind::Cli {
+                continue;
+            }
+            let provider =
+                cli::container::ContainerCli::new(kind, spec.program.as_deref(), runtime.clone());
+            self.providers.insert(name.clone(), Arc::new(provider));
+            self.configured.insert(name.clone(), true);
+        }
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// The `cli` providers among `providers` the user cannot use now (no granted container).
+    /// One query, and none when `providers` holds no `cli` provider.
+    pub async fn cli_unavailable(
+        &self,
+        user_id: uuid::Uuid,
+        providers: &[&str],
+    ) -> error::Result<std::collections::HashSet<String>> {
+        let clis: Vec<(&str, &str)> = providers
+            .iter()
+            .filter_map(|name| {
+                let spec = self.catalogue.providers.get(*name)?;
+                (spec.kind == catalogue::ProviderKind::Cli)
+                    .then(|| (*name, spec.cli.as_deref().unwrap_or("")))
+            })
+            .collect();
+        if clis.is_empty() {
+            return Ok(Default::default());
+        }
+        let granted = match &self.runtime {
+            Some(runtime) => runtime.granted_clis(user_id).await?,
+            None => Vec::new(),
+        };
+        Ok(clis
+            .into_iter()
+            .filter(|(_, cli)| !granted.iter().any(|g| g == cli))
+            .map(|(name, _)| name.to_string())
+            .collect())
+    }
+
+    /// The CLI of a `cli` provider.
+    pub fn cli_of(&self, provider: &str) -> Option<cli::CliKind> {
+        let spec = self.catalogue.providers.get(provider)?;
+        (spec.kind == catalogue::ProviderKind::Cli)
+            .then(|| spec.cli.as_deref().and_then(cli::CliKind::parse))
+            .flatten()
     }
 
     /// Hashes idempotent requests with the operator's secret (`--idempotency-secret`) instead
@@ -129,6 +194,29 @@ impl Gateway {
                 available: self.is_configured(&model.provider),
             })
             .collect()
+    }
+
+    /// The catalogue as one user sees it (`list_available_models`): a `cli` model is available
+    /// only when the user has a live container granted for its CLI.
+    pub async fn models_for(&self, user_id: uuid::Uuid) -> Vec<ModelInfo> {
+        let mut models = self.models();
+        let providers: Vec<&str> = self
+            .catalogue
+            .providers
+            .keys()
+            .map(String::as_str)
+            .collect();
+        match self.cli_unavailable(user_id, &providers).await {
+            Ok(off) => {
+                for info in &mut models {
+                    if off.contains(&info.model.provider) {
+                        info.available = false;
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "the user's granted CLIs could not be read"),
+        }
+        models
     }
 }
 

@@ -307,6 +307,7 @@ impl PerspectivesRequest {
         gateway: &'g Gateway,
         settings: &PerspectiveSettings,
         quota: Option<&QuotaState>,
+        unavailable: &HashSet<String>,
     ) -> Vec<&'g ModelSpec> {
         let catalogue = gateway.catalogue();
         let excluded = |m: &ModelSpec| self.exclude_providers.contains(&m.provider);
@@ -335,6 +336,7 @@ impl PerspectivesRequest {
         let usable = |m: &&ModelSpec| {
             !excluded(m)
                 && gateway.is_configured(&m.provider)
+                && !unavailable.contains(&m.provider)
                 && has_quota(m.tier)
                 && (self.request_providers.is_empty()
                     || self.request_providers.contains(&m.provider))

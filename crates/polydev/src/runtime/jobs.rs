@@ -369,7 +369,8 @@ impl Runtime {
     async fn take_job(&self, agent: Agent) -> Result<Option<Assignment>> {
         let mut tx = self.pool.begin().await?;
         let container = sqlx::query!(
-            "SELECT status, decodo_port FROM runtime_containers WHERE id = $1 FOR UPDATE",
+            "SELECT status, decodo_port, credential_grant FROM runtime_containers
+             WHERE id = $1 FOR UPDATE",
             agent.container
         )
         .fetch_one(&mut *tx)
@@ -384,7 +385,7 @@ impl Runtime {
              WHERE id = (SELECT id FROM job_executions
                          WHERE container_id = $1 AND status = 'queued'
                          ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING id, user_id, encrypted_command",
+             RETURNING id, user_id, encrypted_command, output_public_key",
             agent.container
         )
         .fetch_optional(&mut *tx)
@@ -392,12 +393,15 @@ impl Runtime {
         else {
             return Ok(None);
         };
+        // A job with its own output key (a server-run CLI call) needs no user key.
         let user_key = sqlx::query_scalar!(
             "SELECT public_key FROM runtime_user_keys WHERE user_id = $1",
             job.user_id
         )
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .or(job.output_public_key)
+        .ok_or_else(|| Error::Internal("a queued job whose output has no key".into()))?;
         sqlx::query!(
             "UPDATE runtime_containers SET status = 'executing', last_used_at = NOW()
              WHERE id = $1",
@@ -425,6 +429,7 @@ impl Runtime {
                 max_output_bytes: self.config.max_output_bytes,
             },
             proxy,
+            grant: container.credential_grant,
         }))
     }
 
@@ -436,7 +441,8 @@ impl Runtime {
         batch: &OutputBatch,
     ) -> Result<OutputAck> {
         let job = sqlx::query!(
-            r#"SELECT j.user_id AS "user_id!", j.status AS "status!", k.public_key
+            r#"SELECT j.user_id AS "user_id!", j.status AS "status!",
+                      COALESCE(j.output_public_key, k.public_key) AS public_key
                FROM job_executions j LEFT JOIN runtime_user_keys k ON k.user_id = j.user_id
                WHERE j.id = $1 AND j.container_id = $2"#,
             job_id,
@@ -445,6 +451,7 @@ impl Runtime {
         .fetch_optional(&self.pool)
         .await?
         .ok_or(Error::NotFound("job"))?;
+        // Sealed to the job's own output key when it has one, else to the user's.
         if job.status != "running" {
             return Ok(OutputAck {
                 cancelled: job.status == "cancelled",

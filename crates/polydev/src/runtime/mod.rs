@@ -6,7 +6,9 @@
 //! - [`nomad`]: HashiCorp Nomad's HTTP API.
 //! - [`pool`]: warm pools, claims, the lifecycle, the reconcile loop.
 //! - [`jobs`]: sealed jobs: submit, follow, cancel; the agent's register, next, output, finish.
+//! - [`grants`]: CLI credential grants, and CLI jobs the server runs for perspectives calls.
 
+pub mod grants;
 pub mod jobs;
 pub mod local;
 pub mod nomad;
@@ -16,6 +18,7 @@ pub mod pool;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+pub use grants::{GrantView, GrantedOutput, GrantedRun, PutGrant};
 pub use jobs::{Follow, Job, SubmitJob, UserKey};
 pub use local::{LocalConfig, LocalDriver};
 pub use nomad::{NomadConfig, NomadDriver};

@@ -77,6 +77,8 @@ pub struct RuntimeConfig {
     pub job_wall_clock: Duration,
     /// Plaintext output per stream of a job; the rest is dropped behind a marker.
     pub max_output_bytes: u64,
+    /// Extra read-only binds in every container (the local driver; tests mount fake CLIs).
+    pub binds: Vec<super::orchestrator::Bind>,
 }
 
 impl Default for RuntimeConfig {
@@ -92,6 +94,7 @@ impl Default for RuntimeConfig {
             reconcile_interval: Duration::from_secs(5),
             job_wall_clock: Duration::from_secs(10 * 60),
             max_output_bytes: 1024 * 1024,
+            binds: Vec::new(),
         }
     }
 }
@@ -401,7 +404,8 @@ impl Runtime {
         let mut tx = self.pool.begin().await?;
         let container = sqlx::query_scalar!(
             "UPDATE runtime_containers
-             SET status = 'destroyed', destroyed_at = NOW(), destroy_reason = $2
+             SET status = 'destroyed', destroyed_at = NOW(), destroy_reason = $2,
+                 credential_grant = NULL -- the grant dies with its container
              WHERE id = $1 AND status IS DISTINCT FROM 'destroyed'
              RETURNING container_id",
             id,
@@ -467,7 +471,7 @@ impl Runtime {
                 turn: None,
                 host: false,
             },
-            binds: Vec::new(),
+            binds: self.config.binds.clone(),
         };
         match self.orchestrator.start(spec).await {
             Ok(container_id) => {

@@ -371,6 +371,59 @@ fn models_of(out: &Value) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn polydev_mcp_lists_the_local_clis_it_detected_with_the_servers_models() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_scoped_token(&db, "list@example.com", Plan::Pro, Scope::Mcp).await;
+    let server = serve(&db, true).await;
+    let fakes = FakeClis::new();
+    fakes.answering("claude", "2.1.332 (Claude Code)", CLAUDE_OK);
+    fakes.answering("codex", "codex-cli 0.171.0", CODEX_OK);
+    let list = |local_clis: &'static str| {
+        let path = format!(
+            "{}:{}",
+            fakes.path_var(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let (base, token) = (server.base.clone(), token.clone());
+        async move {
+            crate::mcp::sdk_client_env(
+                &["stdio", BIN, &base, &token, "{}"],
+                &[
+                    ("PATH", &path),
+                    ("POLYDEV_LOCAL_CLIS", local_clis),
+                    ("TOOL", "list_available_models"),
+                ],
+            )
+            .await
+        }
+    };
+    let out = list("claude").await;
+    assert_eq!(out["isError"], false, "{out}");
+    let models = out["structured"]["models"].as_array().unwrap();
+    let local: Vec<&Value> = models.iter().filter(|m| m["local"] == true).collect();
+    assert_eq!(local.len(), 1, "only the chosen CLI: {out}");
+    assert_eq!(local[0]["id"], "claude-code");
+    assert_eq!(local[0]["provider"], "cli");
+    assert_eq!(local[0]["tier"], "subscription");
+    assert_eq!(local[0]["version"], "2.1.332 (Claude Code)");
+    assert!(
+        models.iter().any(|m| m["id"] == "gpt-premium"),
+        "the server's too"
+    );
+    assert!(
+        out["text"]
+            .as_str()
+            .unwrap()
+            .contains("on this machine: `claude`")
+    );
+
+    // Off: the server's list alone.
+    let out = list("off").await;
+    let models = out["structured"]["models"].as_array().unwrap();
+    assert!(models.iter().all(|m| m["local"].is_null()), "{out}");
+}
+
+#[tokio::test]
 async fn polydev_mcp_adds_the_local_clis_answers_to_the_servers() {
     let db = TestDb::migrated().await;
     let (user, token) =

@@ -27,6 +27,7 @@ mod openapi;
 pub mod perspectives;
 mod providers;
 pub mod proxy_ports;
+pub mod runtime_cli;
 pub mod runtime_jobs;
 pub mod runtime_local;
 pub mod runtime_nomad;

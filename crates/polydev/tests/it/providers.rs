@@ -153,6 +153,8 @@ async fn a_missing_key_is_not_configured_and_calls_nothing() {
         base_url: format!("{}/v1", mock.base_url()),
         api_key_env: Some("POLYDEV_TEST_UNSET_KEY_VARIABLE".into()),
         streaming: true,
+        cli: None,
+        program: None,
     };
     let provider = HttpProvider::from_spec("openai", &spec, polydev::net::http_client());
     assert!(!provider.is_configured());

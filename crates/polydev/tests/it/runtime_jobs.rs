@@ -51,6 +51,19 @@ impl Stack {
         tweak: impl FnOnce(&mut RuntimeConfig),
         proxy: Option<polydev::proxy::ProxyConfig>,
     ) -> Stack {
+        let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
+        Self::start_full(provider, warm, tweak, proxy, catalogue).await
+    }
+
+    /// Like [`Stack::start_with`], with a model catalogue (its `cli` providers run in the
+    /// runtime's containers).
+    pub async fn start_full(
+        provider: &str,
+        warm: u32,
+        tweak: impl FnOnce(&mut RuntimeConfig),
+        proxy: Option<polydev::proxy::ProxyConfig>,
+        catalogue: polydev::perspectives::Catalogue,
+    ) -> Stack {
         let db = TestDb::migrated().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -69,10 +82,9 @@ impl Stack {
         let driver = LocalDriver::new(local);
         let proxies = proxy.map(|p| polydev::proxy::Proxies::new(db.pool.clone(), p));
         let runtime = Runtime::new(db.pool.clone(), Arc::new(driver), config).with_proxies(proxies);
-        let catalogue = polydev::perspectives::Catalogue::load(None).unwrap();
         let state = AppState::new(
             db.pool.clone(),
-            polydev::perspectives::Gateway::new(catalogue),
+            polydev::perspectives::Gateway::new(catalogue).with_runtime(Some(runtime.clone())),
         )
         .with_runtime(Some(runtime.clone()));
         runtime.spawn_background(state.shutdown.clone());
@@ -171,8 +183,9 @@ impl Stack {
                 &json!({"provider": provider}),
             )
             .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
+        let status = response.status();
         let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
         (
             body["id"].as_str().unwrap().parse().unwrap(),
             body["public_key"].as_str().unwrap().to_string(),
@@ -305,7 +318,7 @@ fn sh(script: &str) -> JobCommand {
 
 /// A `MakeWriter` into a shared buffer: the server's log during a test.
 #[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+pub struct LogBuffer(pub Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for LogBuffer {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -324,7 +337,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
     }
 }
 
-async fn dump(pool: &sqlx::PgPool) -> String {
+pub async fn dump(pool: &sqlx::PgPool) -> String {
     let tables: Vec<String> =
         sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
             .fetch_all(pool)

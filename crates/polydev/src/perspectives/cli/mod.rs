@@ -6,11 +6,13 @@
 //! from, are in docs/cli-backends.md; each adapter (`claude`, `codex`, `gemini`) keeps its
 //! shapes as serde types and ignores what it does not name.
 //!
-//! Used by `polydev mcp` on the developer's machine (mcp/local.rs). The module does no I/O but
+//! Used by `polydev mcp` on the developer's machine (mcp/local.rs), and by the catalogue's `cli`
+//! providers in the user's runtime container ([`container`]). The module does no I/O but
 //! running the CLI, and the parsers take plain text, so the server side can use them too.
 
 mod claude;
 mod codex;
+pub mod container;
 mod gemini;
 mod process;
 
@@ -75,24 +77,14 @@ impl CliKind {
     }
 
     /// Headless, JSON output, the prompt from stdin (an argument could not hold the longest
-    /// prompts: Linux caps one argument at 128 KiB), no tools that write.
+    /// prompts: Linux caps one argument at 128 KiB), no tools that write. The same list the
+    /// runtime agent requires before it gives a job the user's granted credential.
     fn args(self) -> Vec<OsString> {
-        let args: &[&str] = match self {
-            // `-p` without a prompt argument reads the prompt from stdin.
-            CliKind::Claude => &["-p", "--output-format", "json"],
-            // `-`: the prompt is read from stdin; read-only sandbox; any directory.
-            CliKind::Codex => &[
-                "exec",
-                "--json",
-                "--skip-git-repo-check",
-                "--sandbox",
-                "read-only",
-                "-",
-            ],
-            // Headless because stdin is not a terminal; stdin is the prompt.
-            CliKind::Gemini => &["--output-format", "json"],
-        };
-        args.iter().map(OsString::from).collect()
+        polydev_agent::proto::granted_args(self.command())
+            .expect("every CLI has its arguments")
+            .iter()
+            .map(OsString::from)
+            .collect()
     }
 
     fn parse_output(self, stdout: &str) -> Parsed {

@@ -209,6 +209,18 @@ pub trait Provider: Send + Sync {
         request: &'a CompletionRequest,
         deltas: Option<DeltaSink<'a>>,
     ) -> BoxFuture<'a, Result<Completion, ProviderError>>;
+
+    /// Asks the model for `user_id` (a `cli` provider runs in that user's container; every
+    /// other provider is the same for everyone).
+    fn complete_for<'a>(
+        &'a self,
+        user_id: uuid::Uuid,
+        request: &'a CompletionRequest,
+        deltas: Option<DeltaSink<'a>>,
+    ) -> BoxFuture<'a, Result<Completion, ProviderError>> {
+        let _ = user_id;
+        self.complete(request, deltas)
+    }
 }
 
 /// How a provider's API looks on the wire: request shape, response and stream parsing. Each
@@ -408,6 +420,8 @@ impl HttpProvider {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => Box::new(openai::OpenAi),
             ProviderKind::Anthropic => Box::new(anthropic::Anthropic),
             ProviderKind::Gemini => Box::new(gemini::Gemini),
+            // Never reached: the gateway runs `cli` providers in runtime containers.
+            ProviderKind::Cli => Box::new(openai::OpenAi),
         };
         HttpProvider {
             name: name.to_string(),
