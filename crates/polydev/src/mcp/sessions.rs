@@ -421,7 +421,7 @@ impl McpSessions {
     async fn enter(&self, id: &SessionId) -> Result<Op, McpSessionError> {
         enum Next {
             Wait(Arc<Notify>),
-            Revive(InitializeRequestParams, u64, Arc<Notify>),
+            Revive(Box<InitializeRequestParams>, u64, Arc<Notify>),
         }
         loop {
             let next = {
@@ -436,7 +436,7 @@ impl McpSessions {
                         Next::Wait(notify.clone())
                     }
                     State::Hibernated => {
-                        let init = entry.init.clone().ok_or(McpSessionError::NotFound)?;
+                        let init = Box::new(entry.init.clone().ok_or(McpSessionError::NotFound)?);
                         let notify = Arc::new(Notify::new());
                         let incarnation = self.next_incarnation.fetch_add(1, Ordering::SeqCst);
                         entry.incarnation = incarnation;
@@ -506,7 +506,7 @@ impl McpSessions {
     async fn revive(
         &self,
         id: &SessionId,
-        init: InitializeRequestParams,
+        init: Box<InitializeRequestParams>,
         incarnation: u64,
     ) -> Result<Arc<Activity>, McpSessionError> {
         let me = self.me.upgrade().ok_or(McpSessionError::NotFound)?;
@@ -538,7 +538,7 @@ impl McpSessions {
             me.ended(&session, incarnation).await;
         });
         let initialize = ClientJsonRpcMessage::request(
-            ClientRequest::InitializeRequest(InitializeRequest::new(init)),
+            ClientRequest::InitializeRequest(InitializeRequest::new(*init)),
             NumberOrString::Number(0),
         );
         activity.queued.fetch_add(2, Ordering::SeqCst);
