@@ -31,9 +31,6 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// An MCP session with no request for this long is closed (the client starts a new one).
     pub mcp_session_idle_timeout: Duration,
-    /// How long the events of an answered MCP request stay resumable with `Last-Event-ID`
-    /// (rmcp's `completed_cache_ttl`, 60 s); an idle session is hibernated no earlier.
-    pub mcp_resume_window: Duration,
     /// Containers and sealed jobs (docs/runtime.md); `None`: the runtime routes answer 501.
     pub runtime: Option<crate::runtime::Runtime>,
     /// The server's public base URL (`--public-url`): the OAuth issuer, the MCP resource's
@@ -114,7 +111,6 @@ impl AppState {
             legacy_secret: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             mcp_session_idle_timeout: DEFAULT_MCP_SESSION_IDLE_TIMEOUT,
-            mcp_resume_window: Duration::from_secs(60),
             runtime: None,
             public_url: Self::new_default_public_url().into(),
             mailer: Arc::new(Mailer::Log),
@@ -210,11 +206,6 @@ impl AppState {
 
     pub fn with_mcp_session_idle_timeout(mut self, timeout: Duration) -> Self {
         self.mcp_session_idle_timeout = timeout;
-        self
-    }
-
-    pub fn with_mcp_resume_window(mut self, window: Duration) -> Self {
-        self.mcp_resume_window = window;
         self
     }
 

@@ -19,10 +19,13 @@
 //! - it never sent anything that rmcp routes to the standalone stream's replay cache (log
 //!   notifications, or any message rmcp cannot tie to a request): such a session stays live
 //!   until it expires, so a `Last-Event-ID` resume of the standalone stream still replays;
-//! - it has been quiet for [`SHORT_LINGER`], or, once it has answered a request on a
-//!   request-wise stream, for rmcp's `completed_cache_ttl` (`AppState::mcp_resume_window`,
-//!   60 s): that stream's events stay resumable with `Last-Event-ID` exactly as long as rmcp
-//!   keeps them.
+//! - it has been quiet for [`SHORT_LINGER`].
+//!
+//! A request's stream is resumable with `Last-Event-ID` while the request is being handled (a
+//! session with a request in flight is never hibernated); rmcp 3.11's worker drops a request's
+//! replay cache as soon as it routes the response, so nothing is resumable after that either
+//! way. The caches it keeps longer (`completed_cache_ttl`) are those of cancelled requests, and
+//! a session that saw a cancellation is never hibernated.
 
 // The log level kept per session (`logging/setLevel`): see server.rs.
 #![allow(deprecated)]
@@ -80,9 +83,6 @@ pub struct McpSessions {
     state: AppState,
     shutdown: CancellationToken,
     next_incarnation: AtomicU64,
-    /// The quiet time after which a session that answered on a request-wise stream may be
-    /// hibernated: rmcp's `completed_cache_ttl`.
-    resumable_for: Duration,
     me: Weak<McpSessions>,
 }
 
@@ -123,8 +123,6 @@ struct Activity {
     pinned: AtomicBool,
     /// `notifications/initialized` reached the handler.
     initialized: AtomicBool,
-    /// A request was answered on a request-wise stream (resumable for `resumable_for`).
-    answered: AtomicBool,
     /// [`now_ms`] of the last change.
     last: AtomicU64,
 }
@@ -154,7 +152,7 @@ impl Activity {
     /// held, so no new call into the session starts meanwhile; the counters are read in the
     /// order work moves through them (a queued message becomes a request in flight before it
     /// leaves the queue), so work moving between them is never missed.
-    fn idle(&self, now: u64, short: Duration, resumable_for: Duration) -> bool {
+    fn idle(&self, now: u64, linger: Duration) -> bool {
         if self.ops.load(Ordering::SeqCst) != 0
             || self.queued.load(Ordering::SeqCst) != 0
             || self.in_flight.load(Ordering::SeqCst) != 0
@@ -164,11 +162,6 @@ impl Activity {
         {
             return false;
         }
-        let linger = if self.answered.load(Ordering::SeqCst) {
-            resumable_for
-        } else {
-            short
-        };
         now.saturating_sub(self.last.load(Ordering::SeqCst)) >= linger.as_millis() as u64
     }
 }
@@ -307,8 +300,6 @@ impl McpSessions {
     pub fn new(state: AppState, keep_alive: Duration) -> Arc<Self> {
         let mut inner = LocalSessionManager::default();
         inner.session_config.keep_alive = Some(keep_alive);
-        inner.session_config.completed_cache_ttl = state.mcp_resume_window;
-        let resumable_for = state.mcp_resume_window;
         let shutdown = state.shutdown.clone();
         Arc::new_cyclic(|me| McpSessions {
             inner,
@@ -316,7 +307,6 @@ impl McpSessions {
             state,
             shutdown,
             next_incarnation: AtomicU64::new(1),
-            resumable_for,
             me: me.clone(),
         })
     }
@@ -393,7 +383,7 @@ impl McpSessions {
                 .iter_mut()
                 .filter(|(_, e)| {
                     e.init.is_some()
-                        && matches!(&e.state, State::Live(a) if a.idle(now, SHORT_LINGER, self.resumable_for))
+                        && matches!(&e.state, State::Live(a) if a.idle(now, SHORT_LINGER))
                 })
                 .map(|(id, e)| {
                     let notify = Arc::new(Notify::new());
@@ -619,7 +609,6 @@ impl SessionManager for McpSessions {
         message: ClientJsonRpcMessage,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, McpSessionError> {
         let op = self.enter(id).await?;
-        op.0.answered.store(true, Ordering::SeqCst);
         op.0.queued.fetch_add(1, Ordering::SeqCst);
         match self.inner.create_stream(id, message).await {
             Ok(stream) => Ok(Counted::new(&op.0, stream)),

@@ -719,8 +719,7 @@ async fn an_idle_mcp_session_hibernates_and_wakes_up_as_it_was() {
     let state = polydev::app::AppState::new(
         db.pool.clone(),
         crate::common::mock_gateway(&mock.base_url()),
-    )
-    .with_mcp_resume_window(Duration::from_millis(300));
+    );
     let server = TestServer::start_state(state).await;
     let hibernated = |n: u64| {
         let server = &server;
@@ -810,4 +809,73 @@ async fn an_idle_mcp_session_hibernates_and_wakes_up_as_it_was() {
         .unwrap();
     assert_eq!(again.status(), 200);
     assert!(again.text().await.unwrap().contains("gpt-"));
+}
+
+/// A request still being handled keeps its session live though its client dropped the POST
+/// stream: a `Last-Event-ID` resume gets the rest of its events, the answer included, as rmcp
+/// defines resumption.
+#[tokio::test]
+async fn a_dropped_mcp_stream_resumes_while_its_request_runs() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "resume@example.com", Plan::Pro).await;
+    let mock = MockUpstream::start().await;
+    let slow = "[[models]]\nid = \"slow\"\nprovider = \"openai\"\ntier = \"premium\"\n\
+                input_price = \"1\"\noutput_price = \"1\"\ncontext_window = 128000\n\
+                upstream = \"gpt-x~delay1500\"\n";
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        crate::common::mock_gateway_with(&mock.base_url(), slow),
+    );
+    let server = TestServer::start_state(state).await;
+    let session = open_session(&server, &token).await;
+    let mut call = mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+        .json(
+            &json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "get_perspectives", "_meta": { "progressToken": "p2" },
+            "arguments": { "prompt": "Tabs or spaces?", "models": ["slow"] } } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    // Read up to the first progress notification, then drop the stream.
+    let mut seen = String::new();
+    while !seen.contains("notifications/progress") {
+        match tokio::time::timeout(Duration::from_secs(10), call.chunk()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("no progress notification ({other:?}): {seen}"),
+        }
+    }
+    drop(call);
+    let last = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("id:"))
+        .next_back()
+        .unwrap_or_else(|| panic!("an event id: {seen}"))
+        .trim()
+        .to_string();
+    assert!(!seen.contains("\"succeeded\""), "{seen}");
+    // Longer than a quiet session takes to be hibernated; the request is still running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mcp_sessions(&server, "hibernated").await, 0);
+    let resumed = mcp_request(&server, reqwest::Method::GET, &token, Some(&session))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let rest = tokio::time::timeout(Duration::from_secs(20), resumed.text())
+        .await
+        .expect("the resumed stream ends with the answer")
+        .unwrap();
+    assert!(
+        rest.contains("\"succeeded\":1"),
+        "the answer arrives on the resumed stream: {rest}"
+    );
+    // Then, answered and quiet, it is hibernated.
+    assert!(
+        eventually(|| async { mcp_sessions(&server, "hibernated").await == 1 }).await,
+        "hibernated once its request is over"
+    );
 }
