@@ -34,6 +34,9 @@ pub const DB_POOL_CONNECTIONS: &str = "polydev_db_pool_connections";
 pub const DB_POOL_MAX: &str = "polydev_db_pool_max_connections";
 /// Runtime containers (shared through the database), by provider and state.
 pub const RUNTIME_CONTAINERS: &str = "polydev_runtime_containers";
+/// MCP sessions of this process, by state (`live`: a worker and a handler running;
+/// `hibernated`: idle, kept as their `initialize` parameters).
+pub const MCP_SESSIONS: &str = "polydev_mcp_sessions";
 
 /// Bucket bounds (seconds) of every `_seconds` histogram: from a cached lookup to a model call
 /// near its 600 s deadline.
@@ -131,6 +134,11 @@ pub fn db_pool(pool: &'static str, size: u32, idle: usize, max: u32) {
     gauge!(DB_POOL_CONNECTIONS, "pool" => pool, "state" => "idle").set(idle);
     gauge!(DB_POOL_CONNECTIONS, "pool" => pool, "state" => "in_use").set(f64::from(size) - idle);
     gauge!(DB_POOL_MAX, "pool" => pool).set(f64::from(max));
+}
+
+pub fn mcp_sessions(live: usize, hibernated: usize) {
+    gauge!(MCP_SESSIONS, "state" => "live").set(live as f64);
+    gauge!(MCP_SESSIONS, "state" => "hibernated").set(hibernated as f64);
 }
 
 pub fn runtime_containers(provider: &str, state: &str, count: i64) {

@@ -16,15 +16,13 @@ use axum::extract::State;
 use axum::http::{Method, Request, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use rmcp::transport::streamable_http_server::session::SessionManager;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use uuid::Uuid;
 
 use super::{ApiError, AppState, auth};
 use crate::accounts::{Caller, Scope};
 use crate::error::Error;
-use crate::mcp::server::PolydevMcp;
+use crate::mcp::sessions::{self, DeleteSignal, McpSessions};
 
 /// Largest `/mcp` request body: a `tools/call` of `get_perspectives` carries a prompt of up to
 /// 100,000 characters, so the limit of `POST /v1/perspectives` (512 KiB), not the 64 KiB of
@@ -38,27 +36,29 @@ const MAX_SESSIONS: usize = 10_000;
 const SESSION_HEADER: &str = "mcp-session-id";
 
 pub fn routes(state: &AppState) -> Router<AppState> {
-    let mcp_state = state.clone();
-    let config = StreamableHttpServerConfig::default()
+    let idle = state.mcp_session_idle_timeout;
+    // Idle sessions are closed by `expire_idle` below (a request to one then gets 404 and the
+    // client starts a new session); rmcp's own keep-alive of a live session's worker is only
+    // the backstop for a session whose owner was never recorded.
+    let sessions = McpSessions::new(state.clone(), idle.saturating_mul(2));
+    let mut config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(state.allowed_hosts.clone())
         .with_max_request_body_bytes(MAX_MCP_BODY)
         .with_cancellation_token(state.shutdown.child_token());
-    let idle = state.mcp_session_idle_timeout;
-    let mut manager = LocalSessionManager::default();
-    // Idle sessions are closed by `expire_idle` below (a request to one then gets 404 and the
-    // client starts a new session); rmcp's own keep-alive is only the backstop for a session
-    // whose owner was never recorded.
-    manager.session_config.keep_alive = Some(idle.saturating_mul(2));
-    let sessions = Arc::new(manager);
+    // Only for its `delete` after a client's DELETE: sessions are not stored anywhere.
+    config.session_store = Some(Arc::new(DeleteSignal(Arc::downgrade(&sessions))));
     let service = StreamableHttpService::new(
-        // A handler per session: each keeps its own log level.
-        move || Ok(PolydevMcp::new(mcp_state.clone())),
+        // A handler per session (its log level is kept by `sessions`).
+        {
+            let sessions = sessions.clone();
+            move || Ok(sessions.handler())
+        },
         sessions.clone(),
         config,
     );
     let guard = Arc::new(McpGuard {
         state: state.clone(),
-        owners: SessionOwners::new(sessions, MAX_SESSIONS),
+        owners: SessionOwners::new(sessions.clone(), MAX_SESSIONS),
     });
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(expire_idle(
@@ -66,10 +66,37 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             idle,
             state.shutdown.clone(),
         ));
+        runtime.spawn(hibernate_idle(
+            Arc::downgrade(&sessions),
+            state.shutdown.clone(),
+        ));
     }
     Router::new()
         .nest_service("/mcp", service)
         .layer(middleware::from_fn_with_state(guard, mcp_guard))
+}
+
+/// Hibernates the sessions with nothing going on (see [`crate::mcp::sessions`]), until
+/// shutdown or until the router is dropped.
+async fn hibernate_idle(
+    sessions: Weak<McpSessions>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(sessions::HIBERNATE_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Some(sessions) = sessions.upgrade() else {
+            return;
+        };
+        let hibernated = sessions.hibernate_idle().await;
+        if hibernated > 0 {
+            tracing::trace!(hibernated, "idle MCP sessions hibernated");
+        }
+        let (live, hibernated) = sessions.counts();
+        crate::telemetry::mcp_sessions(live, hibernated);
+    }
 }
 
 struct McpGuard {
@@ -170,7 +197,7 @@ async fn mcp_guard(
 /// Which token created each MCP session. Bounded; entries go when the session is deleted, and
 /// ended sessions (rmcp's manager no longer has them) are dropped when room is needed.
 struct SessionOwners {
-    manager: Arc<LocalSessionManager>,
+    manager: Arc<McpSessions>,
     max: usize,
     owners: Mutex<HashMap<String, Owner>>,
 }
@@ -185,7 +212,7 @@ struct Owner {
 }
 
 impl SessionOwners {
-    fn new(manager: Arc<LocalSessionManager>, max: usize) -> Self {
+    fn new(manager: Arc<McpSessions>, max: usize) -> Self {
         SessionOwners {
             manager,
             max,
@@ -222,9 +249,7 @@ impl SessionOwners {
             expired
         };
         for id in &expired {
-            if let Err(error) = self.manager.close_session(&id.as_str().into()).await {
-                tracing::debug!(%error, "closing an idle MCP session");
-            }
+            self.manager.end(id).await;
         }
         expired.len()
     }
@@ -251,14 +276,7 @@ impl SessionOwners {
 
     /// Drops the owners of sessions that have ended; if none had, closes the oldest session.
     async fn make_room(&self) {
-        let live: std::collections::HashSet<String> = self
-            .manager
-            .sessions
-            .read()
-            .await
-            .keys()
-            .map(|id| id.to_string())
-            .collect();
+        let live: std::collections::HashSet<String> = self.manager.ids().into_iter().collect();
         let oldest = {
             let mut owners = self.owners.lock().expect("session owners lock");
             owners.retain(|id, _| live.contains(id));
@@ -276,9 +294,7 @@ impl SessionOwners {
         };
         if let Some(id) = oldest {
             tracing::warn!(session = %id, "too many MCP sessions: closing the oldest");
-            if let Err(error) = self.manager.close_session(&id.into()).await {
-                tracing::debug!(%error, "closing an evicted MCP session");
-            }
+            self.manager.end(&id).await;
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod bridge;
 pub mod local;
 pub mod server;
+pub mod sessions;
 
 /// The `ServerHandler` methods both servers answer the same way, from static definitions:
 /// `get_info`, `list_tools`, `get_tool`.

@@ -5,7 +5,7 @@
 // but is part of the 2025-06-18 and 2025-11-25 revisions that IDEs speak today.
 #![allow(deprecated)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, LoggingLevel,
@@ -22,25 +22,26 @@ use crate::app::AppState;
 use crate::error::Error;
 use crate::perspectives::{self, ModelResult, PerspectivesRequest, Progress, ProgressSink, Status};
 
-/// One per MCP session (the transport's factory makes a new one for each).
+use super::sessions::McpSessions;
+
+/// The handler of an MCP session (one per session, made again when a hibernated session is
+/// revived, see [`super::sessions`]).
 #[derive(Clone)]
 pub struct PolydevMcp {
     state: AppState,
-    /// The least severe level the client asked for with `logging/setLevel`; `None` (the
-    /// default) sends no log notifications.
-    log_level: Arc<Mutex<Option<LoggingLevel>>>,
+    /// Where each session's log level is kept, across hibernation.
+    sessions: Arc<McpSessions>,
 }
 
 impl PolydevMcp {
-    pub fn new(state: AppState) -> Self {
-        PolydevMcp {
-            state,
-            log_level: Arc::new(Mutex::new(None)),
-        }
+    pub fn new(state: AppState, sessions: Arc<McpSessions>) -> Self {
+        PolydevMcp { state, sessions }
     }
 
-    fn log_level(&self) -> Option<LoggingLevel> {
-        *self.log_level.lock().expect("log level lock")
+    /// The least severe level the session's client asked for with `logging/setLevel`; `None`
+    /// (the default) sends no log notifications.
+    fn log_level(&self, ctx: &RequestContext<RoleServer>) -> Option<LoggingLevel> {
+        session_id(ctx).and_then(|id| self.sessions.log_level(id))
     }
 
     async fn get_perspectives(
@@ -51,7 +52,7 @@ impl PolydevMcp {
     ) -> CallToolResult {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let progress_token = ctx.meta.get_progress_token();
-        let log_level = self.log_level();
+        let log_level = self.log_level(ctx);
         let call = perspectives::get_perspectives(
             self.state.pools(),
             &self.state.gateway,
@@ -204,6 +205,14 @@ pub(super) fn severity(level: LoggingLevel) -> u8 {
     }
 }
 
+/// The `Mcp-Session-Id` of the request.
+fn session_id(ctx: &RequestContext<RoleServer>) -> Option<&str> {
+    ctx.extensions
+        .get::<axum::http::request::Parts>()
+        .and_then(|parts| parts.headers.get("mcp-session-id"))
+        .and_then(|value| value.to_str().ok())
+}
+
 fn caller(ctx: &RequestContext<RoleServer>) -> Result<Caller, ErrorData> {
     ctx.extensions
         .get::<axum::http::request::Parts>()
@@ -218,9 +227,11 @@ impl ServerHandler for PolydevMcp {
     async fn set_level(
         &self,
         request: SetLevelRequestParams,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        *self.log_level.lock().expect("log level lock") = Some(request.level);
+        let id =
+            session_id(&ctx).ok_or_else(|| ErrorData::invalid_request("no MCP session", None))?;
+        self.sessions.set_log_level(id, request.level);
         Ok(())
     }
 

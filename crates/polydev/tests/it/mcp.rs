@@ -689,3 +689,193 @@ async fn an_idle_session_expires() {
     }
     assert_eq!(status, 404, "the idle session was closed");
 }
+
+/// `polydev_mcp_sessions{state}` of the server's `/metrics`.
+async fn mcp_sessions(server: &TestServer, state: &str) -> u64 {
+    let page = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("polydev_mcp_sessions{{state=\"{state}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// An idle session is hibernated (its tasks end; it is kept as its `initialize` parameters and
+/// its log level) and its next request revives it under the same id, log level included; a
+/// hibernated session ends with DELETE like a live one.
+#[tokio::test]
+async fn an_idle_mcp_session_hibernates_and_wakes_up_as_it_was() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "hibernate@example.com", Plan::Pro).await;
+    let mock = MockUpstream::start().await;
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        crate::common::mock_gateway(&mock.base_url()),
+    );
+    let server = TestServer::start_state(state).await;
+    let hibernated = |n: u64| {
+        let server = &server;
+        async move {
+            eventually(|| async {
+                mcp_sessions(server, "hibernated").await == n
+                    && mcp_sessions(server, "live").await == 0
+            })
+            .await
+        }
+    };
+
+    let session = open_session(&server, &token).await;
+    assert!(hibernated(1).await, "the idle session was hibernated");
+
+    // Revived for `logging/setLevel`; the level is kept when it is hibernated again.
+    let set_level = mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+        .json(
+            &json!({ "jsonrpc": "2.0", "id": 2, "method": "logging/setLevel",
+                       "params": { "level": "info" } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set_level.status(), 200);
+    let text = set_level.text().await.unwrap();
+    assert!(text.contains("\"result\""), "{text}");
+    assert!(hibernated(1).await, "hibernated again after its answer");
+
+    // It wakes up for its standalone stream (where log notifications go) and a call with
+    // progress, with the log level set before, and answers in full.
+    let mut logs = mcp_request(&server, reqwest::Method::GET, &token, Some(&session))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logs.status(), 200);
+    let call = mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+        .json(
+            &json!({ "jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "get_perspectives", "_meta": { "progressToken": "p3" },
+            "arguments": { "prompt": "Tabs or spaces?", "models": ["gpt-premium"] } } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    let text = call.text().await.unwrap();
+    assert!(text.contains("notifications/progress"), "{text}");
+    assert!(text.contains("\"succeeded\":1"), "{text}");
+    let mut seen = String::new();
+    while !seen.contains("model_finished") {
+        match tokio::time::timeout(Duration::from_secs(10), logs.chunk()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("no log notification on the standalone stream ({other:?}): {seen}"),
+        }
+    }
+    assert!(seen.contains("notifications/message"), "{seen}");
+    drop(logs);
+
+    // Another session, hibernated, ended with DELETE: gone.
+    let other = open_session(&server, &token).await;
+    assert!(
+        eventually(|| async { mcp_sessions(&server, "hibernated").await == 1 }).await,
+        "the new session was hibernated (the first stays live: it has sent log notifications)"
+    );
+    let end = mcp_request(&server, reqwest::Method::DELETE, &token, Some(&other))
+        .send()
+        .await
+        .unwrap();
+    assert!(end.status().is_success(), "{}", end.status());
+    let after = mcp_request(&server, reqwest::Method::POST, &token, Some(&other))
+        .json(&list_models(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 404);
+    assert!(
+        eventually(|| async { mcp_sessions(&server, "hibernated").await == 0 }).await,
+        "the ended session is forgotten"
+    );
+    // The first one is still there.
+    let again = mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+        .json(&list_models(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.text().await.unwrap().contains("gpt-"));
+}
+
+/// A request still being handled keeps its session live though its client dropped the POST
+/// stream: a `Last-Event-ID` resume gets the rest of its events, the answer included, as rmcp
+/// defines resumption.
+#[tokio::test]
+async fn a_dropped_mcp_stream_resumes_while_its_request_runs() {
+    let db = TestDb::migrated().await;
+    let (_, token) = user_with_token(&db, "resume@example.com", Plan::Pro).await;
+    let mock = MockUpstream::start().await;
+    let slow = "[[models]]\nid = \"slow\"\nprovider = \"openai\"\ntier = \"premium\"\n\
+                input_price = \"1\"\noutput_price = \"1\"\ncontext_window = 128000\n\
+                upstream = \"gpt-x~delay1500\"\n";
+    let state = polydev::app::AppState::new(
+        db.pool.clone(),
+        crate::common::mock_gateway_with(&mock.base_url(), slow),
+    );
+    let server = TestServer::start_state(state).await;
+    let session = open_session(&server, &token).await;
+    let mut call = mcp_request(&server, reqwest::Method::POST, &token, Some(&session))
+        .json(
+            &json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "get_perspectives", "_meta": { "progressToken": "p2" },
+            "arguments": { "prompt": "Tabs or spaces?", "models": ["slow"] } } }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), 200);
+    // Read up to the first progress notification, then drop the stream.
+    let mut seen = String::new();
+    while !seen.contains("notifications/progress") {
+        match tokio::time::timeout(Duration::from_secs(10), call.chunk()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("no progress notification ({other:?}): {seen}"),
+        }
+    }
+    drop(call);
+    let last = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("id:"))
+        .next_back()
+        .unwrap_or_else(|| panic!("an event id: {seen}"))
+        .trim()
+        .to_string();
+    assert!(!seen.contains("\"succeeded\""), "{seen}");
+    // Longer than a quiet session takes to be hibernated; the request is still running.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mcp_sessions(&server, "hibernated").await, 0);
+    let resumed = mcp_request(&server, reqwest::Method::GET, &token, Some(&session))
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let rest = tokio::time::timeout(Duration::from_secs(20), resumed.text())
+        .await
+        .expect("the resumed stream ends with the answer")
+        .unwrap();
+    assert!(
+        rest.contains("\"succeeded\":1"),
+        "the answer arrives on the resumed stream: {rest}"
+    );
+    // Then, answered and quiet, it is hibernated.
+    assert!(
+        eventually(|| async { mcp_sessions(&server, "hibernated").await == 1 }).await,
+        "hibernated once its request is over"
+    );
+}
