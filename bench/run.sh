@@ -53,7 +53,9 @@ model_list:
       api_base: http://127.0.0.1:$mock_port/v1
       api_key: mock-key
 YAML
-  LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_MASTER_KEY="$key" \
+  # No DATABASE_URL for LiteLLM (the bench's, for polydev): with one it wants its prisma
+  # database set up and answers nothing.
+  env -u DATABASE_URL LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_MASTER_KEY="$key" \
     "$venv/bin/litellm" --config target/bench/litellm.yaml --host 127.0.0.1 --port "$litellm_port" \
     > target/bench/litellm.log 2>&1 & pids+=($!)
   for _ in $(seq 1 120); do

@@ -6,7 +6,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::{FailedAuthLimiter, LastUsedTracker, Mailer};
+use crate::accounts::{FailedAuthLimiter, LastUsedTracker, Mailer, TokenCache};
 use crate::perspectives::Gateway;
 
 /// State shared by every handler.
@@ -17,6 +17,9 @@ pub struct AppState {
     pub relaxed_pool: PgPool,
     pub gateway: Arc<Gateway>,
     pub last_used: Arc<LastUsedTracker>,
+    /// Token lookups kept in this process, evicted by the database's revocation notifications
+    /// (`polydev serve` starts it; the default caches nothing).
+    pub token_cache: TokenCache,
     /// Failed authentications per client address (refused before the database is asked).
     pub auth_failures: Arc<FailedAuthLimiter>,
     /// `Host` values the MCP endpoint accepts.
@@ -104,6 +107,7 @@ impl AppState {
             pool,
             gateway: Arc::new(gateway),
             last_used: Arc::new(LastUsedTracker::new(Duration::from_secs(60))),
+            token_cache: TokenCache::default(),
             auth_failures: Arc::new(FailedAuthLimiter::default()),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             allowed_origins: Vec::new(),
@@ -192,6 +196,11 @@ impl AppState {
             durable: &self.pool,
             relaxed: &self.relaxed_pool,
         }
+    }
+
+    pub fn with_token_cache(mut self, cache: TokenCache) -> Self {
+        self.token_cache = cache;
+        self
     }
 
     pub fn with_relaxed_pool(mut self, pool: PgPool) -> Self {

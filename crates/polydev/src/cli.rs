@@ -174,6 +174,11 @@ pub struct ServeArgs {
     /// and starts a new session (keep it above the longest get_perspectives deadline, 600 s).
     #[arg(long, env = "POLYDEV_MCP_SESSION_IDLE_TIMEOUT", default_value_t = crate::app::DEFAULT_MCP_SESSION_IDLE_TIMEOUT.as_secs_f64())]
     mcp_session_idle_timeout: f64,
+    /// Seconds a token lookup is kept in this process (0: off; at most 30). Revocations reach
+    /// every replica at once by LISTEN/NOTIFY; the TTL bounds a notification lost unnoticed
+    /// (docs/operations.md, "Token cache").
+    #[arg(long, env = "POLYDEV_TOKEN_CACHE_TTL", default_value_t = crate::accounts::token_cache::DEFAULT_TTL.as_secs_f64())]
+    token_cache_ttl: f64,
     /// The HMAC key of idempotency request hashes, the same on every replica [default: one
     /// generated once and kept in the database (`server_secrets`)].
     #[arg(long, env = "POLYDEV_IDEMPOTENCY_SECRET", hide_env_values = true)]
@@ -786,6 +791,14 @@ async fn serve(db: &Database, args: ServeArgs) -> anyhow::Result<()> {
                 .map(|s| crate::vault::LegacySecret::new(s.as_bytes())),
         )
         .with_metrics_token(args.metrics_token.filter(|t| !t.is_empty()));
+    let token_cache_ttl = std::time::Duration::try_from_secs_f64(args.token_cache_ttl)
+        .ok()
+        .filter(|ttl| *ttl <= crate::accounts::token_cache::MAX_TTL)
+        .context("--token-cache-ttl must be 0 to 30 seconds")?;
+    let token_cache =
+        crate::accounts::TokenCache::start(&db.pool, token_cache_ttl, state.shutdown.clone())
+            .await?;
+    let state = state.with_token_cache(token_cache);
     crate::telemetry::spawn_upkeep(state.shutdown.clone());
     if let Some(runtime) = &state.runtime {
         runtime.spawn_background(state.shutdown.clone());

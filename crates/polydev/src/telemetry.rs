@@ -26,6 +26,9 @@ pub const QUOTA_REFUNDED: &str = "polydev_quota_refunded_total";
 pub const QUOTA_SWEPT: &str = "polydev_quota_swept_total";
 /// Reservations refused because a monthly limit is reached, by tier.
 pub const QUOTA_REFUSED: &str = "polydev_quota_refusals_total";
+/// Bearer token lookups, by `result`: `hit` (answered by the process's token cache), `miss`
+/// (asked the database).
+pub const TOKEN_CACHE_LOOKUPS: &str = "polydev_token_cache_lookups_total";
 /// Time a call with an idempotency key waited for the call holding the key, by outcome.
 pub const IDEMPOTENCY_WAIT: &str = "polydev_idempotency_wait_seconds";
 /// Database connections, by pool (`durable`, `relaxed`) and state (`idle`, `in_use`).
@@ -113,6 +116,10 @@ pub fn quota_reserved(tier: &'static str, units: u64) {
 
 pub fn quota_refunded(tier: &'static str) {
     counter!(QUOTA_REFUNDED, "tier" => tier).increment(1);
+}
+
+pub fn token_cache_lookup(hit: bool) {
+    counter!(TOKEN_CACHE_LOOKUPS, "result" => if hit { "hit" } else { "miss" }).increment(1);
 }
 
 pub fn quota_swept(units: u64) {

@@ -8,6 +8,7 @@ mod passwords;
 mod rate_limit;
 mod scope;
 mod throttle;
+pub mod token_cache;
 mod tokens;
 mod users;
 mod web_sessions;
@@ -28,13 +29,14 @@ pub use passwords::{
     Links, MAX_PASSWORD_BYTES, MIN_PASSWORD_CHARS, hash_password, request_password_reset,
     reset_password, sign_in, sign_up, verify_email,
 };
-pub use rate_limit::check_rate_limit;
+pub use rate_limit::{check_rate_limit, count_request_of};
 pub use scope::Scope;
 pub use throttle::{AUTH_FAILURES_PER_MINUTE, FailedAuthLimiter};
+pub use token_cache::TokenCache;
 pub use tokens::{
     ApiToken, Caller, CreatedToken, LastUsedTracker, MAX_LIVE_TOKENS_PER_USER, MAX_TOKEN_NAME_LEN,
-    Via, authenticate, create_scoped_token, create_token, list_tokens, revoke_all_tokens_in,
-    revoke_token,
+    Via, authenticate, authenticate_cached, create_scoped_token, create_token, list_tokens,
+    revoke_all_tokens_in, revoke_token,
 };
 pub use users::{Plan, Profile, User, create_user, find_profile, find_user, find_user_by_email};
 pub use web_sessions::{

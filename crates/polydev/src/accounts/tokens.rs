@@ -10,6 +10,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::Scope;
+use super::token_cache::{Lookup, TokenCache};
 use crate::error::{AuthFailure, Error, Result, reject_nul};
 
 const PREFIX: &str = "pd_";
@@ -194,8 +195,32 @@ pub async fn revoke_token(pool: &PgPool, owner: Option<Uuid>, token_id: Uuid) ->
 /// Resolves a presented `Authorization` header value to its caller: a known, active,
 /// unexpired token of a user whose `users.status` is `active` (or unset, as on legacy rows).
 pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller> {
+    authenticate_cached(pool, &TokenCache::default(), header).await
+}
+
+/// [`authenticate`], answered from `cache` when it holds the token (see [`TokenCache`]).
+pub async fn authenticate_cached(
+    pool: &PgPool,
+    cache: &TokenCache,
+    header: Option<&str>,
+) -> Result<Caller> {
     let presented = parse_bearer(header)?;
-    let presented_hash = hash(presented);
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let generation = match cache.lookup(&digest, Instant::now()) {
+        Lookup::Hit(caller) => {
+            crate::telemetry::token_cache_lookup(true);
+            return Ok(caller);
+        }
+        Lookup::Miss { generation } => generation,
+    };
+    crate::telemetry::token_cache_lookup(false);
+    let (caller, expires_at) = look_up(pool, &hex::encode(digest)).await?;
+    cache.store(digest, generation, &caller, expires_at, Instant::now());
+    Ok(caller)
+}
+
+/// The caller of the token whose SHA-256 (hex) is `presented_hash`, and its expiry.
+async fn look_up(pool: &PgPool, presented_hash: &str) -> Result<(Caller, Option<DateTime<Utc>>)> {
     // The legacy columns are nullable: a token row without a user matches no user row and is
     // unknown; token_hash is the one the WHERE clause matched.
     let row = sqlx::query!(
@@ -205,7 +230,7 @@ pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller>
              FROM mcp_user_tokens t JOIN users u ON u.user_id = t.user_id
             WHERE t.token_hash = $1
             ORDER BY t.active DESC NULLS LAST LIMIT 1"#,
-        &presented_hash
+        presented_hash
     )
     .fetch_optional(pool)
     .await?;
@@ -223,7 +248,7 @@ pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller>
         return Err(Error::Unauthorized(AuthFailure::Expired));
     }
     account_status(row.user_status.as_deref())?;
-    Ok(Caller {
+    let caller = Caller {
         user_id: row.user_id,
         token_id: row.id,
         rate_limit_tier: row.rate_limit_tier,
@@ -231,7 +256,8 @@ pub async fn authenticate(pool: &PgPool, header: Option<&str>) -> Result<Caller>
         scope: row.scope,
         audience: row.audience,
         via: Via::Token,
-    })
+    };
+    Ok((caller, row.expires_at))
 }
 
 /// `users.status`: `active` passes; so does no status at all (legacy rows that predate the

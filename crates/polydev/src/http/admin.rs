@@ -147,9 +147,10 @@ async fn set_plan(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<AdminSetPlan>,
 ) -> Result<Json<admin::AdminUser>, ApiError> {
-    Ok(Json(
-        admin::set_plan(&state.pool, &admin.actor(), id, &body.plan).await?,
-    ))
+    let changed = admin::set_plan(&state.pool, &admin.actor(), id, &body.plan).await?;
+    // Every replica hears of it from the database; this one need not wait for that.
+    state.token_cache.evict_user(id);
+    Ok(Json(changed))
 }
 
 async fn grant(
@@ -179,9 +180,10 @@ async fn set_status(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<AdminSetStatus>,
 ) -> Result<Json<admin::AdminUser>, ApiError> {
-    Ok(Json(
-        admin::set_status(&state.pool, &admin.actor(), id, body.status).await?,
-    ))
+    let changed = admin::set_status(&state.pool, &admin.actor(), id, body.status).await?;
+    // Every replica hears of it from the database; this one need not wait for that.
+    state.token_cache.evict_user(id);
+    Ok(Json(changed))
 }
 
 async fn set_admin(
@@ -200,9 +202,10 @@ async fn revoke(
     admin: AdminCaller,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<admin::Revoked>, ApiError> {
-    Ok(Json(
-        admin::revoke_access(&state.pool, &admin.actor(), id).await?,
-    ))
+    let changed = admin::revoke_access(&state.pool, &admin.actor(), id).await?;
+    // Every replica hears of it from the database; this one need not wait for that.
+    state.token_cache.evict_user(id);
+    Ok(Json(changed))
 }
 
 async fn plans(

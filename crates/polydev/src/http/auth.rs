@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, Method, header};
 use super::{ApiError, AppState};
 use crate::accounts::{self, Caller, Scope};
 use crate::error::{AuthFailure, Error};
+use crate::quota;
 
 /// The routes (method, path as routed) that an `mcp` token may call. `/mcp` itself is
 /// checked by its middleware with [`Scope::Mcp`]; `GET /v1/models` and the health routes need
@@ -156,6 +157,17 @@ pub async fn authenticate(
     state: &AppState,
     needed: Scope,
 ) -> Result<Caller, ApiError> {
+    Ok(authenticate_counting(parts, state, needed, false).await?.0)
+}
+
+/// [`authenticate`]; with `defer`, a request whose scope covers the route is not counted
+/// against its rate limits here: the count is returned for the handler to run.
+async fn authenticate_counting(
+    parts: &Parts,
+    state: &AppState,
+    needed: Scope,
+    defer: bool,
+) -> Result<(Caller, Option<quota::CountRequest>), ApiError> {
     let address = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -170,7 +182,8 @@ pub async fn authenticate(
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match accounts::authenticate(&state.pool, header).await {
+    let caller = match accounts::authenticate_cached(&state.pool, &state.token_cache, header).await
+    {
         Ok(caller) => caller,
         Err(Error::Unauthorized(failure)) => {
             if let Some(address) = address
@@ -189,7 +202,10 @@ pub async fn authenticate(
         return Err(Error::Unauthorized(AuthFailure::WrongAudience).into());
     }
     tracing::Span::current().record("user", tracing::field::display(caller.user_id));
-    accounts::check_rate_limit(&state.relaxed_pool, &caller).await?;
+    let deferred = defer && caller.scope.includes(needed);
+    if !deferred {
+        accounts::check_rate_limit(&state.relaxed_pool, &caller).await?;
+    }
     if !caller.scope.includes(needed) {
         return Err(Error::InsufficientScope {
             required: needed.as_str(),
@@ -198,7 +214,33 @@ pub async fn authenticate(
         .into());
     }
     state.last_used.touch(&state.relaxed_pool, caller.token_id);
-    Ok(caller)
+    let count = deferred.then(|| accounts::count_request_of(&caller));
+    Ok((caller, count))
+}
+
+/// The caller of a REST handler that counts the request against its rate limits itself, in
+/// the statement that reserves its quota (`perspectives::get_perspectives_counting`): the
+/// second field is that pending count, `None` when it was counted already (a browser session,
+/// or a token whose scope does not cover the route: then the request is refused, after being
+/// counted, like any other).
+pub struct AuthenticatedUncounted(pub Caller, pub Option<quota::CountRequest>);
+
+impl FromRequestParts<AppState> for AuthenticatedUncounted {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if parts.headers.get(AUTHORIZATION).is_none() {
+            let Authenticated(caller) = Authenticated::from_request_parts(parts, state).await?;
+            return Ok(AuthenticatedUncounted(caller, None));
+        }
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        let needed = required_scope(&parts.method, route);
+        let (caller, count) = authenticate_counting(parts, state, needed, true).await?;
+        Ok(AuthenticatedUncounted(caller, count))
+    }
 }
 
 /// `Origin`, when a request carries one, must be the server's own (the scheme-less authority

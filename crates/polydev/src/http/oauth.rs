@@ -931,5 +931,6 @@ async fn revoke_grant(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     flow::revoke_grant(&state.pool, caller.user_id, id).await?;
+    state.token_cache.evict_user(caller.user_id);
     Ok(StatusCode::NO_CONTENT)
 }

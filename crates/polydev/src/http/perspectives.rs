@@ -14,6 +14,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::auth::AuthenticatedUncounted;
 use super::openai::OpenAiModel;
 use super::{ApiError, ApiJson, Authenticated};
 use crate::api::{ErrorResponse, ModelList};
@@ -21,6 +22,7 @@ use crate::app::AppState;
 use crate::perspectives::{
     self, ModelInfo, PerspectiveSettings, PerspectivesRequest, Progress, ProgressSink, UsageReport,
 };
+use crate::quota;
 
 /// A prompt may be 100,000 characters of up to 4 bytes each, plus the other arguments.
 const MAX_PERSPECTIVES_BODY: usize = 512 * 1024;
@@ -58,32 +60,53 @@ async fn models(State(state): State<AppState>) -> Json<Models> {
     })
 }
 
+/// The request is counted against its rate limits in the statement that reserves its quota
+/// (one round trip for both; see [`AuthenticatedUncounted`]).
 async fn create(
     State(state): State<AppState>,
-    Authenticated(caller): Authenticated,
+    AuthenticatedUncounted(caller, count): AuthenticatedUncounted,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<PerspectivesRequest>,
+    body: Result<ApiJson<PerspectivesRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    // A body that cannot be read is refused, after counting the request like any other.
+    let request = match body {
+        Ok(ApiJson(request)) => request,
+        Err(error) => {
+            if let Some(count) = &count {
+                quota::count_request(&state.relaxed_pool, count).await?;
+            }
+            return Err(error);
+        }
+    };
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if !wants_sse {
-        let result = perspectives::get_perspectives(
+        let result = perspectives::get_perspectives_counting(
             state.pools(),
             &state.gateway,
             caller.user_id,
             &request,
             ProgressSink::none(),
+            count,
         )
         .await?;
         return Ok(Json(result).into_response());
     }
-    // Fail fast on bad input with a plain JSON error rather than an event stream.
-    request.validate(&state.gateway)?;
-    Ok(Sse::new(event_stream(state, caller.user_id, request))
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    // Fail fast on bad input with a plain JSON error rather than an event stream (counted
+    // first: over its rate limit, it is refused for that).
+    if let Err(error) = request.validate(&state.gateway) {
+        if let Some(count) = &count {
+            quota::count_request(&state.relaxed_pool, count).await?;
+        }
+        return Err(error.into());
+    }
+    Ok(
+        Sse::new(event_stream(state, caller.user_id, request, count))
+            .keep_alive(KeepAlive::default())
+            .into_response(),
+    )
 }
 
 /// The call runs inside the stream: when the client goes away the stream is dropped, which
@@ -92,16 +115,18 @@ fn event_stream(
     state: AppState,
     user_id: uuid::Uuid,
     request: PerspectivesRequest,
+    count: Option<quota::CountRequest>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (events, rx) = mpsc::unbounded_channel::<Event>();
     let call = async move {
         let (progress, mut updates) = mpsc::unbounded_channel();
-        let call = perspectives::get_perspectives(
+        let call = perspectives::get_perspectives_counting(
             state.pools(),
             &state.gateway,
             user_id,
             &request,
             ProgressSink::new(progress).with_deltas(),
+            count,
         );
         tokio::pin!(call);
         let result = loop {

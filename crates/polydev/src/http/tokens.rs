@@ -57,7 +57,8 @@ async fn revoke(
     Authenticated(caller): Authenticated,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<ApiToken>, ApiError> {
-    Ok(Json(
-        accounts::revoke_token(&state.pool, Some(caller.user_id), id).await?,
-    ))
+    let revoked = accounts::revoke_token(&state.pool, Some(caller.user_id), id).await?;
+    // Every replica hears of it from the database; this one need not wait for that.
+    state.token_cache.evict_user(caller.user_id);
+    Ok(Json(revoked))
 }

@@ -24,7 +24,7 @@ use super::usage::{self, Settles, UsageRecord};
 use super::{Gateway, PerspectivesRequest, get_settings};
 use crate::db::Pools;
 use crate::error::{Error, Result};
-use crate::quota::{self, Counter, ReservationGuard};
+use crate::quota::{self, CountRequest, Counter, ReservationGuard};
 
 /// How long past its deadline a call may still be writing its usage rows; a claim or a quota
 /// reservation older than deadline + this belongs to a call that died.
@@ -41,7 +41,26 @@ pub async fn get_perspectives(
     request: &PerspectivesRequest,
     progress: ProgressSink,
 ) -> Result<PerspectivesResult> {
-    request.validate(gateway)?;
+    get_perspectives_counting(pools, gateway, user_id, request, progress, None).await
+}
+
+/// [`get_perspectives`] for a request that its surface has not yet counted against its rate
+/// limits (`count`): the common call counts it in the statement that reserves its quota (one
+/// round trip for both); every other path counts it on its own before going on (an invalid
+/// request, one with an idempotency key, one no model can run). Either way a request over a
+/// limit is refused with `rate_limited` before anything is reserved.
+pub async fn get_perspectives_counting(
+    pools: Pools<'_>,
+    gateway: &Gateway,
+    user_id: Uuid,
+    request: &PerspectivesRequest,
+    progress: ProgressSink,
+    count: Option<CountRequest>,
+) -> Result<PerspectivesResult> {
+    if let Err(error) = request.validate(gateway) {
+        count_now(pools, count).await?;
+        return Err(error);
+    }
     let pool = pools.durable;
     // The deadline runs from here: the claim and the reservations are inside it.
     let deadline = Deadline::from_now(Duration::from_millis(request.deadline_ms()));
@@ -54,9 +73,11 @@ pub async fn get_perspectives(
             &progress,
             deadline,
             Resume::fresh(),
+            count,
         )
         .await;
     };
+    count_now(pools, count).await?;
     let secret = gateway.idempotency_secret(pool).await?;
     let hash = idempotency::request_hash(secret, request);
     // A first call that has not finished well after its deadline has crashed: take over.
@@ -85,7 +106,7 @@ pub async fn get_perspectives(
         }),
     };
     let result = run(
-        pools, gateway, user_id, request, &progress, deadline, resume,
+        pools, gateway, user_id, request, &progress, deadline, resume, None,
     )
     .await;
     match &result {
@@ -102,6 +123,14 @@ pub async fn get_perspectives(
         }
     }
     result
+}
+
+/// Counts a request not yet counted against its rate limits (`Error::RateLimited` over one).
+async fn count_now(pools: Pools<'_>, count: Option<CountRequest>) -> Result<()> {
+    match count {
+        Some(count) => quota::count_request(pools.relaxed, &count).await,
+        None => Ok(()),
+    }
 }
 
 /// When a call started and when it must return. At `at`, the model calls still running are
@@ -153,8 +182,10 @@ struct Keep<'a> {
     keep_text: bool,
 }
 
-/// One call past its idempotency check: choose the models, reserve their quota, fan out until
-/// the deadline, add up.
+/// One call past its idempotency check: choose the models, reserve their quota (counting the
+/// request against its rate limits in the same statement when `count` says it is not yet),
+/// fan out until the deadline, add up.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     pools: Pools<'_>,
     gateway: &Gateway,
@@ -163,10 +194,17 @@ async fn run(
     progress: &ProgressSink,
     deadline: Deadline,
     resume: Resume<'_>,
+    count: Option<CountRequest>,
 ) -> Result<PerspectivesResult> {
     let today = chrono::Utc::now().date_naive();
     let (models, unavailable) =
-        choose_models(pools.durable, gateway, user_id, request, today).await?;
+        match choose_models(pools.durable, gateway, user_id, request, today).await {
+            Ok(chosen) => chosen,
+            Err(error) => {
+                count_now(pools, count).await?;
+                return Err(error);
+            }
+        };
     // A `cli` model of a user with no granted container is like an unconfigured provider's.
     let runnable = |m: &ModelSpec| runnable(gateway, &unavailable, m);
     let paid = |m: &ModelSpec| {
@@ -183,7 +221,15 @@ async fn run(
         .collect();
     // The message was paid with the first answer of an earlier holder of the key.
     let with_message = !resume.paid.iter().any(|p| p.status == Status::Ok);
-    let reserved = reserve_all(pools, user_id, resume.request_id, &to_run, with_message).await?;
+    let reserved = reserve_all(
+        pools,
+        user_id,
+        resume.request_id,
+        &to_run,
+        with_message,
+        count,
+    )
+    .await?;
     progress.started(&models);
     let unconfigured: Vec<ModelResult> = models
         .iter()
@@ -369,6 +415,7 @@ async fn reserve_all(
     request_id: Uuid,
     models: &[&ModelSpec],
     with_message: bool,
+    count: Option<CountRequest>,
 ) -> Result<Reserved> {
     let wants: Vec<Counter> = with_message
         .then_some(Counter::Messages)
@@ -376,6 +423,7 @@ async fn reserve_all(
         .chain(models.iter().map(|m| m.tier.counter()))
         .collect();
     if wants.is_empty() {
+        count_now(pools, count).await?;
         return Ok(Reserved {
             message: None,
             models: Vec::new(),
@@ -387,8 +435,10 @@ async fn reserve_all(
     // refund together with the deletion of its reservation row (which the sweeper then
     // refunds).
     let guard = |reservation| ReservationGuard::new(pools.relaxed, reservation);
+    // The request is counted against its rate limits here, if not yet: in the same statement.
     if let Some(reservations) =
-        quota::reserve_all(pools.relaxed, user_id, request_id, &wants).await?
+        quota::reserve_all_counting(pools.relaxed, user_id, request_id, &wants, count.as_ref())
+            .await?
     {
         let mut guards = reservations.into_iter().map(guard);
         let message =

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use catalogue::{Catalogue, Cost, ModelSpec, Tier};
-pub use fanout::{CALL_MARGIN, get_perspectives};
+pub use fanout::{CALL_MARGIN, get_perspectives, get_perspectives_counting};
 pub use idempotency::sweep as sweep_idempotency;
 pub use request::{Conversation, PerspectivesRequest, Turn, TurnRole, limits};
 pub use result::{

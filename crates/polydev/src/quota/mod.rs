@@ -252,6 +252,68 @@ impl std::fmt::Display for Exhausted {
     }
 }
 
+/// A request to count against its token's and its user's requests-per-minute limits
+/// (`rate_limit_tiers`; the counting is the database function `polydev_count_request`, owned by
+/// `accounts`, migration 0076), in [`count_request`] or in the statement that reserves the
+/// request's quota ([`reserve_all`]), so a perspectives call needs one round trip for both.
+#[derive(Debug, Clone)]
+pub struct CountRequest {
+    pub token_id: Uuid,
+    /// The token's tier: its own limit.
+    pub token_tier: Option<String>,
+    pub user_id: Uuid,
+    /// The user's tier: the limit of all their tokens together.
+    pub user_tier: Option<String>,
+}
+
+/// A request's counts in the current one-minute window, and the limits they are held to.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct RequestCount {
+    pub token_count: i32,
+    pub token_limit: i32,
+    pub user_count: i32,
+    pub user_limit: i32,
+    /// Seconds until the window ends.
+    pub retry_after: f64,
+}
+
+impl RequestCount {
+    /// `Error::RateLimited` when either limit is exceeded.
+    pub fn check(&self) -> Result<()> {
+        let retry_after = std::time::Duration::from_secs(self.retry_after.ceil().max(1.0) as u64);
+        if self.token_count > self.token_limit {
+            return Err(Error::RateLimited {
+                limit: self.token_limit,
+                retry_after,
+            });
+        }
+        if self.user_count > self.user_limit {
+            return Err(Error::RateLimited {
+                limit: self.user_limit,
+                retry_after,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Counts one request (see [`CountRequest`]) and refuses it with `Error::RateLimited` when a
+/// limit is exceeded.
+pub async fn count_request(pool: &PgPool, request: &CountRequest) -> Result<()> {
+    // A runtime query, as the counting variant of `reserve_all` below reads the same row.
+    let count: RequestCount = sqlx::query_as(
+        "SELECT token_count, token_limit, user_count, user_limit, retry_after
+           FROM polydev_count_request($1, $2, $3, $4)",
+    )
+    .bind(request.token_id)
+    .bind(request.token_tier.as_deref())
+    .bind(request.user_id)
+    .bind(request.user_tier.as_deref())
+    .fetch_one(pool)
+    .await?;
+    count.check()
+}
+
 /// The current month on the database's clock (UTC), never the calling process's: replicas
 /// with skewed clocks and calls that cross midnight agree on it.
 const MONTH: &str = "date_trunc('month', now() AT TIME ZONE 'UTC')::date";
@@ -286,6 +348,19 @@ pub async fn reserve_all(
     user_id: Uuid,
     request_id: Uuid,
     wants: &[Counter],
+) -> Result<Option<Vec<Reservation>>> {
+    reserve_all_counting(pool, user_id, request_id, wants, None).await
+}
+
+/// [`reserve_all`], counting the request against its rate limits (`uncounted`) in the same
+/// statement: a request over a limit is refused with `Error::RateLimited` and reserves
+/// nothing; otherwise it is counted whatever the quota says, as [`count_request`] would.
+pub async fn reserve_all_counting(
+    pool: &PgPool,
+    user_id: Uuid,
+    request_id: Uuid,
+    wants: &[Counter],
+    mut uncounted: Option<&CountRequest>,
 ) -> Result<Option<Vec<Reservation>>> {
     let stale = format!("(current_month_start IS NULL OR current_month_start < {MONTH})");
     let count = |c: Counter| wants.iter().filter(|w| **w == c).count();
@@ -326,19 +401,63 @@ pub async fn reserve_all(
            FROM taken, unnest($3::uuid[], $4::text[]) AS unit(id, counter)
          RETURNING quota_id, month"
     );
+    // The same, after counting the request: the count's CTE is read by the UPDATE (nothing is
+    // taken over a rate limit) and by the result, so it runs exactly once either way.
+    let counting_sql = format!(
+        "WITH counted AS MATERIALIZED (
+             SELECT * FROM polydev_count_request($5, $6, $1, $7)),
+         taken AS (
+             UPDATE user_perspective_quotas SET {sets},
+                    last_reset_date = CASE WHEN {stale} THEN (now() AT TIME ZONE 'UTC')::date
+                                      ELSE last_reset_date END,
+                    current_month_start = greatest(current_month_start, {MONTH}),
+                    updated_at = now()
+              WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
+                           ORDER BY created_at DESC LIMIT 1){checks}
+                AND (SELECT token_count <= token_limit AND user_count <= user_limit FROM counted)
+             RETURNING id, current_month_start),
+         units AS (
+             INSERT INTO quota_reservations (id, quota_id, user_id, request_id, counter, month)
+             SELECT unit.id, taken.id, $1, $2, unit.counter, taken.current_month_start
+               FROM taken, unnest($3::uuid[], $4::text[]) AS unit(id, counter)
+             RETURNING quota_id, month)
+         SELECT counted.token_count, counted.token_limit, counted.user_count,
+                counted.user_limit, counted.retry_after,
+                (SELECT quota_id FROM units LIMIT 1) AS quota_id,
+                (SELECT month FROM units LIMIT 1) AS month
+           FROM counted"
+    );
     let ids: Vec<Uuid> = wants.iter().map(|_| Uuid::new_v4()).collect();
     let counters: Vec<&str> = wants.iter().map(|c| c.as_str()).collect();
     for _ in 0..2 {
         // Dynamic: the SET list and the limit checks depend on which counters are wanted.
-        let reserved: Option<(Uuid, NaiveDate)> = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(user_id)
-            .bind(request_id)
-            .bind(&ids)
-            .bind(&counters)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .next();
+        let reserved: Option<(Uuid, NaiveDate)> = match uncounted.take() {
+            None => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(user_id)
+                .bind(request_id)
+                .bind(&ids)
+                .bind(&counters)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .next(),
+            Some(request) => {
+                debug_assert_eq!(request.user_id, user_id);
+                let row: CountedReservation =
+                    sqlx::query_as(sqlx::AssertSqlSafe(counting_sql.clone()))
+                        .bind(user_id)
+                        .bind(request_id)
+                        .bind(&ids)
+                        .bind(&counters)
+                        .bind(request.token_id)
+                        .bind(request.token_tier.as_deref())
+                        .bind(request.user_tier.as_deref())
+                        .fetch_one(pool)
+                        .await?;
+                row.count.check()?;
+                row.quota_id.zip(row.month)
+            }
+        };
         if let Some((quota_id, month)) = reserved {
             for tier in ALL_COUNTERS.iter().filter(|c| count(**c) > 0) {
                 crate::telemetry::quota_reserved(tier.as_str(), count(*tier) as u64);
@@ -362,6 +481,15 @@ pub async fn reserve_all(
         ensure_row(pool, user_id).await?;
     }
     Err(Error::NotFound("quota"))
+}
+
+/// The row of [`reserve_all_counting`]'s statement.
+#[derive(sqlx::FromRow)]
+struct CountedReservation {
+    #[sqlx(flatten)]
+    count: RequestCount,
+    quota_id: Option<Uuid>,
+    month: Option<NaiveDate>,
 }
 
 /// Takes one unit of `counter`, or says which limit is reached.

@@ -541,6 +541,92 @@ async fn rate_limits_hold_across_servers_sharing_the_database() {
     panic!("two runs crossed a minute boundary");
 }
 
+/// `POST /v1/perspectives` counts the request against its rate limits in the statement that
+/// reserves its quota: every request is counted exactly once, whichever way it ends (answered,
+/// a body that cannot be read, an idempotency key, refused for the limit), and a request over
+/// the limit reserves nothing.
+#[tokio::test]
+async fn perspectives_calls_are_counted_once_with_their_reservation() {
+    let db = TestDb::migrated().await;
+    let mock = polydev_mock::MockUpstream::start().await;
+    sqlx::query("UPDATE rate_limit_tiers SET requests_per_minute = 4")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let server = TestServer::start_with(&db, crate::common::mock_gateway(&mock.base_url())).await;
+    let minute = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT date_trunc('minute', now())")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    // A one-minute window can roll over mid-run; then run again with a fresh user.
+    for attempt in 0..2 {
+        let (user_id, token) =
+            user_with_token(&db, &format!("count{attempt}@example.com"), Plan::Pro).await;
+        let before = minute().await;
+        let call = |body: Value| {
+            let token = token.clone();
+            let server = &server;
+            async move {
+                server
+                    .send_json(reqwest::Method::POST, "/v1/perspectives", &token, &body)
+                    .await
+            }
+        };
+        let unreadable = || {
+            server
+                .with_token(
+                    server
+                        .client
+                        .post(format!("{}/v1/perspectives", server.base)),
+                    Some(&token),
+                )
+                .header("content-type", "application/json")
+                .body("{not json")
+                .send()
+        };
+        let one = json!({ "prompt": "count me", "models": ["gpt-premium"] });
+        let keyed =
+            json!({ "prompt": "count me", "models": ["gpt-premium"], "idempotency_key": "k1" });
+        let mut statuses = vec![call(one.clone()).await.status().as_u16()];
+        statuses.push(unreadable().await.unwrap().status().as_u16());
+        statuses.push(call(keyed).await.status().as_u16());
+        statuses.push(
+            call(json!({ "prompt": "", "models": ["gpt-premium"] }))
+                .await
+                .status()
+                .as_u16(),
+        );
+        // Over the limit: refused for it, whatever the body.
+        statuses.push(call(one.clone()).await.status().as_u16());
+        statuses.push(unreadable().await.unwrap().status().as_u16());
+        if minute().await != before {
+            continue;
+        }
+        assert_eq!(statuses, [200, 400, 200, 400, 429, 429]);
+        let counted: i32 =
+            sqlx::query_scalar("SELECT count FROM rate_limit_user_windows WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(counted, 6, "every request counted once");
+        let (counters, usage) = crate::perspectives::ledger(&db.pool, user_id).await;
+        assert_eq!(counters, usage, "the counters equal the usage rows");
+        assert_eq!(usage.1, 2, "two answered calls: {usage:?}");
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM quota_reservations WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(pending, 0, "nothing reserved by the refused requests");
+        return;
+    }
+    panic!("two runs crossed a minute boundary");
+}
+
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_the_call_and_is_not_charged() {
     let db = TestDb::migrated().await;

@@ -35,6 +35,7 @@ pub mod runtime_pool;
 mod scale_out;
 mod scopes;
 mod serve;
+mod token_cache;
 mod web;
 pub mod zk;
 mod zk_lies;
