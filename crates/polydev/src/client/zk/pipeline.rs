@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use futures_util::stream::{self, FuturesUnordered, StreamExt, TryStreamExt};
@@ -209,11 +210,19 @@ impl ZkClient {
         let user_id = keyring.user_id();
         // Counted here as the batches go (a count on the server reads every row).
         let mut status = self.migration_status().await?;
+        // Once `stop` says so, no new page is read, and what is in flight is let finish (its
+        // results counted, nothing more cleared): a request dropped half-way could leave the
+        // server's transaction open until its connection is used again.
+        let stopping = AtomicBool::new(false);
+        let stopping = &stopping;
         // The pages, one after the other (each starts after the last id of the previous).
         let pages = stream::try_unfold(
             (vec![System::Chat, System::Sessions], None::<Uuid>),
-            |(mut systems, mut after)| async move {
+            move |(mut systems, mut after)| async move {
                 while let Some(&system) = systems.first() {
+                    if stopping.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let path = limited(
                         page("/v1/zk/migration/plaintext", system_name(system), after),
                         batch,
@@ -237,21 +246,33 @@ impl ZkClient {
         futures_util::pin_mut!(written);
         let mut settling = FuturesUnordered::new();
         let mut writes_done = false;
+        let mut stopped = false;
+        let mut first_error = None;
         loop {
             tokio::select! {
                 next = written.next(), if !writes_done => match next {
                     None => writes_done = true,
-                    Some(result) => {
-                        let batch = result?;
+                    Some(Err(e)) => {
+                        // Let the rest finish, then report the first error.
+                        stopping.store(true, Ordering::Relaxed);
+                        first_error.get_or_insert(e);
+                    }
+                    Some(Ok(batch)) => {
                         report.encrypted += batch.encrypted;
                         report.retried += batch.retried;
                         report.not_in_manifest.extend(batch.not_in_manifest);
+                        status.plaintext -= batch.encrypted as i64;
+                        status.unverified += batch.encrypted as i64;
+                        if stopped || first_error.is_some() {
+                            // Written and left unverified: the next run verifies it.
+                            continue;
+                        }
                         if batch.encrypted > 0 {
-                            status.plaintext -= batch.encrypted as i64;
-                            status.unverified += batch.encrypted as i64;
                             progress(&status);
                             if stop(Step::Written).is_break() {
-                                return Ok(ControlFlow::Break(()));
+                                stopped = true;
+                                stopping.store(true, Ordering::Relaxed);
+                                continue;
                             }
                         }
                         if !batch.verified.is_empty() || !batch.mismatched.is_empty() {
@@ -259,22 +280,34 @@ impl ZkClient {
                         }
                     }
                 },
-                Some(result) = settling.next(), if !settling.is_empty() => {
-                    let (cleared, reset) = result?;
-                    report.verified_and_cleared += cleared;
-                    report.reset += reset;
-                    status.unverified -= (cleared + reset) as i64;
-                    status.done += cleared as i64;
-                    status.plaintext += reset as i64;
-                    if cleared > 0 {
-                        progress(&status);
-                        if stop(Step::Cleared).is_break() {
-                            return Ok(ControlFlow::Break(()));
+                Some(result) = settling.next(), if !settling.is_empty() => match result {
+                    Err(e) => {
+                        stopping.store(true, Ordering::Relaxed);
+                        first_error.get_or_insert(e);
+                    }
+                    Ok((cleared, reset)) => {
+                        report.verified_and_cleared += cleared;
+                        report.reset += reset;
+                        status.unverified -= (cleared + reset) as i64;
+                        status.done += cleared as i64;
+                        status.plaintext += reset as i64;
+                        if cleared > 0 && !stopped && first_error.is_none() {
+                            progress(&status);
+                            if stop(Step::Cleared).is_break() {
+                                stopped = true;
+                                stopping.store(true, Ordering::Relaxed);
+                            }
                         }
                     }
                 },
                 else => break,
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if stopped {
+            return Ok(ControlFlow::Break(()));
         }
         Ok(ControlFlow::Continue(()))
     }
