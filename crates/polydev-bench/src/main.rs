@@ -795,28 +795,35 @@ async fn zk_bench(polydev: &Polydev, quick: bool, targets: &mut Targets) -> anyh
         user_id: "bench-user",
         row_id: "row",
     };
-    let started = Instant::now();
-    let mut sealed = String::new();
-    for _ in 0..rounds {
-        sealed = keyring.seal(&ctx, &item)?;
-    }
-    let seal = rounds as f64 / started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    for _ in 0..rounds {
-        keyring.open(&ctx, &sealed)?;
-    }
-    let open = rounds as f64 / started.elapsed().as_secs_f64();
+    // Seal, open and the raw AEAD in turns, ten slices each, and the best slice of each: on a
+    // shared machine a burst of load then hits all three alike instead of one of them.
     let cipher = chacha20poly1305::XChaCha20Poly1305::new(&[7u8; 32].into());
     let nonce = chacha20poly1305::XNonce::from([9u8; 24]);
-    let started = Instant::now();
-    for _ in 0..rounds {
-        std::hint::black_box(
-            cipher
-                .encrypt(&nonce, item.as_slice())
-                .map_err(|_| anyhow::anyhow!("aead"))?,
-        );
+    let slice = rounds / 10;
+    let mut sealed = keyring.seal(&ctx, &item)?;
+    let (mut seal, mut open, mut raw) = (0f64, 0f64, 0f64);
+    let rate = |started: Instant| slice as f64 / started.elapsed().as_secs_f64();
+    for _ in 0..10 {
+        let started = Instant::now();
+        for _ in 0..slice {
+            sealed = keyring.seal(&ctx, &item)?;
+        }
+        seal = seal.max(rate(started));
+        let started = Instant::now();
+        for _ in 0..slice {
+            std::hint::black_box(keyring.open(&ctx, &sealed)?);
+        }
+        open = open.max(rate(started));
+        let started = Instant::now();
+        for _ in 0..slice {
+            std::hint::black_box(
+                cipher
+                    .encrypt(&nonce, item.as_slice())
+                    .map_err(|_| anyhow::anyhow!("aead"))?,
+            );
+        }
+        raw = raw.max(rate(started));
     }
-    let raw = rounds as f64 / started.elapsed().as_secs_f64();
     println!(
         "1 KiB items: seal {seal:.0}/s ({:.1} MB/s), open {open:.0}/s | raw XChaCha20-Poly1305 {raw:.0}/s ({:.1} MB/s) | seal/raw {:.2}",
         seal * 1024.0 / 1e6,

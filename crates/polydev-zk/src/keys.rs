@@ -18,7 +18,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::envelope::{self, CHECK, KEY, Parsed};
+use crate::envelope::{self, CHECK, ItemAad, KEY, NONCE, Parsed, TAG};
 use crate::{Error, KdfParams};
 
 /// 32 secret bytes: wiped on drop, never cloned, never printed.
@@ -264,16 +264,41 @@ impl AccountKey {
         Secret::random().map(AccountKey)
     }
 
-    pub(crate) fn wrap_data_key(
-        &self,
-        header: &[u8],
-        data_key: &DataKey,
-    ) -> Result<Vec<u8>, Error> {
-        self.0.seal(header, b"data-key", data_key.0.0.as_ref())
+    /// The key's bytes, for the tests that rebuild an envelope the plain way.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> &[u8; KEY] {
+        &self.0.0
     }
 
-    pub(crate) fn unwrap_data_key(&self, header: &[u8], wrapped: &[u8]) -> Result<DataKey, Error> {
-        Secret::from_opened(self.0.open(header, b"data-key", wrapped)?).map(DataKey)
+    /// Wraps a data key under the account key (purpose `data-key`) into `out`
+    /// (`wrapped key || tag`, after the caller's nonce).
+    pub(crate) fn wrap_data_key_into(
+        &self,
+        aad: &mut ItemAad,
+        nonce: &[u8; NONCE],
+        data_key: &DataKey,
+        out: &mut [u8; KEY + TAG],
+    ) -> Result<(), Error> {
+        let (wrapped, tag) = out.split_at_mut(KEY);
+        let t = envelope::seal_into(
+            &self.0.0,
+            nonce,
+            aad.with(b"data-key"),
+            data_key.0.0.as_ref(),
+            wrapped,
+        )?;
+        tag.copy_from_slice(&t);
+        Ok(())
+    }
+
+    /// Unwraps an item's data key (`nonce || wrapped key || tag`).
+    pub(crate) fn unwrap_data_key_with(
+        &self,
+        aad: &mut ItemAad,
+        wrapped: &[u8],
+    ) -> Result<DataKey, Error> {
+        let opened = envelope::open_with_aad(&self.0.0, aad.with(b"data-key"), wrapped)?;
+        Secret::from_opened(Zeroizing::new(opened)).map(DataKey)
     }
 }
 
@@ -282,20 +307,30 @@ impl AccountKey {
 pub(crate) struct DataKey(Secret);
 
 impl DataKey {
-    pub(crate) fn generate() -> Result<DataKey, Error> {
-        Secret::random().map(DataKey)
+    /// A data key from fresh random bytes the caller drew (with the envelope's nonces, in one
+    /// draw); the caller wipes its copy.
+    pub(crate) fn from_random(bytes: &[u8; KEY]) -> DataKey {
+        DataKey(Secret(Zeroizing::new(*bytes)))
     }
 
-    pub(crate) fn seal_item(&self, header: &[u8], padded: &[u8]) -> Result<Vec<u8>, Error> {
-        self.0.seal(header, b"item", padded)
-    }
-
-    pub(crate) fn open_item(
+    /// Seals the padded plaintext in `buffer` in place (purpose `item`); returns the tag.
+    pub(crate) fn seal_item_in_place(
         &self,
-        header: &[u8],
-        sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, Error> {
-        self.0.open(header, b"item", sealed)
+        aad: &mut ItemAad,
+        nonce: &[u8; NONCE],
+        buffer: &mut [u8],
+    ) -> Result<[u8; TAG], Error> {
+        envelope::seal_in_place(&self.0.0, nonce, aad.with(b"item"), buffer)
+    }
+
+    /// Opens `nonce || ciphertext || tag` in place (the padded plaintext replaces the
+    /// ciphertext).
+    pub(crate) fn open_item_in_place(
+        &self,
+        aad: &mut ItemAad,
+        sealed: &mut [u8],
+    ) -> Result<(), Error> {
+        envelope::open_in_place(&self.0.0, aad.with(b"item"), sealed)
     }
 }
 
@@ -311,7 +346,7 @@ mod tests {
         for shown in [
             format!("{recovery:?}"),
             format!("{account:?}"),
-            format!("{:?}", DataKey::generate().unwrap()),
+            format!("{:?}", DataKey::from_random(&[7; KEY])),
             format!("{kek:?}"),
         ] {
             assert!(shown.ends_with("([redacted])"), "{shown}");

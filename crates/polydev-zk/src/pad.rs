@@ -24,6 +24,14 @@ pub(crate) fn pad(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// [`pad`] appended to `out` (which should have room for [`bucket`] more bytes).
+pub(crate) fn pad_into(out: &mut Vec<u8>, data: &[u8]) {
+    let end = out.len() + bucket(data.len());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(end, 0);
+}
+
 pub(crate) fn unpad(padded: &[u8]) -> Result<&[u8], Error> {
     let (len, rest) = padded
         .split_first_chunk::<4>()
@@ -49,6 +57,9 @@ mod tests {
             let padded = pad(&data);
             assert_eq!(padded.len(), bucket(len));
             assert_eq!(unpad(&padded).unwrap(), &data[..]);
+            let mut appended = vec![1, 2];
+            pad_into(&mut appended, &data);
+            assert_eq!(appended[2..], padded[..]);
         }
         assert!(unpad(&[0, 0, 1, 0, 1, 2]).is_err());
         assert!(unpad(&[1, 2]).is_err());

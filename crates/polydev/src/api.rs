@@ -140,6 +140,11 @@ pub struct MessageBatch<T> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Written {
     pub written: Vec<Uuid>,
+    /// Messages: the SHA-256 (hex) of each envelope as stored, in the order of `written`
+    /// (computed by PostgreSQL from the written column), so the client verifies what was stored
+    /// against what it sealed without reading it back. Empty for sessions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envelope_sha256: Vec<String>,
 }
 
 /// `POST /v1/zk/migration/clear`, `POST /v1/zk/credentials/clear`.

@@ -267,12 +267,13 @@ async fn begin_batch<'a>(
 }
 
 /// Writes envelopes, each only if its row is still the plaintext that was read (same hash, not
-/// yet migrated). Returns the ids written; the others changed meanwhile.
+/// yet migrated). Returns the ids written with the SHA-256 (hex) of each envelope as stored; the
+/// others changed meanwhile.
 pub async fn write_encrypted(
     pool: &PgPool,
     user_id: Uuid,
     writes: &[EncryptedWrite],
-) -> Result<Vec<Uuid>> {
+) -> Result<Vec<(Uuid, String)>> {
     let envelopes = writes.iter().map(|w| (w.id, w.encrypted_content.as_str()));
     let mut tx = begin_batch(
         pool,
@@ -293,13 +294,13 @@ pub async fn write_encrypted(
         let hashes: Vec<&str> = rows.iter().map(|w| w.content_sha256.as_str()).collect();
         let envelopes: Vec<&str> = rows.iter().map(|w| w.encrypted_content.as_str()).collect();
         // Dynamic: the legacy messages and sessions tables of `system` are spliced in.
-        let done: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        let done: Vec<(Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} m SET encrypted_content_v2 = w.envelope, encryption_metadata_v2 = $5, migrated_to_zk = true
                FROM unnest($2::uuid[], $3::text[], $4::text[]) AS w(id, hash, envelope), {sessions} s
               WHERE m.id = w.id AND s.id = m.session_id AND s.user_id = $1
                 AND NOT coalesce(m.migrated_to_zk, false)
                 AND encode(sha256(convert_to(m.content, 'UTF8')), 'hex') = w.hash
-             RETURNING m.id",
+             RETURNING m.id, encode(sha256(convert_to(m.encrypted_content_v2, 'UTF8')), 'hex')",
             table = system.messages_table(),
             sessions = system.sessions_table()
         )))

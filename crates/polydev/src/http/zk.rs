@@ -237,7 +237,10 @@ async fn encrypted_sessions(
     ApiJson(writes): ApiJson<Vec<EncryptedSession>>,
 ) -> Result<Json<Written>, ApiError> {
     let written = migration::write_sessions(&state.pool, caller.user_id, &writes).await?;
-    Ok(Json(Written { written }))
+    Ok(Json(Written {
+        written,
+        envelope_sha256: Vec::new(),
+    }))
 }
 
 async fn unverified_sessions(
@@ -289,8 +292,15 @@ async fn encrypted(
     Authenticated(caller): Authenticated,
     ApiJson(writes): ApiJson<Vec<EncryptedWrite>>,
 ) -> Result<Json<Written>, ApiError> {
-    let written = migration::write_encrypted(&state.pool, caller.user_id, &writes).await?;
-    Ok(Json(Written { written }))
+    let (written, envelope_sha256) =
+        migration::write_encrypted(&state.pool, caller.user_id, &writes)
+            .await?
+            .into_iter()
+            .unzip();
+    Ok(Json(Written {
+        written,
+        envelope_sha256,
+    }))
 }
 
 async fn unverified(

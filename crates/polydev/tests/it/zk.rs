@@ -978,3 +978,65 @@ async fn the_recovery_key_resets_a_forgotten_password() {
         b"kept across resets"
     );
 }
+
+/// The migration verifies what the server stored without reading it back (the write answers the
+/// SHA-256 of each stored envelope): a row the database stores other bytes for than were sealed
+/// is never cleared — it is reset, its plaintext kept — while every other row completes.
+#[tokio::test]
+async fn a_migration_never_clears_a_row_stored_otherwise_than_sealed() {
+    let db = TestDb::migrated().await;
+    let (user_id, token) = user_with_token(&db, "stored@example.com", Plan::Pro).await;
+    seed_history(&db, user_id, 30).await;
+    let before = history(&db, user_id, None).await;
+    let victim: Uuid = sqlx::query_scalar("SELECT id FROM chat_messages ORDER BY id LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // A database (or a server bug) that stores something else than what was written, for one row.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION mangle() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.id = '{victim}' AND NEW.encrypted_content_v2 IS NOT NULL THEN
+             NEW.encrypted_content_v2 := NEW.encrypted_content_v2 || 'A';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER mangle BEFORE UPDATE ON chat_messages FOR EACH ROW EXECUTE FUNCTION mangle();"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let server = TestServer::start(&db).await;
+    let client = zk_client(&server.base, &token);
+    let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    let report = client
+        .migrate(&keyring, 7, |_| {}, |_| ControlFlow::Continue(()))
+        .await
+        .unwrap();
+    assert!(
+        report.reset >= 1,
+        "the mismatched row was reset: {report:?}"
+    );
+    assert_eq!(report.verified_and_cleared, 59);
+    let (content, migrated): (Option<String>, Option<bool>) =
+        sqlx::query_as("SELECT content, migrated_to_zk FROM chat_messages WHERE id = $1")
+            .bind(victim)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        content.as_deref(),
+        Some(before[&victim].as_str()),
+        "its plaintext is kept"
+    );
+    assert_ne!(migrated, Some(true), "and it is back in the queue");
+    let status = client.migration_status().await.unwrap();
+    assert_eq!(
+        (status.plaintext, status.unverified, status.done),
+        (1, 0, 59)
+    );
+    // Every other row reads back exactly.
+    let after = history(&db, user_id, Some(&keyring)).await;
+    assert_eq!(after, before);
+}

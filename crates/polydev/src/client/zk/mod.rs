@@ -16,6 +16,7 @@
 pub mod history;
 pub mod manifest;
 pub mod pins;
+mod pipeline;
 pub mod rotate;
 
 use std::ops::ControlFlow;
@@ -486,6 +487,35 @@ impl ZkClient {
         let manifest = self.manifest(keyring).await?;
         let user_id = keyring.user_id().to_string();
         let mut report = MigrationReport::default();
+        // What an interrupted run left sealed but not verified: read back, verified, cleared.
+        loop {
+            let (verified, pending) = self
+                .verify_messages(keyring, &user_id, batch, &mut report)
+                .await?;
+            if verified && stop(Step::Cleared).is_break() {
+                return Ok(report);
+            }
+            if !pending || !verified {
+                break;
+            }
+        }
+        // The bulk of the messages, several batches in flight (`pipeline`); what it leaves (rows
+        // changed meanwhile, reset, or a server that does not report what it stored) goes
+        // through the steps below.
+        if self
+            .migrate_messages_pipelined(
+                keyring,
+                &manifest,
+                batch,
+                &mut report,
+                &mut progress,
+                &mut stop,
+            )
+            .await?
+            .is_break()
+        {
+            return Ok(report);
+        }
         // The plaintext to go through, one cursor per kind of row and chat system.
         let mut phases: Vec<(bool, System, Option<Uuid>)> = vec![
             (false, System::Chat, None),
