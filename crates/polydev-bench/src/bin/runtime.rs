@@ -145,6 +145,20 @@ async fn new_user(pool: &PgPool, n: usize) -> anyhow::Result<Uuid> {
     Ok(user.user_id)
 }
 
+/// `sql` (whose `$1` is a user id) for each of `users` at once: each one's latency.
+async fn burst(pool: &PgPool, users: &[Uuid], sql: &'static str) -> anyhow::Result<Vec<Duration>> {
+    let timed = futures_util::future::join_all(users.iter().map(|&user| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            sqlx::query(sql).bind(user).execute(&pool).await?;
+            anyhow::Ok(start.elapsed())
+        })
+    }))
+    .await;
+    timed.into_iter().map(|t| t?).collect()
+}
+
 async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
     const WARM: usize = 100;
     const CLAIMERS: usize = 32;
@@ -211,67 +225,28 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
                 cold.push(elapsed);
             }
         }
-        // Baseline: the same concurrency, one primary-key SELECT each.
-        let timed = futures_util::future::join_all((0..CLAIMERS).map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                let _: Option<String> =
-                    sqlx::query_scalar("SELECT email FROM users WHERE user_id = $1")
-                        .bind(probe)
-                        .fetch_optional(&pool)
-                        .await
-                        .unwrap_or(None);
-                start.elapsed()
-            })
-        }))
-        .await;
-        for elapsed in timed {
-            let elapsed = elapsed?;
-            if round >= WARMUP {
-                baseline.push(elapsed);
-            }
-        }
-        // Baseline: the same concurrency, one primary-key UPDATE each (its own row, committed).
-        let timed = futures_util::future::join_all(users.iter().map(|&user| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                let _ = sqlx::query("UPDATE users SET last_active_at = NOW() WHERE user_id = $1")
-                    .bind(user)
-                    .execute(&pool)
-                    .await;
-                start.elapsed()
-            })
-        }))
-        .await;
-        for elapsed in timed {
-            let elapsed = elapsed?;
-            if round >= WARMUP {
-                baseline_update.push(elapsed);
-            }
-        }
-        // Baseline: the same UPDATE with the claim's commit (not waiting for the WAL flush).
-        let timed = futures_util::future::join_all(users.iter().map(|&user| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                let _ = sqlx::query(
-                    "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
-                     UPDATE users SET last_active_at = NOW() FROM relaxed WHERE user_id = $1",
-                )
-                .bind(user)
-                .execute(&pool)
-                .await;
-                start.elapsed()
-            })
-        }))
-        .await;
-        for elapsed in timed {
-            let elapsed = elapsed?;
-            if round >= WARMUP {
-                baseline_relaxed.push(elapsed);
-            }
+        // Baselines at the same concurrency: a primary-key SELECT; a primary-key UPDATE of
+        // each user's own row, committed durably; the same UPDATE committed like the claim
+        // (not waiting for the WAL flush).
+        let probes = [probe; CLAIMERS];
+        let select = burst(pool, &probes, "SELECT email FROM users WHERE user_id = $1").await?;
+        let update = burst(
+            pool,
+            &users,
+            "UPDATE users SET last_active_at = NOW() WHERE user_id = $1",
+        )
+        .await?;
+        let relaxed = burst(
+            pool,
+            &users,
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
+             UPDATE users SET last_active_at = NOW() FROM relaxed WHERE user_id = $1",
+        )
+        .await?;
+        if round >= WARMUP {
+            baseline.extend(select);
+            baseline_update.extend(update);
+            baseline_relaxed.extend(relaxed);
         }
         // Next round starts from a clean pool of 100.
         sqlx::query("UPDATE runtime_containers SET status = 'destroyed', destroyed_at = NOW() WHERE status <> 'destroyed'")

@@ -230,9 +230,7 @@ async fn after_the_database_dies_mid_call_one_sweep_brings_the_counters_back_to_
 /// swept the counters equal the rows.
 #[tokio::test]
 async fn a_server_killed_under_load_lost_no_usage_row_of_an_answered_call() {
-    use std::process::Stdio;
     use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncBufReadExt, BufReader};
 
     let db = TestDb::migrated().await;
     let mock = polydev_mock::MockUpstream::start().await;
@@ -252,26 +250,14 @@ async fn a_server_killed_under_load_lost_no_usage_row_of_an_answered_call() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models.toml");
     std::fs::write(&models, crate::common::mock_catalogue(&mock.base_url())).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_polydev"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--models"])
-        .arg(&models)
-        .env("DATABASE_URL", db.url())
-        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next_line()
-        .await
-        .unwrap()
-        .expect("serve printed its address");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap()
-        .to_string();
+    let (mut child, base) = crate::common::spawn_serve(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_polydev"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+            .arg(&models)
+            .env("DATABASE_URL", db.url())
+            .env("POLYDEV_TEST_MOCK_KEY", "mock-key"),
+    )
+    .await;
 
     let answered = Arc::new(Mutex::new(Vec::<String>::new()));
     let client = polydev::net::http_client();

@@ -5,11 +5,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use polydev::accounts::{Plan, Scope};
@@ -313,24 +311,11 @@ async fn serve(db: &TestDb, with_keys: bool) -> Server {
         .args(["serve", "--listen", "127.0.0.1:0", "--models"])
         .arg(&models)
         .env("DATABASE_URL", db.url())
-        .env_remove("POLYDEV_TEST_MOCK_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
+        .env_remove("POLYDEV_TEST_MOCK_KEY");
     if with_keys {
         command.env("POLYDEV_TEST_MOCK_KEY", "mock-key");
     }
-    let mut child = command.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("serve printed its address");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap()
-        .to_string();
+    let (child, base) = crate::common::spawn_serve(&mut command).await;
     Server {
         _child: child,
         base,

@@ -451,3 +451,27 @@ pub async fn run_browser_script(
     assert_eq!(out["pageErrors"], serde_json::json!([]), "{script}: {out}");
     out
 }
+
+/// Starts a configured `polydev serve --listen 127.0.0.1:0 …` (stdin closed, stdout piped,
+/// killed on drop) and waits for its first line, which names its address: the process and its
+/// base URL.
+pub async fn spawn_serve(command: &mut tokio::process::Command) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn polydev serve");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("polydev serve did not start")
+        .unwrap()
+        .expect("polydev serve exited before listening");
+    let base = line
+        .strip_prefix("polydev listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    (child, base)
+}

@@ -3,14 +3,11 @@
 //! and a server SIGKILLed mid-session leaves nothing behind once it is restarted.
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -20,9 +17,6 @@ use crate::login::Sse;
 use crate::runtime_jobs::eventually_long;
 
 const BIN: &str = env!("CARGO_BIN_EXE_polydev");
-/// A guard against hangs, not a timing assertion.
-const START_BOUND: Duration = Duration::from_secs(120);
-
 /// Starts `polydev serve` on `db` with `args`, and returns it with its base URL.
 async fn serve(db: &TestDb, args: &[&str], tmp: Option<&Path>) -> (Child, String) {
     let mut command = Command::new(BIN);
@@ -30,25 +24,11 @@ async fn serve(db: &TestDb, args: &[&str], tmp: Option<&Path>) -> (Child, String
         .env("DATABASE_URL", db.url())
         .env("RUST_LOG", "warn")
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
+        .args(args);
     if let Some(tmp) = tmp {
         command.env("TMPDIR", tmp);
     }
-    let mut child = command.spawn().expect("spawn polydev serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(START_BOUND, lines.next_line())
-        .await
-        .expect("polydev serve did not start")
-        .unwrap()
-        .expect("polydev serve exited before listening");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, base)
+    crate::common::spawn_serve(&mut command).await
 }
 
 /// A live session of `user` in the table, with a known agent secret (the relay is what is

@@ -2,11 +2,9 @@
 //! streamable HTTP and through the `polydev mcp` stdio bridge.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use polydev::accounts::{Plan, Scope};
@@ -72,27 +70,15 @@ async fn serve_with(db: &TestDb, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models.toml");
     std::fs::write(&models, mock_catalogue(&mock.base_url())).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--models"])
-        .arg(&models)
-        .args(extra)
-        .env("DATABASE_URL", db.url())
-        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("serve printed its address");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap()
-        .to_string();
+    let (child, base) = crate::common::spawn_serve(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+            .arg(&models)
+            .args(extra)
+            .env("DATABASE_URL", db.url())
+            .env("POLYDEV_TEST_MOCK_KEY", "mock-key"),
+    )
+    .await;
     Server {
         _child: child,
         base,

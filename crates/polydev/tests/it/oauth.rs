@@ -3,13 +3,11 @@
 //! registration) are checked over HTTP against the in-process server.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 
 use base64::Engine;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use polydev::accounts::{self, Scope};
@@ -34,27 +32,15 @@ pub async fn serve(db: &TestDb) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models.toml");
     std::fs::write(&models, mock_catalogue(&mock.base_url())).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--models"])
-        .arg(&models)
-        .env("DATABASE_URL", db.url())
-        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
-        .env_remove("POLYDEV_PUBLIC_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("serve printed its address");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap()
-        .to_string();
+    let (child, base) = crate::common::spawn_serve(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+            .arg(&models)
+            .env("DATABASE_URL", db.url())
+            .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
+            .env_remove("POLYDEV_PUBLIC_URL"),
+    )
+    .await;
     Served {
         _child: child,
         base,

@@ -4,13 +4,11 @@
 //! errors in OpenAI's shape, refunds, idempotency and cancellation.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use polydev::accounts::{Plan, Scope};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -21,28 +19,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_polydev");
 
 /// `polydev serve` over `db` with the mock catalogue; its base URL.
 async fn serve(db: &TestDb, models: &Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .env("DATABASE_URL", db.url())
-        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
-        .env("POLYDEV_MODELS", models)
-        .env("RUST_LOG", "warn")
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn polydev serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-        .await
-        .expect("polydev serve did not start")
-        .unwrap()
-        .expect("polydev serve exited before listening");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, base)
+    crate::common::spawn_serve(
+        Command::new(BIN)
+            .env("DATABASE_URL", db.url())
+            .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
+            .env("POLYDEV_MODELS", models)
+            .env("RUST_LOG", "warn")
+            .args(["serve", "--listen", "127.0.0.1:0"]),
+    )
+    .await
 }
 
 /// Runs a client program to completion; its stdout as JSON (it must succeed).

@@ -3,13 +3,9 @@
 //! hold exactly (never overspent; counters equal the usage rows), an idempotency key is
 //! honoured across replicas, and the replicas' metrics add up to the calls made.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use polydev::accounts::{self, Plan};
@@ -23,28 +19,15 @@ const CALLS_PER_USER: usize = 10;
 
 /// Starts a replica on a free port; returns it with its base URL.
 async fn replica(db: &TestDb, models: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "warn")
-        .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
-        .env("POLYDEV_MODELS", models)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn polydev serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-        .await
-        .expect("polydev serve did not start")
-        .unwrap()
-        .expect("polydev serve exited before listening");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, base)
+    crate::common::spawn_serve(
+        Command::new(BIN)
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "warn")
+            .env("POLYDEV_TEST_MOCK_KEY", "mock-key")
+            .env("POLYDEV_MODELS", models)
+            .args(["serve", "--listen", "127.0.0.1:0"]),
+    )
+    .await
 }
 
 /// The `_count` of the request histogram for `POST /v1/perspectives` with `status`.

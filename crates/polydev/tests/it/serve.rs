@@ -9,7 +9,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::common::{TestDb, eventually};
@@ -42,22 +41,7 @@ async fn cli(mut cmd: Command, args: &[&str]) -> String {
 
 /// Starts `polydev serve` on a free port and returns it with its base URL.
 async fn serve(mut cmd: Command) -> (Child, String) {
-    let mut child = cmd
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn polydev serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(START_BOUND, lines.next_line())
-        .await
-        .expect("polydev serve did not start")
-        .unwrap()
-        .expect("polydev serve exited before listening");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, base)
+    crate::common::spawn_serve(cmd.args(["serve", "--listen", "127.0.0.1:0"])).await
 }
 
 async fn terminate(mut child: Child) -> std::process::ExitStatus {

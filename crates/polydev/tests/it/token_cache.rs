@@ -4,12 +4,10 @@
 //! issue 13), because the database notifies every listener; a replica that loses its
 //! listening connection drops its cache.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use polydev::accounts::{self, Plan, Scope};
@@ -23,27 +21,14 @@ const BOUND: Duration = Duration::from_secs(1);
 /// A replica whose cache keeps answers for 30 s: a refusal within [`BOUND`] comes from the
 /// broadcast, not from the TTL.
 async fn replica(db: &TestDb) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .env("DATABASE_URL", db.url())
-        .env("RUST_LOG", "warn")
-        .env("POLYDEV_TOKEN_CACHE_TTL", "30")
-        .args(["serve", "--listen", "127.0.0.1:0", "--runtime", "off"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn polydev serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-        .await
-        .expect("polydev serve did not start")
-        .unwrap()
-        .expect("polydev serve exited before listening");
-    let base = line
-        .strip_prefix("polydev listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, base)
+    crate::common::spawn_serve(
+        Command::new(BIN)
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "warn")
+            .env("POLYDEV_TOKEN_CACHE_TTL", "30")
+            .args(["serve", "--listen", "127.0.0.1:0", "--runtime", "off"]),
+    )
+    .await
 }
 
 /// `GET /v1/me` with `token`: the status and the error code, if any.
