@@ -103,6 +103,25 @@ async fn put_grant(stack: &Stack, user: &User, container: Uuid, sealed: &str) ->
         .await
 }
 
+/// A stack with a fake `claude`, and alice holding an anthropic container granted its
+/// credential: the stack, alice, the container, its public key and the credential.
+async fn granted(dir: &Path) -> (Stack, User, Uuid, String, String) {
+    let credential = format!("CRED-{}", crate::common::random_hex(8));
+    fake_claude(dir, &credential, "unused");
+    let stack = start(dir).await;
+    let alice = stack.user("alice@example.com").await;
+    let (container, public_key) = stack.claim(&alice, "anthropic").await;
+    let granted = put_grant(
+        &stack,
+        &alice,
+        container,
+        &sealed_grant(&alice, container, &public_key, &credential),
+    )
+    .await;
+    assert_eq!(granted.status(), StatusCode::OK);
+    (stack, alice, container, public_key, credential)
+}
+
 async fn ask(stack: &Stack, user: &User, body: Value) -> (StatusCode, Value) {
     let response = stack
         .send(Method::POST, "/v1/perspectives", &user.token, &body)
@@ -382,19 +401,7 @@ async fn runtime_cli_model_answers_from_the_users_granted_container_and_leaves_n
 async fn runtime_cli_grant_files_go_to_the_granted_cli_only() {
     // A job of another program in a granted container does not get the credential files.
     let dir = tempfile::tempdir().unwrap();
-    let credential = format!("CRED-{}", crate::common::random_hex(8));
-    fake_claude(dir.path(), &credential, "unused");
-    let stack = start(dir.path()).await;
-    let alice = stack.user("alice@example.com").await;
-    let (container, public_key) = stack.claim(&alice, "anthropic").await;
-    let granted = put_grant(
-        &stack,
-        &alice,
-        container,
-        &sealed_grant(&alice, container, &public_key, &credential),
-    )
-    .await;
-    assert_eq!(granted.status(), StatusCode::OK);
+    let (stack, alice, container, public_key, _) = granted(dir.path()).await;
     let job = polydev_agent::proto::JobCommand {
         command: vec![
             "/bin/sh".into(),
@@ -471,19 +478,7 @@ async fn runtime_cli_grant_files_go_to_the_granted_cli_only() {
 #[tokio::test]
 async fn runtime_cli_model_past_the_deadline_is_a_timeout_its_job_cancelled_and_nothing_charged() {
     let dir = tempfile::tempdir().unwrap();
-    let credential = format!("CRED-{}", crate::common::random_hex(8));
-    fake_claude(dir.path(), &credential, "unused");
-    let stack = start(dir.path()).await;
-    let alice = stack.user("alice@example.com").await;
-    let (container, public_key) = stack.claim(&alice, "anthropic").await;
-    let granted = put_grant(
-        &stack,
-        &alice,
-        container,
-        &sealed_grant(&alice, container, &public_key, &credential),
-    )
-    .await;
-    assert_eq!(granted.status(), StatusCode::OK);
+    let (stack, alice, container, _, _) = granted(dir.path()).await;
 
     let (status, result) = ask(
         &stack,
