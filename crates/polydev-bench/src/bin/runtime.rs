@@ -179,6 +179,7 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
     let mut baseline = Vec::new();
     let mut baseline_update = Vec::new();
     let mut baseline_relaxed = Vec::new();
+    let mut baseline_before = Vec::new();
     let probe = new_user(pool, 0).await?;
     // The first rounds warm the pool up and are not counted: its connections open, and each
     // runs the claim until PostgreSQL has cached its plan (a prepared statement is planned
@@ -203,6 +204,11 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
             proxies.port_for(user).await?;
             users.push(user);
         }
+        // The SELECT baseline once more just before the claims too: the first burst after the
+        // round's sequential set-up wakes 32 idle server processes at once.
+        let probes = [probe; CLAIMERS];
+        let select_before =
+            burst(pool, &probes, "SELECT email FROM users WHERE user_id = $1").await?;
         let timed = futures_util::future::join_all(users.iter().map(|&user| {
             let runtime = runtime.clone();
             tokio::spawn(async move {
@@ -228,7 +234,6 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
         // Baselines at the same concurrency: a primary-key SELECT; a primary-key UPDATE of
         // each user's own row, committed durably; the same UPDATE committed like the claim
         // (not waiting for the WAL flush).
-        let probes = [probe; CLAIMERS];
         let select = burst(pool, &probes, "SELECT email FROM users WHERE user_id = $1").await?;
         let update = burst(
             pool,
@@ -245,6 +250,7 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
         .await?;
         if round >= WARMUP {
             baseline.extend(select);
+            baseline_before.extend(select_before);
             baseline_update.extend(update);
             baseline_relaxed.extend(relaxed);
         }
@@ -262,6 +268,8 @@ async fn claim_latency(pool: &PgPool, rounds: usize) -> anyhow::Result<Value> {
         "cold_round_p99_ms": ms(percentile(&cold, 0.99)),
         "baseline_select_p50_ms": ms(percentile(&baseline, 0.5)),
         "baseline_select_p99_ms": ms(percentile(&baseline, 0.99)),
+        "baseline_select_before_claims_p50_ms": ms(percentile(&baseline_before, 0.5)),
+        "baseline_select_before_claims_p99_ms": ms(percentile(&baseline_before, 0.99)),
         "baseline_update_p50_ms": ms(percentile(&baseline_update, 0.5)),
         "baseline_update_p99_ms": ms(percentile(&baseline_update, 0.99)),
         "baseline_relaxed_update_p50_ms": ms(percentile(&baseline_relaxed, 0.5)),
