@@ -90,6 +90,17 @@ pub struct Grant {
     pub files: BTreeMap<String, String>,
 }
 
+/// Where each CLI keeps its credential, relative to its home: the file a grant carries (the
+/// login session's agent seals the same file's content).
+pub fn credential_file(cli: &str) -> Option<&'static str> {
+    match cli {
+        "claude" => Some(".claude/.credentials.json"),
+        "codex" => Some(".codex/auth.json"),
+        "gemini" => Some(".gemini/oauth_creds.json"),
+        _ => None,
+    }
+}
+
 /// The arguments polydev runs each CLI with (headless, JSON output, the prompt on stdin, no
 /// tools that write), and the only ones a job that gets a grant's files may pass: a server that
 /// chooses other arguments (enabling tools, settings, hooks) gets a run without the credential.

@@ -537,6 +537,14 @@ pub enum ZkCommand {
     },
     /// Show whether zero-knowledge is on and how far the migration is.
     Status,
+    /// Connect a CLI subscription to your runtime container: claims one for the CLI's provider
+    /// and grants it the credential your last login session for that provider stored, opened
+    /// and sealed again to the container here (docs/cli-backends.md). The `claude-code`,
+    /// `codex-cli` or `gemini-cli` model then answers with your subscription.
+    Connect {
+        /// `claude`, `codex` or `gemini`.
+        cli: String,
+    },
     /// Show your chat history, decrypted here. Items the server served that cannot be verified
     /// as yours (plaintext injected after zero-knowledge was turned on, a message moved to
     /// another session or with its role changed) are listed apart, never as yours.
@@ -1114,6 +1122,16 @@ async fn zk(server_url: &str, token: Option<&str>, command: ZkCommand) -> anyhow
                     println!("a key rotation is in progress: run `polydev zk rotate` to finish it");
                 }
             }
+        }
+        ZkCommand::Connect { cli } => {
+            let keyring = client
+                .unlock(&master_password("master password: ")?)
+                .await?;
+            let granted = client.connect_cli(&keyring, &cli).await?;
+            println!(
+                "{} is connected: container {}, granted {}",
+                granted.cli, granted.container_id, granted.granted_at
+            );
         }
         ZkCommand::Enable => {
             eprintln!(

@@ -149,6 +149,13 @@ pub struct Sealed {
     pub table: Table,
     pub credential_id: Uuid,
     pub envelope: String,
+    /// The provider the credential is for, when the row names one (the server lists it; a
+    /// client uploading envelopes leaves it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// When the row last changed (the server lists it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -401,19 +408,30 @@ pub async fn envelopes(pool: &PgPool, user_id: Uuid) -> Result<Vec<Sealed>> {
     for table in [Table::ProviderCredentials, Table::CliCredentials] {
         let (name, column, _) = table.sql();
         // Dynamic: the credential table and its envelope column are spliced in.
-        let rows: Vec<(Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT credential_id, {column} FROM {name}
+        type Row = (
+            Uuid,
+            String,
+            Option<String>,
+            Option<chrono::DateTime<chrono::Utc>>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT credential_id, {column}, provider, updated_at FROM {name}
               WHERE user_id = $1 AND coalesce(migrated_to_zk, false) AND {column} IS NOT NULL
               ORDER BY credential_id"
         )))
         .bind(user_id)
         .fetch_all(pool)
         .await?;
-        out.extend(rows.into_iter().map(|(credential_id, envelope)| Sealed {
-            table,
-            credential_id,
-            envelope,
-        }));
+        out.extend(
+            rows.into_iter()
+                .map(|(credential_id, envelope, provider, updated_at)| Sealed {
+                    table,
+                    credential_id,
+                    envelope,
+                    provider,
+                    updated_at,
+                }),
+        );
     }
     Ok(out)
 }

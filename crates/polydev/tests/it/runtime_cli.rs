@@ -251,38 +251,39 @@ async fn runtime_cli_model_answers_from_the_users_granted_container_and_leaves_n
     .execute(&stack.db.pool)
     .await
     .unwrap();
-    let envelopes: Value = stack
-        .get("/v1/zk/credentials", &alice.token)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let envelope = envelopes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["credential_id"] == session.to_string())
-        .unwrap_or_else(|| panic!("the stored credential is listed: {envelopes}"));
-    let opened = alice
-        .keys
-        .open(&login_ctx, envelope["envelope"].as_str().unwrap())
-        .unwrap();
-    let opened = String::from_utf8(opened).unwrap();
-    assert_eq!(opened, credential);
-
-    // The CLI's answer, with the tokens it reported, a usage row and the counters.
-    let granted = put_grant(
-        &stack,
-        &alice,
-        container,
-        &sealed_grant(&alice, container, &public_key, &opened),
+    // An older sign-in of the same provider: the newest credential is the one granted.
+    let stale_session = Uuid::new_v4().to_string();
+    let stale = polydev_zk::seal_to(
+        &alice.keys.public_key(),
+        &Context {
+            row_id: &stale_session,
+            ..login_ctx
+        },
+        b"STALE",
     )
-    .await;
-    assert_eq!(granted.status(), StatusCode::OK);
-    let view: Value = granted.json().await.unwrap();
-    assert_eq!(view["cli"], "claude");
-    assert_eq!(view["container_id"], container.to_string());
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO cli_credentials
+             (credential_id, user_id, provider, encrypted_data_v2, migrated_to_zk, kind, updated_at)
+         VALUES ($1::uuid, $2, 'anthropic', $3, true, 'cli', now() - interval '1 day')",
+    )
+    .bind(&stale_session)
+    .bind(alice.id)
+    .bind(&stale)
+    .execute(&stack.db.pool)
+    .await
+    .unwrap();
+    // `polydev zk connect claude` does the rest: opens it here with alice's keys, seals it
+    // again to the container she holds, uploads the grant.
+    let granted = polydev::client::zk::ZkClient::new(&stack.base, &alice.token)
+        .connect_cli(&alice.keyring, "claude")
+        .await
+        .unwrap();
+    assert_eq!(granted.cli, "claude");
+    assert_eq!(granted.container_id, container);
 
+    // The CLI's answer (the fake checks its credential file), the tokens it reported, a usage
+    // row and the counters.
     let (status, result) = ask(&stack, &alice, body.clone()).await;
     assert_eq!(status, StatusCode::OK, "{result}");
     let answer_of = &result["perspectives"][0];

@@ -35,6 +35,8 @@ pub struct User {
     pub id: Uuid,
     pub token: String,
     pub keys: X25519KeyPair,
+    /// The account keyring that wraps `keys` (what a client unlocks with the master password).
+    pub keyring: Keyring,
 }
 
 impl Stack {
@@ -145,7 +147,12 @@ impl Stack {
             )
             .await;
         assert_eq!(response.status(), StatusCode::NO_CONTENT);
-        User { id, token, keys }
+        User {
+            id,
+            token,
+            keys,
+            keyring,
+        }
     }
 
     pub async fn send(

@@ -13,6 +13,7 @@
 //!   row they come in ([`history`]), and never shows plaintext served for an account with
 //!   zero-knowledge on as the user's.
 
+mod connect;
 pub mod history;
 pub mod manifest;
 pub mod pins;
@@ -910,6 +911,8 @@ impl ZkClient {
                     table: h.table,
                     credential_id: h.credential_id,
                     envelope: keyring.seal(&ctx, &plaintext)?,
+                    provider: None,
+                    updated_at: None,
                 });
                 held.insert(h.credential_id, plaintext);
             }
