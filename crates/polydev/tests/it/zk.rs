@@ -638,6 +638,30 @@ async fn legacy_credentials_move_to_client_side_keys() {
     let server = TestServer::start_state(state).await;
     let client = zk_client(&server.base, &token);
     let (keyring, _) = client.enable(PASSWORD, KdfParams::MINIMUM).await.unwrap();
+    // A CLI signed in through a login session: its credential is a sealed box to the user's
+    // runtime key, listed beside the envelopes; the move leaves it alone.
+    let login_id = Uuid::new_v4();
+    let (user, row) = (user_id.to_string(), login_id.to_string());
+    let login_sealed = polydev_zk::seal_to(
+        &polydev_zk::X25519KeyPair::generate().unwrap().public_key(),
+        &Context {
+            namespace: "login.credential",
+            user_id: &user,
+            row_id: &row,
+        },
+        b"a login session's credential file",
+    )
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO cli_credentials (credential_id, user_id, provider, encrypted_data_v2, migrated_to_zk, kind)
+         VALUES ($1, $2, 'google', $3, true, 'cli')",
+    )
+    .bind(login_id)
+    .bind(user_id)
+    .bind(&login_sealed)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let report = client.migrate_credentials(&keyring).await.unwrap();
     assert_eq!((report.moved, report.verified_and_cleared), (2, 2));
     // Running again finds nothing left to move.

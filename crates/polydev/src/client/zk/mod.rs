@@ -928,6 +928,11 @@ impl ZkClient {
         }
         let mut verified = Vec::new();
         for s in self.api.get::<Vec<Sealed>>("/v1/zk/credentials").await? {
+            // A login session's credential is a sealed box to the runtime key, never legacy
+            // ciphertext: nothing of it to verify or clear here.
+            if polydev_zk::inspect_sealed(&s.envelope).is_ok() {
+                continue;
+            }
             let row = s.credential_id.to_string();
             let ctx = ZkContext {
                 namespace: s.table.namespace(),
