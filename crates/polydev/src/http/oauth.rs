@@ -719,7 +719,7 @@ async fn token(
                 .refresh_token
                 .as_deref()
                 .ok_or_else(|| missing("refresh_token"))?;
-            flow::refresh(
+            let refreshed = flow::refresh(
                 &state.pool,
                 &config,
                 &client,
@@ -727,7 +727,11 @@ async fn token(
                 form.scope.as_deref(),
                 form.resource.as_deref(),
             )
-            .await?
+            .await?;
+            // The old access token is retired: this process forgets it at once rather than
+            // when the database's notification arrives (other replicas wait for that).
+            state.token_cache.clear();
+            refreshed
         }
         Some(clients::GRANT_DEVICE_CODE) => {
             let device_code = form
@@ -771,6 +775,8 @@ async fn revoke(
     })?;
     let _ = form.token_type_hint; // both kinds are recognised by their shape
     flow::revoke(&state.pool, &client, token).await?;
+    // As after a refresh: refused here at once, not when the notification arrives.
+    state.token_cache.clear();
     let mut response = StatusCode::OK.into_response();
     no_store(response.headers_mut());
     Ok(response)
