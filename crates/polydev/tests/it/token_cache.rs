@@ -91,6 +91,36 @@ struct Setup {
     client: reqwest::Client,
 }
 
+impl Setup {
+    /// Runs `sql` (its `$1` is the user's id) as another program would.
+    async fn write(&self, sql: &'static str) {
+        sqlx::query(sql)
+            .bind(self.user_id)
+            .execute(&self.db.pool)
+            .await
+            .unwrap();
+    }
+
+    /// Both replicas refuse `token` with `code`, each within the bound.
+    async fn refused_everywhere(&self, token: &str, code: &str) {
+        for base in [&self.a.1, &self.b.1] {
+            assert_eq!(
+                refused_within_bound(&self.client, base, token).await,
+                (StatusCode::UNAUTHORIZED, Some(code.into())),
+                "{base}"
+            );
+        }
+    }
+
+    /// Both replicas accept `token`, twice each (so each caches it again).
+    async fn accepted_everywhere(&self, token: &str) {
+        for base in [&self.a.1, &self.b.1] {
+            assert_eq!(me(&self.client, base, token).await.0, StatusCode::OK);
+            assert_eq!(me(&self.client, base, token).await.0, StatusCode::OK);
+        }
+    }
+}
+
 /// Two replicas that both hold the user's `mcp` token in their cache.
 async fn setup(email: &str) -> Setup {
     let db = TestDb::migrated().await;
@@ -157,51 +187,24 @@ async fn a_token_revoked_on_one_replica_is_refused_by_the_other_within_a_second(
 async fn changes_written_outside_polydev_reach_every_replica_within_a_second() {
     let s = setup("cache-outside@example.com").await;
     // The legacy application (or psql) suspends the user.
-    sqlx::query("UPDATE users SET status = 'suspended' WHERE user_id = $1")
-        .bind(s.user_id)
-        .execute(&s.db.pool)
-        .await
-        .unwrap();
-    for base in [&s.a.1, &s.b.1] {
-        assert_eq!(
-            refused_within_bound(&s.client, base, &s.token).await,
-            (StatusCode::UNAUTHORIZED, Some("account_suspended".into())),
-            "{base}"
-        );
-    }
+    s.write("UPDATE users SET status = 'suspended' WHERE user_id = $1")
+        .await;
+    s.refused_everywhere(&s.token, "account_suspended").await;
     // Reinstated: accepted again (nothing stale keeps it out either).
-    sqlx::query("UPDATE users SET status = 'active' WHERE user_id = $1")
-        .bind(s.user_id)
-        .execute(&s.db.pool)
-        .await
-        .unwrap();
-    for base in [&s.a.1, &s.b.1] {
-        assert_eq!(me(&s.client, base, &s.token).await.0, StatusCode::OK);
-        assert_eq!(me(&s.client, base, &s.token).await.0, StatusCode::OK);
-    }
+    s.write("UPDATE users SET status = 'active' WHERE user_id = $1")
+        .await;
+    s.accepted_everywhere(&s.token).await;
     // Every token of the user deactivated in one statement (as admin revoke-all does).
-    sqlx::query("UPDATE mcp_user_tokens SET active = false WHERE user_id = $1")
-        .bind(s.user_id)
-        .execute(&s.db.pool)
-        .await
-        .unwrap();
-    for base in [&s.a.1, &s.b.1] {
-        assert_eq!(
-            refused_within_bound(&s.client, base, &s.token).await,
-            (StatusCode::UNAUTHORIZED, Some("token_revoked".into())),
-            "{base}"
-        );
-    }
+    s.write("UPDATE mcp_user_tokens SET active = false WHERE user_id = $1")
+        .await;
+    s.refused_everywhere(&s.token, "token_revoked").await;
     // A `last_used_at` write notifies nobody (only columns the lookup reads do).
     let mut listener = sqlx::postgres::PgListener::connect_with(&s.db.pool)
         .await
         .unwrap();
     listener.listen("polydev_auth").await.unwrap();
-    sqlx::query("UPDATE mcp_user_tokens SET last_used_at = now() WHERE user_id = $1")
-        .bind(s.user_id)
-        .execute(&s.db.pool)
-        .await
-        .unwrap();
+    s.write("UPDATE mcp_user_tokens SET last_used_at = now() WHERE user_id = $1")
+        .await;
     sqlx::query("UPDATE mcp_user_tokens SET active = true WHERE id = $1")
         .bind(s.token_id)
         .execute(&s.db.pool)
@@ -244,13 +247,7 @@ async fn a_replica_that_loses_its_listening_connection_drops_its_cache() {
         .unwrap();
     tx.commit().await.unwrap();
     // Each replica noticed the lost connection and dropped what it held.
-    for base in [&s.a.1, &s.b.1] {
-        assert_eq!(
-            refused_within_bound(&s.client, base, &s.token).await,
-            (StatusCode::UNAUTHORIZED, Some("token_revoked".into())),
-            "{base}"
-        );
-    }
+    s.refused_everywhere(&s.token, "token_revoked").await;
     // They listen again: a later revocation is heard.
     let reconnected = Instant::now();
     loop {
@@ -271,20 +268,8 @@ async fn a_replica_that_loses_its_listening_connection_drops_its_cache() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for base in [&s.a.1, &s.b.1] {
-        assert_eq!(me(&s.client, base, &s.account).await.0, StatusCode::OK);
-        assert_eq!(me(&s.client, base, &s.account).await.0, StatusCode::OK);
-    }
-    sqlx::query("UPDATE users SET status = 'deleted' WHERE user_id = $1")
-        .bind(s.user_id)
-        .execute(&s.db.pool)
-        .await
-        .unwrap();
-    for base in [&s.a.1, &s.b.1] {
-        assert_eq!(
-            refused_within_bound(&s.client, base, &s.account).await,
-            (StatusCode::UNAUTHORIZED, Some("account_deleted".into())),
-            "{base}"
-        );
-    }
+    s.accepted_everywhere(&s.account).await;
+    s.write("UPDATE users SET status = 'deleted' WHERE user_id = $1")
+        .await;
+    s.refused_everywhere(&s.account, "account_deleted").await;
 }
