@@ -494,9 +494,11 @@ async fn runtime_cli_model_past_the_deadline_is_a_timeout_its_job_cancelled_and_
         ((0, 0, 0, 0), 0, 0),
         "the unit and the message given back"
     );
-    // The job was cancelled and the agent killed the CLI: the container takes jobs again.
+    // The job was cancelled and the agent killed the CLI: the container takes jobs again. The
+    // agent learns of the cancel on its next report, so under load this takes a while: the long
+    // bound (a guard against a hang, not a timing assertion).
     let pool = stack.db.pool.clone();
-    let settled = crate::common::eventually(|| {
+    let settled = crate::runtime_jobs::eventually_long(|| {
         let pool = pool.clone();
         async move {
             let job: (String, Option<i32>) = sqlx::query_as(
