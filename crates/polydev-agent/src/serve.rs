@@ -275,6 +275,9 @@ impl Agent {
             })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
+            // A group of its own, killed whole: what the job started (a CLI's helpers, a
+            // `sleep` behind a shell) dies with it rather than running on in the container.
+            .process_group(0)
             .kill_on_drop(true);
         for (key, value) in job_env(a, job, dir) {
             command.env(key, value);
@@ -290,6 +293,7 @@ impl Agent {
                 };
             }
         };
+        let mut group = JobGroup(child.id());
         if let (Some(mut stdin), Some(input)) = (child.stdin.take(), job.stdin.clone()) {
             tokio::spawn(async move {
                 let input = Zeroizing::new(input);
@@ -317,15 +321,17 @@ impl Agent {
                 _ = ticker.tick() => {
                     if self.flush(&mut output).await {
                         error = Some("cancelled".to_string());
-                        let _ = child.start_kill();
+                        group.kill();
                     }
                 }
                 () = &mut deadline => {
                     error = Some(format!("wall-clock limit of {} ms exceeded", a.limits.wall_clock_ms));
-                    let _ = child.start_kill();
+                    group.kill();
                 }
             }
         };
+        // The job is over: what it left running goes too (and lets go of the pipes).
+        group.kill();
         // What the pipes still hold; a background process that keeps them open is not waited
         // for long.
         let drain = async {
@@ -366,6 +372,28 @@ impl Agent {
             Some(r) if r.status() == StatusCode::NOT_FOUND => true,
             _ => false,
         }
+    }
+}
+
+/// A job's process group (its leader's pid), killed when the job ends however it ends. Once:
+/// the pid is not used again after that, so a later process that got it is never signalled.
+struct JobGroup(Option<u32>);
+
+impl JobGroup {
+    fn kill(&mut self) {
+        if let Some(pid) = self.0.take() {
+            // ESRCH (all gone already) is fine.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for JobGroup {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -631,6 +631,29 @@ async fn runtime_faults_limits_cancellation_and_an_agent_crash() {
         .await;
     assert_eq!(response.status(), StatusCode::CONFLICT);
 
+    // What a job leaves behind dies with it: the cancelled job's `sleep 600` (a child of its
+    // shell), and the `sleep` a finished job left in the background, are gone before the next
+    // job runs.
+    let (job, _) = stack
+        .submit(&alice, container, &key, &sh("sleep 300 & echo left"))
+        .await;
+    let (stdout, _, finished) = stack.follow(&alice, job).await;
+    assert_eq!(
+        (stdout.as_str(), finished["status"].as_str()),
+        ("left\n", Some("succeeded"))
+    );
+    let (job, _) = stack
+        .submit(&alice, container, &key, &sh("cat /proc/[0-9]*/comm"))
+        .await;
+    let (processes, _, _) = stack.follow(&alice, job).await;
+    // The listing sees the container's other processes (the agent's own), so it would see a
+    // `sleep`.
+    assert!(processes.lines().any(|name| name == "agent"), "{processes}");
+    assert!(
+        !processes.lines().any(|name| name == "sleep"),
+        "left running in the container: {processes}"
+    );
+
     // The agent dies mid-job: the job fails with a reason, the container is destroyed and the
     // pool refilled.
     let (job, _) = stack
