@@ -37,6 +37,11 @@ pub const DB_POOL_CONNECTIONS: &str = "polydev_db_pool_connections";
 pub const DB_POOL_MAX: &str = "polydev_db_pool_max_connections";
 /// Runtime containers (shared through the database), by provider and state.
 pub const RUNTIME_CONTAINERS: &str = "polydev_runtime_containers";
+/// Claim statements run (runtime/claims.rs: the claims arriving together share one).
+pub const RUNTIME_CLAIM_STATEMENTS: &str = "polydev_runtime_claim_statements_total";
+/// Users those claim statements claimed for: over `RUNTIME_CLAIM_STATEMENTS`, how many claims
+/// a statement served.
+pub const RUNTIME_CLAIM_STATEMENT_USERS: &str = "polydev_runtime_claim_statement_users_total";
 /// MCP sessions of this process, by state (`live`: a worker and a handler running;
 /// `hibernated`: idle, kept as their `initialize` parameters).
 pub const MCP_SESSIONS: &str = "polydev_mcp_sessions";
@@ -151,4 +156,10 @@ pub fn mcp_sessions(live: usize, hibernated: usize) {
 pub fn runtime_containers(provider: &str, state: &str, count: i64) {
     gauge!(RUNTIME_CONTAINERS, "provider" => provider.to_owned(), "state" => state.to_owned())
         .set(count as f64);
+}
+
+/// A claim statement ran for `users` users.
+pub fn runtime_claim_statement(users: usize) {
+    counter!(RUNTIME_CLAIM_STATEMENTS).increment(1);
+    counter!(RUNTIME_CLAIM_STATEMENT_USERS).increment(users as u64);
 }

@@ -5,9 +5,11 @@
 //! - [`local`]: bubblewrap sandboxes on this machine (the default).
 //! - [`nomad`]: HashiCorp Nomad's HTTP API.
 //! - [`pool`]: warm pools, claims, the lifecycle, the reconcile loop.
+//! - [`claims`]: the claim statement, shared by the claims that arrive together.
 //! - [`jobs`]: sealed jobs: submit, follow, cancel; the agent's register, next, output, finish.
 //! - [`grants`]: CLI credential grants, and CLI jobs the server runs for perspectives calls.
 
+mod claims;
 pub mod grants;
 pub mod jobs;
 pub mod local;

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::claims::Claims;
 use super::orchestrator::{
     ContainerSpec, NetworkPolicy, Orchestrator, OrchestratorError, Resources, State,
 };
@@ -111,6 +112,8 @@ pub struct Runtime {
     wake: Arc<Notify>,
     /// Wakes waiters on job changes in this process (agents waiting for work, output followers).
     pub(crate) jobs: Arc<Notify>,
+    /// Claims waiting for the statement of their batch, and its connections.
+    pub(super) claims: Arc<Claims>,
 }
 
 /// A claimed container, as its user sees it.
@@ -165,8 +168,10 @@ pub fn row_of(name: &str) -> Option<Uuid> {
 }
 
 impl Runtime {
+    /// Needs a tokio runtime (the claim statements' pool starts its upkeep task).
     pub fn new(pool: PgPool, orchestrator: Arc<dyn Orchestrator>, config: RuntimeConfig) -> Self {
         Runtime {
+            claims: Arc::new(Claims::new(&pool)),
             pool,
             orchestrator,
             config: Arc::new(config),
@@ -206,11 +211,12 @@ impl Runtime {
     }
 
     /// Gives `user_id` a container of `provider`: the one they already hold, else the oldest
-    /// ready warm container, in one statement (one round trip: `UPDATE … WHERE id = (SELECT …
-    /// FOR UPDATE SKIP LOCKED LIMIT 1)`, with the held container and the user's proxy port
-    /// folded in). With proxy ports configured, a user's first claim allocates their port, and
-    /// a port whose last health check failed refuses the claim (`proxy_unhealthy`): containers
-    /// never start on a bad egress nor around it.
+    /// ready warm container, in one statement (one round trip: `UPDATE … FROM (SELECT … FOR
+    /// UPDATE SKIP LOCKED LIMIT n)`, with the held container and the user's proxy port folded
+    /// in) shared with the claims of this process that arrive with it (runtime/claims.rs).
+    /// With proxy ports configured, a user's first claim allocates their port, and a port
+    /// whose last health check failed refuses the claim (`proxy_unhealthy`): containers never
+    /// start on a bad egress nor around it.
     ///
     /// The orchestrator then confirms the container runs and points its egress at the user's
     /// proxy. A container it cannot confirm is destroyed (never handed to anyone else) and the
@@ -231,55 +237,8 @@ impl Runtime {
     }
 
     async fn try_claim(&self, user_id: Uuid, provider: &'static str) -> Result<Option<Claimed>> {
-        let with_proxy = self.proxies.is_some();
-        // The commit does not wait for the WAL flush (`synchronous_commit` off for this
-        // statement's transaction only): a claim lost in a database crash is harmless. The row
-        // goes back to `ready` with nothing of its user in it; the user's next request on it is
-        // refused as not theirs and claims again; a later claimer points its egress at its own
-        // proxy. Anything that depends on the claim (a job row) commits durably, and that flush
-        // covers the claim's earlier WAL record. It takes the flush off the claim's latency
-        // (docs/runtime.md, "Claim latency").
-        let row = sqlx::query!(
-            r#"WITH relaxed AS (
-                   SELECT set_config('synchronous_commit', 'off', true)
-               ), proxy AS (
-                   SELECT proxy_port, healthy FROM user_proxy_ports
-                   WHERE user_id = $1 AND $4::bool
-               ), held AS (
-                   UPDATE runtime_containers SET last_used_at = NOW()
-                   WHERE user_id = $1 AND provider = $2 AND status IN ('assigned', 'executing')
-                   RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
-                             true AS held
-               ), claimed AS (
-                   UPDATE runtime_containers
-                   SET status = 'assigned', user_id = $1, assigned_at = NOW(),
-                       last_used_at = NOW(), decodo_port = (SELECT proxy_port FROM proxy)
-                   WHERE NOT EXISTS (SELECT 1 FROM held)
-                     AND (NOT $4::bool OR EXISTS (SELECT 1 FROM proxy
-                                                  WHERE proxy_port IS NOT NULL
-                                                        AND healthy IS DISTINCT FROM false))
-                     AND id = (SELECT id FROM runtime_containers
-                               WHERE provider = $2 AND status = 'ready' AND user_id IS NULL
-                                     AND orchestrator = $3
-                               ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-                   RETURNING id, container_id, agent_public_key, decodo_port, assigned_at,
-                             false AS held
-               )
-               SELECT c.id AS "id?", c.container_id AS "container_id?",
-                      c.agent_public_key AS "public_key?", c.decodo_port AS "decodo_port?",
-                      c.assigned_at AS "assigned_at?", c.held AS "held?",
-                      p.proxy_port AS "proxy_port?", p.healthy AS "proxy_healthy?"
-               FROM (SELECT 1) AS one
-               LEFT JOIN (SELECT * FROM held UNION ALL SELECT * FROM claimed) c ON true
-               LEFT JOIN proxy p ON true
-               CROSS JOIN relaxed"#,
-            user_id,
-            provider,
-            self.orchestrator.instance(),
-            with_proxy
-        )
-        .fetch_one(&self.pool)
-        .await?; // 23505: the user's concurrent claim won (Conflict, retried)
+        // Shared with the claims of this process that arrive with it (runtime/claims.rs).
+        let row = self.claim_row(user_id, provider).await?;
         if let Some(proxies) = &self.proxies {
             if row.proxy_port.is_none() {
                 // First use: allocate the user's port, then claim again.

@@ -358,8 +358,51 @@ async fn runtime_pool_refills_registers_claims_and_reuses() {
     assert_eq!(bad.code(), "invalid_request");
 }
 
+/// (claim statements, users they claimed for) so far in this process (`/metrics`' counters).
+fn claim_statements() -> (f64, f64) {
+    let page = polydev::telemetry::render();
+    let read = |name: &str| {
+        page.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        read(polydev::telemetry::RUNTIME_CLAIM_STATEMENTS),
+        read(polydev::telemetry::RUNTIME_CLAIM_STATEMENT_USERS),
+    )
+}
+
+/// Claims for `asks` (a user may appear several times), all started at once: each ask's user
+/// and what its claim returned.
+async fn claim_all(
+    runtime: &Runtime,
+    provider: &'static str,
+    asks: &[Uuid],
+) -> Vec<(
+    Uuid,
+    Result<polydev::runtime::Claimed, polydev::error::Error>,
+)> {
+    futures_util::future::join_all(asks.iter().map(|&u| {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { (u, runtime.claim(u, provider).await) })
+    }))
+    .await
+    .into_iter()
+    .map(|claim| claim.expect("claim task"))
+    .collect()
+}
+
+async fn owner(pool: &PgPool, container: Uuid) -> Option<Uuid> {
+    sqlx::query_scalar("SELECT user_id FROM runtime_containers WHERE id = $1")
+        .bind(container)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runtime_pool_32_concurrent_claimers_each_get_a_distinct_container() {
+    polydev::telemetry::handle();
     let db = TestDb::migrated().await;
     let fake = Fake::new();
     let runtime = Runtime::new(db.pool.clone(), fake.clone(), config("openai", 40));
@@ -369,25 +412,116 @@ async fn runtime_pool_32_concurrent_claimers_each_get_a_distinct_container() {
     for _ in 0..32 {
         users.push(user(&db.pool).await);
     }
-    let claims = futures_util::future::join_all(users.iter().map(|&u| {
-        let runtime = runtime.clone();
-        tokio::spawn(async move { (u, runtime.claim(u, "openai").await.unwrap().id) })
-    }))
-    .await;
+    let before = claim_statements();
+    let claims = claim_all(&runtime, "openai", &users).await;
+    let after = claim_statements();
     let mut containers = std::collections::HashSet::new();
-    for claim in claims {
-        let (user, container) = claim.unwrap();
+    for (user, claimed) in claims {
+        let container = claimed.unwrap().id;
         assert!(containers.insert(container), "claimed twice: {container}");
-        let owner: Option<Uuid> =
-            sqlx::query_scalar("SELECT user_id FROM runtime_containers WHERE id = $1")
-                .bind(container)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-        assert_eq!(owner, Some(user));
+        assert_eq!(owner(&db.pool, container).await, Some(user));
     }
     let counts = status_counts(&db.pool).await;
     assert_eq!((counts["assigned"], counts["ready"]), (32, 8));
+    // Claims that arrive together share statements (runtime/claims.rs): 32 users claimed for,
+    // in fewer than 32 statements.
+    let (statements, claimed_for) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(claimed_for, 32.0);
+    assert!(
+        statements < 32.0,
+        "{statements} statements for 32 claims arriving together"
+    );
+}
+
+/// A batch answers each claim as a claim alone would: a user asking four times at once holds
+/// one container and every ask returns it; when the pool runs out, the users left over are
+/// refused (503) and nothing is claimed for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runtime_claims_in_one_batch_each_get_what_a_claim_alone_would() {
+    let db = TestDb::migrated().await;
+    let fake = Fake::new();
+    let runtime = Runtime::new(db.pool.clone(), fake.clone(), config("openai", 10));
+    warm_up(&runtime, &fake).await;
+    let mut users = Vec::new();
+    for _ in 0..12 {
+        users.push(user(&db.pool).await);
+    }
+    // The first eight ask four times each, the other four once: 36 claims, 12 users.
+    let asks: Vec<Uuid> = users[..8]
+        .iter()
+        .flat_map(|&u| [u; 4])
+        .chain(users[8..].iter().copied())
+        .collect();
+    let mut answers: HashMap<Uuid, Vec<Result<Uuid, String>>> = HashMap::new();
+    for (user, claimed) in claim_all(&runtime, "openai", &asks).await {
+        let answer = claimed.map(|c| c.id).map_err(|e| e.code().to_string());
+        answers.entry(user).or_default().push(answer);
+    }
+    let mut holders = HashMap::new();
+    for (user, answers) in &answers {
+        let first = &answers[0];
+        assert!(
+            answers.iter().all(|a| a == first),
+            "{user}'s asks differ: {answers:?}"
+        );
+        match first {
+            Ok(container) => {
+                assert!(
+                    holders.insert(*container, *user).is_none(),
+                    "shared: {container}"
+                );
+                assert_eq!(owner(&db.pool, *container).await, Some(*user));
+            }
+            Err(code) => assert_eq!(code, "runtime_unavailable"),
+        }
+    }
+    assert_eq!(
+        holders.len(),
+        10,
+        "ten containers, ten holders: {answers:?}"
+    );
+    let counts = status_counts(&db.pool).await;
+    assert_eq!((counts["assigned"], counts.get("ready")), (10, None));
+}
+
+/// Two processes claiming for the same users at the same moment: a batch may lose a user to the
+/// other process (the unique index refuses a second live container), and then its claims run
+/// alone. Every user ends with one container, and both processes return that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runtime_claims_racing_across_processes_give_each_user_one_container() {
+    let db = TestDb::migrated().await;
+    let fake = Fake::new();
+    let mut runtimes = Vec::new();
+    for _ in 0..2 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(db.options.clone())
+            .await
+            .unwrap();
+        runtimes.push(Runtime::new(pool, fake.clone(), config("anthropic", 40)));
+    }
+    warm_up(&runtimes[0], &fake).await;
+    let mut users = Vec::new();
+    for _ in 0..16 {
+        users.push(user(&db.pool).await);
+    }
+    let (first, second) = tokio::join!(
+        claim_all(&runtimes[0], "anthropic", &users),
+        claim_all(&runtimes[1], "anthropic", &users)
+    );
+    let mut held = HashMap::new();
+    for (user, claimed) in first.into_iter().chain(second) {
+        let container = claimed.unwrap().id;
+        assert_eq!(
+            *held.entry(user).or_insert(container),
+            container,
+            "{user} was given two containers"
+        );
+        assert_eq!(owner(&db.pool, container).await, Some(user));
+    }
+    assert_eq!(held.len(), 16);
+    let counts = status_counts(&db.pool).await;
+    assert_eq!((counts["assigned"], counts["ready"]), (16, 24));
 }
 
 #[tokio::test]
