@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use polydev::accounts::{self, Plan};
+use polydev::accounts::{self, Plan, Scope};
 use polydev::app::AppState;
 use polydev::runtime::orchestrator::BoxFuture;
 use polydev::runtime::{
@@ -318,7 +318,8 @@ async fn sealed_true(pool: &PgPool, agent: PathBuf, runs: usize) -> anyhow::Resu
         .context("agent registration")??;
 
     let user = accounts::create_user(pool, "bench-sealed@example.com", Plan::Pro).await?;
-    let token = accounts::create_token(pool, user.user_id, "bench", None)
+    // Registering the user's runtime key needs an `account` token (docs/api.md, "Scopes").
+    let token = accounts::create_scoped_token(pool, user.user_id, "bench", None, Scope::Account)
         .await?
         .token;
     let user_id = user.user_id.to_string();
