@@ -216,6 +216,15 @@ impl Runtime {
         )
         .map_err(|e| Error::Internal(format!("cannot seal the job: {e}")))?;
         drop(plain);
+        // From here on the caller may stop waiting at any await (its deadline cut the call, the
+        // client left), even while the row commits: the job is then cancelled by a task of its
+        // own, and the agent kills the CLI at its next report.
+        let mut guard = CancelOnDrop {
+            runtime: self.clone(),
+            user_id,
+            job_id,
+            armed: true,
+        };
         let mut tx = self.pool.begin().await?;
         sqlx::query!(
             "INSERT INTO job_executions
@@ -238,14 +247,6 @@ impl Runtime {
         .await?;
         tx.commit().await?;
         self.jobs.notify_waiters();
-        // The caller may stop waiting (its deadline cut the call, the client left): the job
-        // is then cancelled, and the agent kills the CLI at its next report.
-        let mut guard = CancelOnDrop {
-            runtime: self.clone(),
-            user_id,
-            job_id,
-            armed: true,
-        };
         let job = loop {
             let notified = self.jobs.notified();
             tokio::pin!(notified);
@@ -256,8 +257,8 @@ impl Runtime {
             }
             let now = Instant::now();
             if now >= deadline {
-                guard.armed = false;
-                let _ = self.cancel(user_id, job_id).await;
+                // The guard cancels it: not here, where the caller's own deadline (the same
+                // instant) could drop this future before the cancel is written.
                 return Ok(GrantedRun::TimedOut);
             }
             // Woken by this process; other processes' writes are seen within 250 ms.
