@@ -322,11 +322,14 @@ impl Agent {
                     if self.flush(&mut output).await {
                         error = Some("cancelled".to_string());
                         group.kill();
+                        // By pid too: a job may have moved itself out of its group.
+                        let _ = child.start_kill();
                     }
                 }
-                () = &mut deadline => {
+                () = &mut deadline, if error.is_none() => {
                     error = Some(format!("wall-clock limit of {} ms exceeded", a.limits.wall_clock_ms));
                     group.kill();
+                    let _ = child.start_kill();
                 }
             }
         };
