@@ -400,6 +400,20 @@ async fn owner(pool: &PgPool, container: Uuid) -> Option<Uuid> {
         .unwrap()
 }
 
+/// `n` serve processes over one database: separate `Runtime` values, each with its own pool.
+async fn processes(db: &TestDb, fake: &Arc<Fake>, n: usize, config: RuntimeConfig) -> Vec<Runtime> {
+    let mut runtimes = Vec::new();
+    for _ in 0..n {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(db.options.clone())
+            .await
+            .unwrap();
+        runtimes.push(Runtime::new(pool, fake.clone(), config.clone()));
+    }
+    runtimes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runtime_pool_32_concurrent_claimers_each_get_a_distinct_container() {
     polydev::telemetry::handle();
@@ -491,15 +505,7 @@ async fn runtime_claims_in_one_batch_each_get_what_a_claim_alone_would() {
 async fn runtime_claims_racing_across_processes_give_each_user_one_container() {
     let db = TestDb::migrated().await;
     let fake = Fake::new();
-    let mut runtimes = Vec::new();
-    for _ in 0..2 {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(db.options.clone())
-            .await
-            .unwrap();
-        runtimes.push(Runtime::new(pool, fake.clone(), config("anthropic", 40)));
-    }
+    let runtimes = processes(&db, &fake, 2, config("anthropic", 40)).await;
     warm_up(&runtimes[0], &fake).await;
     let mut users = Vec::new();
     for _ in 0..16 {
@@ -628,16 +634,7 @@ async fn runtime_reconcile_replaces_dead_containers_fails_their_jobs_and_stops_o
 async fn runtime_reconcile_runs_in_one_process_at_a_time() {
     let db = TestDb::migrated().await;
     let fake = Fake::new();
-    // Several serve processes: separate Runtime values (and pools) over one database.
-    let mut runtimes = Vec::new();
-    for _ in 0..4 {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(3)
-            .connect_with(db.options.clone())
-            .await
-            .unwrap();
-        runtimes.push(Runtime::new(pool, fake.clone(), config("google", 3)));
-    }
+    let runtimes = processes(&db, &fake, 4, config("google", 3)).await;
     for _ in 0..5 {
         let passes = futures_util::future::join_all(runtimes.iter().map(|r| r.reconcile())).await;
         assert!(passes.iter().all(|p| p.is_ok()));
