@@ -82,6 +82,10 @@ try {
   for (const page of browser.contexts().flatMap((c) => c.pages())) {
     out.pageText = await page.evaluate(() => [location.href, document.getElementById("status")?.textContent,
       document.getElementById("error")?.textContent]).catch(() => null);
+    // What the page knew when it gave up (the session's status and error, the connection's
+    // state, round trips and frames), and the words it showed for the session.
+    out.stats = await stats(page).catch(() => null);
+    out.stateText = await page.evaluate(() => document.getElementById("session-state")?.textContent).catch(() => null);
   }
 } finally {
   await browser.close();
