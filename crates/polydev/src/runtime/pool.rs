@@ -434,9 +434,12 @@ impl Runtime {
         };
         match self.orchestrator.start(spec).await {
             Ok(container_id) => {
+                // Whatever state the row reached meanwhile: its agent may have registered
+                // (`ready`) before the orchestrator answered, and a claim looks the container
+                // up by this id. Only a destroyed row keeps its name (reconcile stops it).
                 sqlx::query!(
                     "UPDATE runtime_containers SET container_id = $2
-                     WHERE id = $1 AND status = 'warming'",
+                     WHERE id = $1 AND status IS DISTINCT FROM 'destroyed'",
                     id,
                     container_id
                 )

@@ -28,6 +28,9 @@ pub struct Fake {
     pub proxies: Mutex<HashMap<String, Option<SocketAddr>>>,
     pub stopped: Mutex<Vec<String>>,
     pub unreachable: AtomicBool,
+    /// When set, each container's agent registers (on this database) before `start` answers,
+    /// as a fast sandbox's may.
+    pub registers_early: Mutex<Option<PgPool>>,
     events: broadcast::Sender<Event>,
     next: AtomicU32,
 }
@@ -45,6 +48,7 @@ impl Fake {
             proxies: Mutex::default(),
             stopped: Mutex::default(),
             unreachable: AtomicBool::new(false),
+            registers_early: Mutex::default(),
             events: broadcast::channel(64).0,
             next: AtomicU32::new(1),
         })
@@ -132,6 +136,19 @@ impl Orchestrator for Fake {
                 self.instance,
                 self.next.fetch_add(1, Ordering::SeqCst)
             );
+            let early = self.registers_early.lock().unwrap().clone();
+            if let Some(pool) = early {
+                let row: Uuid = spec.env["POLYDEV_CONTAINER"].parse().unwrap();
+                sqlx::query(
+                    "UPDATE runtime_containers SET status = 'ready', agent_public_key = $2,
+                            ready_at = NOW() WHERE id = $1",
+                )
+                .bind(row)
+                .bind(public_key(0))
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
             self.containers
                 .lock()
                 .unwrap()
@@ -528,6 +545,28 @@ async fn runtime_claims_racing_across_processes_give_each_user_one_container() {
     assert_eq!(held.len(), 16);
     let counts = status_counts(&db.pool).await;
     assert_eq!((counts["assigned"], counts["ready"]), (16, 24));
+}
+
+/// An agent may register before the orchestrator has answered the start (a fast sandbox): the
+/// row still gets the orchestrator's id, and the container can be claimed (it was looked up by
+/// its name, not found, and destroyed as dead: a 503).
+#[tokio::test]
+async fn runtime_an_agent_registering_before_its_start_returns_leaves_a_claimable_container() {
+    let db = TestDb::migrated().await;
+    let fake = Fake::new();
+    *fake.registers_early.lock().unwrap() = Some(db.pool.clone());
+    let runtime = Runtime::new(db.pool.clone(), fake.clone(), config("openai", 1));
+    runtime.reconcile().await.unwrap().expect("lock free");
+    let (status, container_id): (String, String) =
+        sqlx::query_as("SELECT status, container_id FROM runtime_containers")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "ready");
+    assert!(container_id.starts_with("fake-"), "{container_id}");
+    let alice = user(&db.pool).await;
+    let claimed = runtime.claim(alice, "openai").await.unwrap();
+    assert_eq!(owner(&db.pool, claimed.id).await, Some(alice));
 }
 
 #[tokio::test]
