@@ -367,6 +367,26 @@ impl Runtime {
     }
 
     async fn take_job(&self, agent: Agent) -> Result<Option<Assignment>> {
+        /// Whether a container in `status` takes a job now (destroyed: never again).
+        fn takes_jobs(status: Option<&str>) -> Result<bool> {
+            match status {
+                Some("destroyed") => Err(Error::NotFound("container")),
+                Some("assigned") => Ok(true),
+                _ => Ok(false), // not claimed yet, or busy
+            }
+        }
+        // Read before locking: the agent of a warm container polls until it is claimed, and a
+        // lock on its row at the moment of a claim would make the claim skip it
+        // (`SKIP LOCKED`) and find no container ready.
+        let status = sqlx::query_scalar!(
+            "SELECT status FROM runtime_containers WHERE id = $1",
+            agent.container
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !takes_jobs(status.as_deref())? {
+            return Ok(None);
+        }
         let mut tx = self.pool.begin().await?;
         let container = sqlx::query!(
             "SELECT status, decodo_port, credential_grant FROM runtime_containers
@@ -375,10 +395,8 @@ impl Runtime {
         )
         .fetch_one(&mut *tx)
         .await?;
-        match container.status.as_deref() {
-            Some("destroyed") => return Err(Error::NotFound("container")),
-            Some("assigned") => {}
-            _ => return Ok(None), // not claimed yet, or busy
+        if !takes_jobs(container.status.as_deref())? {
+            return Ok(None);
         }
         let Some(job) = sqlx::query!(
             "UPDATE job_executions SET status = 'running', started_at = NOW()
