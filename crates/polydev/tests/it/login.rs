@@ -1106,30 +1106,34 @@ async fn coturn_allocates_a_relay_with_the_session_credential_and_refuses_expire
 
 #[tokio::test]
 async fn a_local_sandbox_reaches_the_turn_server_only_through_its_tunnel() {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let turn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = turn.local_addr().unwrap();
     let driver = crate::runtime_local::driver();
     let mut spec = crate::runtime_local::spec(&[
         "/bin/bash",
         "-c",
-        // The tunnel (127.0.0.1:3478 inside) reaches it; the host's address itself does not.
+        // The tunnel (127.0.0.1:3478 inside) reaches it, both ways (the sandbox waits for the
+        // answer: a sandbox that ends takes its tunnels' connections with it); the host's
+        // address itself does not.
         &format!(
-            "echo allocate >/dev/tcp/{}/3478 || exit 11; \
+            "exec 3<>/dev/tcp/127.0.0.1/3478 || exit 11; echo allocate >&3; \
+             read -r -t 10 reply <&3; [ \"$reply\" = ok ] || exit 13; \
              (echo direct >/dev/tcp/127.0.0.1/{}) 2>/dev/null && exit 12; exit 0",
-            "127.0.0.1",
             addr.port()
         ),
     ]);
     spec.network.turn = Some(addr);
     let id = driver.start(spec).await.unwrap();
-    let (mut stream, _) = tokio::time::timeout(HANG_GUARD, turn.accept())
+    let (stream, _) = tokio::time::timeout(HANG_GUARD, turn.accept())
         .await
         .unwrap()
         .unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
     let mut received = String::new();
-    stream.read_to_string(&mut received).await.unwrap();
+    stream.read_line(&mut received).await.unwrap();
     assert_eq!(received, "allocate\n");
+    stream.get_mut().write_all(b"ok\n").await.unwrap();
     assert_eq!(
         driver.wait(&id, HANG_GUARD).await,
         Some(polydev::runtime::State::Exited {
