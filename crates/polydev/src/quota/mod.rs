@@ -386,52 +386,48 @@ pub async fn reserve_all_counting(
             )
         })
         .collect();
-    let sql = format!(
-        "WITH taken AS (
-             UPDATE user_perspective_quotas SET {sets},
-                    last_reset_date = CASE WHEN {stale} THEN (now() AT TIME ZONE 'UTC')::date
-                                      ELSE last_reset_date END,
-                    current_month_start = greatest(current_month_start, {MONTH}),
-                    updated_at = now()
-              WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
-                           ORDER BY created_at DESC LIMIT 1){checks}
-             RETURNING id, current_month_start)
-         INSERT INTO quota_reservations (id, quota_id, user_id, request_id, counter, month)
+    // Takes the units from the user's newest quota row, if every limit allows them.
+    let take = format!(
+        "UPDATE user_perspective_quotas SET {sets},
+                last_reset_date = CASE WHEN {stale} THEN (now() AT TIME ZONE 'UTC')::date
+                                  ELSE last_reset_date END,
+                current_month_start = greatest(current_month_start, {MONTH}),
+                updated_at = now()
+          WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
+                       ORDER BY created_at DESC LIMIT 1){checks}"
+    );
+    // One reservation row per unit taken.
+    const RESERVE: &str =
+        "INSERT INTO quota_reservations (id, quota_id, user_id, request_id, counter, month)
          SELECT unit.id, taken.id, $1, $2, unit.counter, taken.current_month_start
            FROM taken, unnest($3::uuid[], $4::text[]) AS unit(id, counter)
-         RETURNING quota_id, month"
-    );
-    // The same, after counting the request: the count's CTE is read by the UPDATE (nothing is
-    // taken over a rate limit) and by the result, so it runs exactly once either way.
-    let counting_sql = format!(
-        "WITH counted AS MATERIALIZED (
+         RETURNING quota_id, month";
+    let sql = format!("WITH taken AS ({take} RETURNING id, current_month_start) {RESERVE}");
+    // The same, after counting the request (only when there is one to count): the count's CTE
+    // is read by the UPDATE (nothing is taken over a rate limit) and by the result, so it runs
+    // exactly once either way.
+    let counting_sql = uncounted.map(|_| {
+        format!(
+            "WITH counted AS MATERIALIZED (
              SELECT * FROM polydev_count_request($5, $6, $1, $7)),
          taken AS (
-             UPDATE user_perspective_quotas SET {sets},
-                    last_reset_date = CASE WHEN {stale} THEN (now() AT TIME ZONE 'UTC')::date
-                                      ELSE last_reset_date END,
-                    current_month_start = greatest(current_month_start, {MONTH}),
-                    updated_at = now()
-              WHERE id = (SELECT id FROM user_perspective_quotas WHERE user_id = $1
-                           ORDER BY created_at DESC LIMIT 1){checks}
+             {take}
                 AND (SELECT token_count <= token_limit AND user_count <= user_limit FROM counted)
              RETURNING id, current_month_start),
-         units AS (
-             INSERT INTO quota_reservations (id, quota_id, user_id, request_id, counter, month)
-             SELECT unit.id, taken.id, $1, $2, unit.counter, taken.current_month_start
-               FROM taken, unnest($3::uuid[], $4::text[]) AS unit(id, counter)
-             RETURNING quota_id, month)
+         units AS ({RESERVE})
          SELECT counted.token_count, counted.token_limit, counted.user_count,
                 counted.user_limit, counted.retry_after,
                 (SELECT quota_id FROM units LIMIT 1) AS quota_id,
                 (SELECT month FROM units LIMIT 1) AS month
            FROM counted"
-    );
+        )
+    });
     let ids: Vec<Uuid> = wants.iter().map(|_| Uuid::new_v4()).collect();
     let counters: Vec<&str> = wants.iter().map(|c| c.as_str()).collect();
     for _ in 0..2 {
         // Dynamic: the SET list and the limit checks depend on which counters are wanted.
-        let reserved: Option<(Uuid, NaiveDate)> = match uncounted.take() {
+        let reserved: Option<(Uuid, NaiveDate)> = match uncounted.take().zip(counting_sql.as_ref())
+        {
             None => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(user_id)
                 .bind(request_id)
@@ -441,7 +437,7 @@ pub async fn reserve_all_counting(
                 .await?
                 .into_iter()
                 .next(),
-            Some(request) => {
+            Some((request, counting_sql)) => {
                 debug_assert_eq!(request.user_id, user_id);
                 let row: CountedReservation =
                     sqlx::query_as(sqlx::AssertSqlSafe(counting_sql.clone()))

@@ -475,3 +475,21 @@ pub async fn spawn_serve(command: &mut tokio::process::Command) -> (tokio::proce
         .to_string();
     (child, base)
 }
+
+/// The sum over the series `name{…}` on the replica's `/metrics` whose labels include every one
+/// of `labels` (each `key="value"`).
+pub async fn metric_sum(client: &reqwest::Client, base: &str, name: &str, labels: &[&str]) -> f64 {
+    let page = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{name}{{");
+    page.lines()
+        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|label| l.contains(label)))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+        .sum()
+}

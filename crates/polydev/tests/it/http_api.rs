@@ -494,6 +494,14 @@ async fn perspectives_over_rest_as_json_and_as_server_sent_events() {
     assert_eq!(usage["quota"]["premium"]["used"], 2, "{usage}");
 }
 
+/// The database's current minute: the window rate limits count in.
+async fn db_minute(pool: &sqlx::PgPool) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT date_trunc('minute', now())")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn rate_limits_hold_across_servers_sharing_the_database() {
     let db = TestDb::migrated().await;
@@ -502,17 +510,11 @@ async fn rate_limits_hold_across_servers_sharing_the_database() {
         .await
         .unwrap();
     let (a, b) = (TestServer::start(&db).await, TestServer::start(&db).await);
-    let minute = || async {
-        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT date_trunc('minute', now())")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-    };
     // A one-minute window can roll over mid-run; then run again with a fresh token.
     for attempt in 0..2 {
         let (_, token) =
             user_with_token(&db, &format!("rl{attempt}@example.com"), Plan::Free).await;
-        let before = minute().await;
+        let before = db_minute(&db.pool).await;
         let mut statuses = Vec::new();
         let mut retry_after = None;
         for i in 0..8 {
@@ -526,7 +528,7 @@ async fn rate_limits_hold_across_servers_sharing_the_database() {
             }
             statuses.push(response.status().as_u16());
         }
-        if minute().await != before {
+        if db_minute(&db.pool).await != before {
             continue;
         }
         assert_eq!(
@@ -554,17 +556,11 @@ async fn perspectives_calls_are_counted_once_with_their_reservation() {
         .await
         .unwrap();
     let server = TestServer::start_with(&db, crate::common::mock_gateway(&mock.base_url())).await;
-    let minute = || async {
-        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT date_trunc('minute', now())")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-    };
     // A one-minute window can roll over mid-run; then run again with a fresh user.
     for attempt in 0..2 {
         let (user_id, token) =
             user_with_token(&db, &format!("count{attempt}@example.com"), Plan::Pro).await;
-        let before = minute().await;
+        let before = db_minute(&db.pool).await;
         let call = |body: Value| {
             let token = token.clone();
             let server = &server;
@@ -601,7 +597,7 @@ async fn perspectives_calls_are_counted_once_with_their_reservation() {
         // Over the limit: refused for it, whatever the body.
         statuses.push(call(one.clone()).await.status().as_u16());
         statuses.push(unreadable().await.unwrap().status().as_u16());
-        if minute().await != before {
+        if db_minute(&db.pool).await != before {
             continue;
         }
         assert_eq!(statuses, [200, 400, 200, 400, 429, 429]);
@@ -716,12 +712,6 @@ async fn many_tokens_of_one_user_share_the_users_rate_limit() {
         .await
         .unwrap();
     let server = TestServer::start(&db).await;
-    let minute = || async {
-        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT date_trunc('minute', now())")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-    };
     // A one-minute window can roll over mid-run; then run again with a fresh user.
     for attempt in 0..2 {
         let (user_id, first) =
@@ -735,7 +725,7 @@ async fn many_tokens_of_one_user_share_the_users_rate_limit() {
                     .token,
             );
         }
-        let before = minute().await;
+        let before = db_minute(&db.pool).await;
         let mut statuses = Vec::new();
         for i in 0..12 {
             let response = server
@@ -745,7 +735,7 @@ async fn many_tokens_of_one_user_share_the_users_rate_limit() {
                 .unwrap();
             statuses.push(response.status().as_u16());
         }
-        if minute().await != before {
+        if db_minute(&db.pool).await != before {
             continue;
         }
         let ok = statuses.iter().filter(|s| **s == 200).count();

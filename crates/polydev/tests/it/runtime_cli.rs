@@ -165,12 +165,7 @@ async fn jobs_of(stack: &Stack, container: Uuid) -> Vec<(Uuid, String)> {
 
 #[tokio::test]
 async fn runtime_cli_model_answers_from_the_users_granted_container_and_leaves_no_plaintext() {
-    let log = LogBuffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(log.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (log, _guard) = LogBuffer::capture();
 
     let dir = tempfile::tempdir().unwrap();
     let sentinel = crate::common::random_hex(8);

@@ -327,6 +327,18 @@ fn sh(script: &str) -> JobCommand {
 #[derive(Clone, Default)]
 pub struct LogBuffer(pub Arc<Mutex<Vec<u8>>>);
 
+impl LogBuffer {
+    /// Everything this thread logs, at every level, until the guard is dropped.
+    pub fn capture() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+        let log = LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(log.clone())
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl std::io::Write for LogBuffer {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(bytes);
@@ -365,12 +377,7 @@ pub async fn dump(pool: &sqlx::PgPool) -> String {
 
 #[tokio::test]
 async fn runtime_sealed_job_end_to_end_leaves_no_plaintext_in_the_database_or_the_log() {
-    let log = LogBuffer::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(log.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (log, _guard) = LogBuffer::capture();
 
     let stack = Stack::start("anthropic", 1, |_| {}).await;
     let alice = stack.user("alice@example.com").await;

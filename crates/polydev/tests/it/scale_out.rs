@@ -32,22 +32,14 @@ async fn replica(db: &TestDb, models: &std::path::Path) -> (Child, String) {
 
 /// The `_count` of the request histogram for `POST /v1/perspectives` with `status`.
 async fn perspectives_count(client: &reqwest::Client, base: &str, status: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("polydev_http_request_duration_seconds_count{"))
-        .filter(|l| {
-            l.contains(r#"route="/v1/perspectives""#)
-                && l.contains(&format!(r#"status="{status}""#))
-        })
-        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
-        .sum()
+    let status = format!(r#"status="{status}""#);
+    crate::common::metric_sum(
+        client,
+        base,
+        "polydev_http_request_duration_seconds_count",
+        &[r#"route="/v1/perspectives""#, &status],
+    )
+    .await
 }
 
 #[tokio::test]

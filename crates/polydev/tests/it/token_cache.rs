@@ -63,19 +63,14 @@ async fn refused_within_bound(
 
 /// The replica's `polydev_token_cache_lookups_total` with `result`.
 async fn lookups(client: &reqwest::Client, base: &str, result: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("polydev_token_cache_lookups_total{"))
-        .filter(|l| l.contains(&format!(r#"result="{result}""#)))
-        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
-        .sum()
+    let result = format!(r#"result="{result}""#);
+    crate::common::metric_sum(
+        client,
+        base,
+        "polydev_token_cache_lookups_total",
+        &[&result],
+    )
+    .await
 }
 
 struct Setup {

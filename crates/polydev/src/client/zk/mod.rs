@@ -30,7 +30,6 @@ use polydev_zk::{
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::ApiClient;
@@ -727,31 +726,10 @@ impl ZkClient {
         rows: &[Plaintext],
         report: &mut MigrationReport,
     ) -> anyhow::Result<bool> {
-        let mut writes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let system = row.system.context("row without its chat system")?;
-            let record = message_record(
-                row.session_id,
-                row.role.as_deref(),
-                row.created_at,
-                &row.content,
-            );
-            if !manifest.lists(system, row.id, &record) {
-                report.not_in_manifest.push(row.id);
-                continue;
-            }
-            let ctx = ZkContext {
-                namespace: CHAT_MESSAGE,
-                user_id,
-                row_id: &row.id.to_string(),
-            };
-            writes.push(EncryptedWrite {
-                system,
-                id: row.id,
-                content_sha256: hex::encode(Sha256::digest(row.content.as_bytes())),
-                encrypted_content: keyring.seal_record(&ctx, &record)?,
-            });
-        }
+        // Sealed as the pipeline seals (each envelope checked to open to its record).
+        let (sealed, not_in_manifest) = pipeline::seal_rows(keyring, user_id, manifest, rows)?;
+        report.not_in_manifest.extend(not_in_manifest);
+        let writes: Vec<EncryptedWrite> = sealed.into_iter().map(|s| s.write).collect();
         if writes.is_empty() {
             return Ok(false);
         }

@@ -49,14 +49,14 @@ struct WrittenBatch {
 }
 
 /// One row sealed: what is sent, and the hash of the envelope to expect back.
-struct Sealed {
-    write: EncryptedWrite,
+pub(super) struct Sealed {
+    pub(super) write: EncryptedWrite,
     envelope_sha256: String,
 }
 
 /// Seals `rows` (those the manifest lists) and checks each envelope opens to its record. On
 /// several threads when the batch is large enough to be worth it.
-fn seal_rows(
+pub(super) fn seal_rows(
     keyring: &Keyring,
     user_id: &str,
     manifest: &Manifest,
